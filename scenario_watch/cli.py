@@ -1,0 +1,318 @@
+"""The `scenario-watch` command: argument parsing and exit codes only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, logs
+from .client import ScenarioClient
+from .config import Loaded, describe, load_settings, require_credentials
+from .errors import ConfigError, PromptError, ScenarioWatchError
+from .outbox import move_no_clobber
+from .prompt import load_prompt, read_prompt_bytes
+from .store import State, Store
+
+EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
+JOURNAL, SANDBOX_JOURNAL = "journal.sqlite3", "sandbox.sqlite3"
+
+DESCRIPTION = """\
+Turn a folder into a queue for Scenario's Gemini 3 Pro image-editing model.
+
+Drop JSON prompt files such as {"prompt": "a lighthouse at dusk", "numOutputs": 2}
+into the inbox; the images appear in the outbox as NAME_1.png ... with NAME.manifest.json,
+and the prompt file moves to done/ (or to failed/ beside NAME.error.json saying why).
+
+Start with:  scenario-watch run --sandbox     (a built-in simulator: no account, no cost)
+"""
+
+EPILOG = """\
+configuration: -c FILE, else $SCENARIO_WATCH_CONFIG, ./scenario-watch.toml,
+~/.config/scenario-watch/config.toml, /etc/scenario-watch/config.toml (see example.toml).
+credentials: SCENARIO_API_KEY and SCENARIO_API_SECRET, or systemd LoadCredential= files
+scenario-api-key / scenario-api-secret.
+exit codes: 0 ok, 1 a problem with your input, 2 a configuration or usage error.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"scenario-watch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scenario-watch",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"scenario-watch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, handler: Any, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        p.set_defaults(handler=handler)
+        if config:
+            p.add_argument("-c", "--config", type=Path, metavar="FILE", help="the TOML configuration file")
+        return p
+
+    run = command("run", "run the daemon: watch the inbox, generate, fill the outbox", cmd_run)
+    run.add_argument(
+        "--once", action="store_true", help="process what is waiting and every pending job, then exit"
+    )
+    run.add_argument(
+        "--sandbox", action="store_true", help="use the built-in local simulator: no credentials, no cost"
+    )
+    validate = command(
+        "validate", "check prompt files offline; one line per problem, exit 1 if any", cmd_validate
+    )
+    validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    status = command("status", "what is queued, in flight (job ids, age), done and failed", cmd_status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--sandbox", action="store_true", help="the journal of `run --sandbox`")
+    retry = command("retry", "move failed prompts back into the inbox", cmd_retry)
+    retry.add_argument(
+        "names", nargs="*", metavar="NAME", help="file names in failed/ (with or without .json)"
+    )
+    retry.add_argument("--all", action="store_true", help="every failed prompt")
+    estimate = command(
+        "estimate", "the creative-unit cost of prompt files (dryRun), generating nothing", cmd_estimate
+    )
+    estimate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    estimate.add_argument("--sandbox", action="store_true", help="ask the built-in simulator")
+    config = command("config", "the effective settings and where each came from (secrets masked)", cmd_config)
+    config.add_argument("--json", action="store_true", help="machine-readable output")
+    sandbox = command("sandbox", "run the local Scenario API simulator alone", cmd_sandbox, config=False)
+    sandbox.add_argument("--port", type=int, default=8790, help="API port (default 8790; 0 picks a free one)")
+    sandbox.add_argument(
+        "--cdn-port", type=int, default=0, help="CDN port for signed asset URLs (default: free)"
+    )
+    sandbox.add_argument("--generation-seconds", type=float, default=3.0, help="how long a job takes")
+    return parser
+
+
+# -- run ----------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    loaded = load_settings(args.config, sandbox=args.sandbox)
+    settings = loaded.settings
+    creds = require_credentials(loaded)
+    logs.configure(settings.log.format, settings.log.level, secrets=creds)
+    log = logs.get()
+    for warning in loaded.warnings:
+        log.warning("config.warning", warning=warning)
+    sandbox = None
+    base_url = settings.api.base_url
+    if args.sandbox:
+        from .sandbox import Sandbox
+
+        sandbox = Sandbox(generation_seconds=3.0).start()
+        base_url = sandbox.base_url
+        log.info("sandbox.started", api=base_url, note="simulated Scenario API: no account, no cost")
+    client = _client(loaded, base_url)
+    daemon = Daemon(settings, client, once=args.once, journal=SANDBOX_JOURNAL if args.sandbox else JOURNAL)
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    if not args.once:
+        log.info("daemon.hint", drop=f"drop *.json prompt files into {settings.folders.inbox}")
+    try:
+        return daemon.run()
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
+
+
+def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
+    key, secret = require_credentials(loaded)
+    api = loaded.settings.api
+    return ScenarioClient(
+        base_url, key, secret, model_id=api.model_id, project_id=api.project_id, timeout=api.request_timeout
+    )
+
+
+# -- validate / estimate ------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    defaults = _defaults_or_none(args.config)
+    bad = 0
+    for path in args.files:
+        try:
+            prompt = load_prompt(
+                read_prompt_bytes(path), file_name=path.name, base_dir=path.parent, defaults=defaults
+            )
+        except PromptError as exc:
+            bad += 1
+            for problem in exc.problems:
+                print(f"{path}: {problem}")
+            if exc.hint:
+                print(f"{path}:   hint: {exc.hint}")
+        except OSError as exc:
+            bad += 1
+            print(f"{path}: cannot read: {exc.strerror}")
+        else:
+            params = ", ".join(f"{k}={v}" for k, v in prompt.inputs.items() if k != "prompt")
+            refs = f", {len(prompt.references)} reference(s)" if prompt.references else ""
+            print(f"{path}: ok -> {prompt.stem}_N ({params or 'API defaults'}{refs})")
+    return EXIT_INPUT if bad else EXIT_OK
+
+
+def _defaults_or_none(config: Path | None) -> Any:
+    try:
+        return load_settings(config).settings.defaults
+    except ConfigError:
+        if config is not None:
+            raise
+        return None
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    loaded = load_settings(args.config, sandbox=args.sandbox)
+    sandbox = None
+    base_url = loaded.settings.api.base_url
+    if args.sandbox:
+        from .sandbox import Sandbox
+
+        sandbox = Sandbox().start()
+        base_url = sandbox.base_url
+    client = _client(loaded, base_url)
+    total, bad = 0, 0
+    try:
+        for path in args.files:
+            try:
+                prompt = load_prompt(
+                    read_prompt_bytes(path),
+                    file_name=path.name,
+                    base_dir=path.parent,
+                    defaults=loaded.settings.defaults,
+                )
+                inputs = dict(prompt.inputs)
+                assets = [ref.asset_id for ref in prompt.references if ref.asset_id]
+                if assets:
+                    inputs["referenceImages"] = assets
+                cost = client.estimate(inputs)
+            except PromptError as exc:
+                bad += 1
+                print(f"{path}: {exc}")
+            except (OSError, ScenarioWatchError) as exc:
+                bad += 1
+                print(f"{path}: cannot estimate: {exc}")
+            else:
+                total += cost
+                print(f"{path}: {cost} creative units")
+    finally:
+        client.close()
+        if sandbox is not None:
+            sandbox.stop()
+    print(f"total: {total} creative units")
+    return EXIT_INPUT if bad else EXIT_OK
+
+
+# -- status / retry / config --------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, sandbox=args.sandbox).settings
+    path = settings.folders.state / (SANDBOX_JOURNAL if args.sandbox else JOURNAL)
+    if not path.exists():
+        print(f"no journal at {path} yet: the daemon has not run with this configuration")
+        return EXIT_OK
+    store = Store(path)
+    try:
+        counts = store.counts()
+        now = time.time()
+        active = [
+            {"file": r.file, "state": r.state.value, "jobId": r.job_id, "age": round(now - r.claimed_at, 1)}
+            for r in store.active()
+        ]
+        failed = [
+            {"file": r.file, "stage": r.stage, "error": r.error} for r in store.recent(State.FAILED, 10)
+        ]
+    finally:
+        store.close()
+    waiting = sum(1 for e in _list(settings.folders.inbox) if e.endswith(".json"))
+    if args.json:
+        print(
+            json.dumps({"counts": counts, "inboxWaiting": waiting, "active": active, "recentFailed": failed})
+        )
+        return EXIT_OK
+    print(f"journal: {path}")
+    print(f"inbox waiting: {waiting}")
+    print("  ".join(f"{state}: {n}" for state, n in counts.items()))
+    for item in active:
+        print(f"  {item['state']:<12} {item['file']}  job={item['jobId'] or '-'}  age={item['age']:.0f}s")
+    for fail in failed:
+        print(f"  failed       {fail['file']}  [{fail['stage']}] {fail['error']}")
+    return EXIT_OK
+
+
+def _list(folder: Path) -> list[str]:
+    try:
+        return [p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    except OSError:
+        return []
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    folders = load_settings(args.config).settings.folders
+    if not args.names and not args.all:
+        print("scenario-watch: name failed prompts to retry, or use --all", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.all:
+        names = sorted(
+            n for n in _list(folders.failed) if n.endswith(".json") and not n.endswith(".error.json")
+        )
+    else:
+        names = [n if n.endswith(".json") else f"{n}.json" for n in args.names]
+    missing = 0
+    for name in names:
+        src = folders.failed / Path(name).name
+        if not src.is_file():
+            print(f"{name}: not in {folders.failed}")
+            missing += 1
+            continue
+        dest = move_no_clobber(src, folders.inbox, src.name)
+        (folders.failed / f"{src.stem}.error.json").unlink(missing_ok=True)
+        print(f"{name}: back in the inbox as {dest.name}")
+    return EXIT_INPUT if missing else EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    loaded = load_settings(args.config)
+    rows = describe(loaded)
+    if args.json:
+        print(json.dumps({key: {"value": value, "from": origin} for key, value, origin in rows}))
+        return EXIT_OK
+    print(f"config file: {loaded.path or '(none: defaults)'}")
+    width = max(len(key) for key, _, _ in rows)
+    for key, value, origin in rows:
+        print(f"{key:<{width}}  {value or '-':<40}  {origin}")
+    for warning in loaded.warnings:
+        print(f"warning: {warning}")
+    return EXIT_OK
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from .sandbox import main_serve
+
+    main_serve(args.port, cdn_port=args.cdn_port, generation_seconds=args.generation_seconds)
+    return EXIT_OK

@@ -1,0 +1,331 @@
+"""The Scenario REST API over one `requests.Session`, with errors as types."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util.retry import Retry
+
+from . import __version__
+from .errors import (
+    ApiError,
+    AuthError,
+    BadRequest,
+    NotFound,
+    OutcomeUnknown,
+    RateLimited,
+    TransientError,
+    UrlExpired,
+)
+
+FINAL_STATUSES = frozenset({"success", "failure", "canceled"})
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Job:
+    """The parts of a Scenario job this daemon acts on (tolerant of missing fields)."""
+
+    job_id: str
+    status: str
+    progress: float = 0.0
+    asset_ids: tuple[str, ...] = ()
+    error: str | None = None
+    hint: str | None = None
+    input: dict[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+    cost: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class Asset:
+    asset_id: str
+    url: str
+    mime_type: str
+
+
+def _retry(attempts: int) -> Retry:
+    # Declared once: connect errors are retried for every method (the server never saw the request);
+    # read errors and 5xx only for idempotent methods, so a generate POST is never resent blindly.
+    # 429 is not retried here: the caller turns it into backpressure and honours Retry-After.
+    return Retry(
+        total=attempts,
+        connect=attempts,
+        read=attempts,
+        status=attempts,
+        other=0,
+        allowed_methods=frozenset({"GET", "HEAD", "PUT"}),
+        status_forcelist=frozenset({500, 502, 503, 504}),
+        backoff_factor=0.25,
+        backoff_max=4.0,
+        backoff_jitter=0.25,
+        respect_retry_after_header=False,
+        raise_on_status=False,
+    )
+
+
+class ScenarioClient:
+    """Generate, poll, list, fetch assets, upload references, download outputs."""
+
+    def __init__(
+        self,
+        base_url: str,
+        key: str,
+        secret: str,
+        *,
+        model_id: str,
+        project_id: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model_id = model_id
+        self.project_id = project_id
+        self.timeout = (min(5.0, timeout), timeout)
+        self.api = self._session(retries)
+        self.api.auth = (key, secret)
+        # The CDN gets no credentials: its signed URLs carry their own authorisation.
+        self.cdn = self._session(retries)
+
+    @staticmethod
+    def _session(retries: int) -> requests.Session:
+        session = requests.Session()
+        adapter = HTTPAdapter(max_retries=_retry(retries), pool_connections=4, pool_maxsize=64)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers["User-Agent"] = f"scenario-watch/{__version__}"
+        return session
+
+    def close(self) -> None:
+        self.api.close()
+        self.cdn.close()
+
+    # -- generate -------------------------------------------------------------------------------------
+
+    def generate(self, inputs: dict[str, Any]) -> tuple[Job, int | None]:
+        """Submit one generation; the job and its creative-unit cost.
+
+        Raises OutcomeUnknown when the request may have created a job (timeout or reset after
+        sending, 5xx, unreadable answer): the caller must reconcile before sending it again.
+        """
+        try:
+            body = self._call("POST", f"/generate/custom/{self.model_id}", json=inputs, post=True)
+        except TransientError as exc:
+            if isinstance(exc, OutcomeUnknown):
+                raise
+            raise OutcomeUnknown(str(exc)) from exc
+        job = body.get("job")
+        if not isinstance(job, dict):
+            raise OutcomeUnknown("generate answered without a job object")
+        parsed = parse_job(job)
+        if parsed is None:
+            raise OutcomeUnknown("generate answered with a job that has no id")
+        cost = body.get("creativeUnitsCost")
+        return parsed, cost if isinstance(cost, int) else None
+
+    def estimate(self, inputs: dict[str, Any]) -> int:
+        """The creative-unit cost of a generation, without running it (dryRun: HTTP 269)."""
+        body = self._call(
+            "POST", f"/generate/custom/{self.model_id}", json=inputs, params={"dryRun": "true"}, post=True
+        )
+        cost = body.get("creativeUnitsCost")
+        if not isinstance(cost, int | float):
+            raise TransientError("the estimate answer has no creativeUnitsCost")
+        return int(cost)
+
+    # -- jobs -----------------------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> Job:
+        body = self._call("GET", f"/jobs/{job_id}")
+        job = parse_job(body.get("job"))
+        if job is None:
+            raise TransientError(f"job {job_id}: the answer has no job object")
+        return job
+
+    def list_jobs(self, created_after: str, page_size: int = 100) -> Iterator[Job]:
+        """Every job created after an ISO 8601 instant, following pagination tokens to the end."""
+        token: str | None = None
+        for _ in range(10_000):  # a bound, in case the server hands out tokens forever
+            params: dict[str, Any] = {"createdAfter": created_after, "pageSize": page_size}
+            if token:
+                params["paginationToken"] = token
+            body = self._call("GET", "/jobs", params=params)
+            jobs = body.get("jobs")
+            if not isinstance(jobs, list):
+                raise TransientError("the job list answer has no jobs array")
+            for raw in jobs:
+                job = parse_job(raw)
+                if job is not None:
+                    yield job
+            token = body.get("nextPaginationToken") or None
+            if token is None:
+                return
+        raise TransientError("job listing did not end after 10000 pages")
+
+    # -- assets ---------------------------------------------------------------------------------------
+
+    def get_asset(self, asset_id: str) -> Asset:
+        body = self._call("GET", f"/assets/{asset_id}")
+        asset = body.get("asset")
+        if not isinstance(asset, dict) or not isinstance(asset.get("url"), str):
+            raise TransientError(f"asset {asset_id}: the answer has no url")
+        mime = asset.get("mimeType")
+        return Asset(asset_id, asset["url"], mime if isinstance(mime, str) else "image/png")
+
+    def upload_image(self, data: bytes, name: str) -> str:
+        """Upload a reference image under 6 MB; its new asset id."""
+        body = self._call(
+            "POST", "/assets", json={"image": base64.b64encode(data).decode("ascii"), "name": name}, post=True
+        )
+        asset = body.get("asset")
+        if not isinstance(asset, dict) or not isinstance(asset.get("id"), str):
+            raise TransientError("the upload answer has no asset id")
+        return str(asset["id"])
+
+    def download(self, url: str, out: IO[bytes]) -> int:
+        """Stream a signed CDN URL into `out` (no credentials sent); the number of bytes written."""
+        try:
+            with self.cdn.get(url, stream=True, timeout=self.timeout) as resp:
+                if resp.status_code == 403:
+                    raise UrlExpired("the CDN refused the signed URL (expired or bad signature)")
+                if resp.status_code != 200:
+                    raise TransientError(f"the CDN answered HTTP {resp.status_code}")
+                expected = resp.headers.get("Content-Length")
+                written = 0
+                for chunk in resp.iter_content(CHUNK):
+                    out.write(chunk)
+                    written += len(chunk)
+        except requests.RequestException as exc:
+            raise TransientError(f"download failed: {type(exc).__name__}") from exc
+        if expected is not None and expected.isdigit() and int(expected) != written:
+            raise TransientError(f"download cut short: {written} of {expected} bytes")
+        return written
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        post: bool = False,
+    ) -> dict[str, Any]:
+        params = dict(params or {})
+        if self.project_id:
+            params["projectId"] = self.project_id
+        try:
+            resp = self.api.request(
+                method, self.base_url + path, json=json, params=params, timeout=self.timeout
+            )
+        except requests.RequestException as exc:
+            if _never_sent(exc):
+                raise TransientError(f"{method} {path}: cannot connect ({type(exc).__name__})") from exc
+            if post:
+                raise OutcomeUnknown(f"{method} {path}: no answer ({type(exc).__name__})") from exc
+            raise TransientError(f"{method} {path}: {type(exc).__name__}") from exc
+        return _answer(resp, post=post)
+
+
+def _answer(resp: requests.Response, *, post: bool) -> dict[str, Any]:
+    status = resp.status_code
+    if 200 <= status < 300:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            error = OutcomeUnknown if post else TransientError
+            raise error(f"HTTP {status} with a body that is not a JSON object")
+        return body
+    reason = _reason(resp)
+    if status in (401, 403):
+        raise AuthError(status, reason)
+    if status == 404:
+        raise NotFound(status, reason)
+    if status == 429:
+        raise RateLimited(status, reason, _retry_after(resp))
+    if 400 <= status < 500:
+        raise BadRequest(status, reason)
+    error = OutcomeUnknown if post else TransientError
+    raise error(f"HTTP {status}: {reason}")
+
+
+def parse_job(raw: Any) -> Job | None:
+    """A Job from the API's JSON, reading `jobId` and falling back to `id`; None without an id."""
+    if not isinstance(raw, dict):
+        return None
+    job_id = raw.get("jobId") or raw.get("id")
+    if not isinstance(job_id, str) or not job_id:
+        return None
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    assert isinstance(meta, dict)
+    asset_ids = meta.get("assetIds") if isinstance(meta.get("assetIds"), list) else []
+    assert isinstance(asset_ids, list)
+    billing = raw.get("billing") if isinstance(raw.get("billing"), dict) else {}
+    assert isinstance(billing, dict)
+    progress = raw.get("progress")
+    return Job(
+        job_id=job_id,
+        status=str(raw.get("status") or "unknown"),
+        progress=float(progress) if isinstance(progress, int | float) else 0.0,
+        asset_ids=tuple(a for a in asset_ids if isinstance(a, str)),
+        error=_text(meta.get("error")),
+        hint=_text(meta.get("hint")),
+        input=meta["input"] if isinstance(meta.get("input"), dict) else {},
+        created_at=_text(raw.get("createdAt")),
+        cost=billing["cuCost"] if isinstance(billing.get("cuCost"), int) else None,
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _reason(resp: requests.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.reason or f"HTTP {resp.status_code}"
+    if isinstance(body, dict) and isinstance(body.get("reason"), str):
+        return str(body["reason"])
+    return resp.reason or f"HTTP {resp.status_code}"
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    value = resp.headers.get("Retry-After", "").strip()
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: rare enough to fall back to our own backoff
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """True when the request certainly never reached the server (refused or connect timeout)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, NewConnectionError | ConnectTimeoutError):
+            return True
+        reason = getattr(seen, "reason", None)
+        seen = (
+            reason
+            if isinstance(reason, BaseException)
+            else (seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None)
+        )
+    return False
+
+
+__all__ = ["ApiError", "Asset", "Job", "ScenarioClient", "parse_job"]

@@ -1,0 +1,291 @@
+"""Settings: a TOML file, environment overrides and credentials, validated once at start."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+MODEL_ID = "model_google-gemini-pro-image-editing"
+SANDBOX_KEY = "sandbox-key"
+SANDBOX_SECRET = "sandbox-secret"
+
+# The generate inputs of the model (SCENARIO_API.md), shared by [defaults] and prompt files.
+AspectRatio = Literal["21:9", "16:9", "3:2", "4:3", "5:4", "1:1", "4:5", "3:4", "2:3", "9:16", "auto"]
+Resolution = Literal["1K", "2K", "4K"]
+NumOutputs = Annotated[int, Field(strict=True, ge=1, le=4)]
+Seed = Annotated[int, Field(strict=True, ge=0, le=2147483647)]
+StrictBool = Annotated[bool, Field(strict=True)]
+
+CONFIG_SEARCH = (
+    Path("scenario-watch.toml"),
+    Path("~/.config/scenario-watch/config.toml"),
+    Path("/etc/scenario-watch/config.toml"),
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ApiSettings(_Section):
+    base_url: str = "https://api.cloud.scenario.com/v1"
+    model_id: str = MODEL_ID
+    project_id: str | None = None
+    request_timeout: float = Field(30.0, gt=0, le=600)
+    key: SecretStr | None = None
+    secret: SecretStr | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with https:// (or http:// for a local simulator)")
+        return value.rstrip("/")
+
+
+class FolderSettings(_Section):
+    inbox: Path = Path("~/scenario-watch/inbox")
+    outbox: Path = Path("~/scenario-watch/outbox")
+    done: Path = Path("~/scenario-watch/done")
+    failed: Path = Path("~/scenario-watch/failed")
+    state: Path = Path("~/scenario-watch/state")
+
+    @field_validator("inbox", "outbox", "done", "failed", "state")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return Path(os.path.abspath(value.expanduser()))
+
+
+class GenerateDefaults(_Section):
+    """Generate inputs applied where a prompt file is silent."""
+
+    aspectRatio: AspectRatio | None = None
+    resolution: Resolution | None = None
+    numOutputs: NumOutputs | None = None
+    useGoogleSearch: StrictBool | None = None
+    seed: Seed | None = None
+
+
+class JobSettings(_Section):
+    max_in_flight: int = Field(8, ge=1, le=1000)
+    poll_interval: float = Field(2.0, gt=0, le=3600)
+    poll_max_interval: float = Field(15.0, gt=0, le=3600)
+    timeout: float = Field(900.0, gt=0)
+
+
+class WatchSettings(_Section):
+    polling: bool = False
+    settle: float = Field(2.0, ge=0, le=3600)
+    rescan_interval: float = Field(60.0, gt=0)
+    ignore: list[str] = Field(default_factory=list)
+
+
+class LogSettings(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    """Every setting of the daemon; see example.toml for what each one does."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SCENARIO_WATCH_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    folders: FolderSettings = Field(default_factory=FolderSettings)
+    defaults: GenerateDefaults = Field(default_factory=GenerateDefaults)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs (load_settings reads it); the environment overrides it.
+        return (env_settings, init_settings)
+
+
+@dataclass
+class Loaded:
+    """Validated settings plus where each value came from (for `scenario-watch config`)."""
+
+    settings: Settings
+    path: Path | None
+    origins: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        key, secret = self.settings.api.key, self.settings.api.secret
+        if key is None or secret is None:
+            return None
+        return key.get_secret_value(), secret.get_secret_value()
+
+
+def find_config(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
+    """The config file to read: -c, $SCENARIO_WATCH_CONFIG, then the usual places; None if there is none."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file {explicit} does not exist")
+        return explicit
+    if env.get("SCENARIO_WATCH_CONFIG"):
+        path = Path(env["SCENARIO_WATCH_CONFIG"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"SCENARIO_WATCH_CONFIG names {path}, which does not exist")
+        return path
+    for candidate in CONFIG_SEARCH:
+        path = candidate.expanduser()
+        if path.is_file():
+            return path
+    return None
+
+
+def load_settings(
+    explicit: Path | None = None, env: Mapping[str, str] | None = None, *, sandbox: bool = False
+) -> Loaded:
+    """Read, merge and validate the configuration; raise ConfigError with one clear line."""
+    env = os.environ if env is None else env
+    path = find_config(explicit, env)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    _check_keys(data, path)
+    env_values = _env_values(env)
+    origins = {key: f"file {path}" for key in _flatten(data)}
+    origins.update({key: f"env {name}" for key, name in env_values.items()})
+    warnings: list[str] = []
+
+    api = data.setdefault("api", {}) if isinstance(data.get("api", {}), dict) else {}
+    for name, env_name, file_name in (
+        ("key", "SCENARIO_API_KEY", "scenario-api-key"),
+        ("secret", "SCENARIO_API_SECRET", "scenario-api-secret"),
+    ):
+        value, origin = _credential(env, env_name, file_name)
+        if value is not None:
+            api[name] = value
+            origins[f"api.{name}"] = origin
+        elif name in api and path is not None and _readable_by_others(path):
+            warnings.append(f"{path} holds api.{name} and is readable by other users: chmod 600 it")
+    if sandbox:
+        data.setdefault("api", {})
+        data["api"]["key"], data["api"]["secret"] = SANDBOX_KEY, SANDBOX_SECRET
+        origins["api.key"] = origins["api.secret"] = "sandbox"
+
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origins)) from exc
+    if settings.jobs.poll_max_interval < settings.jobs.poll_interval:
+        raise ConfigError("jobs.poll_max_interval must be at least jobs.poll_interval")
+    return Loaded(settings, path, origins, warnings)
+
+
+def require_credentials(loaded: Loaded) -> tuple[str, str]:
+    """The API key and secret, or a ConfigError saying how to provide them."""
+    creds = loaded.credentials
+    if creds is None:
+        raise ConfigError(
+            "no Scenario API credentials: set SCENARIO_API_KEY and SCENARIO_API_SECRET "
+            "(or use --sandbox to try the built-in simulator)"
+        )
+    return creds
+
+
+def describe(loaded: Loaded) -> list[tuple[str, str, str]]:
+    """(key, value, origin) for every setting, secrets masked."""
+    rows = []
+    for key, value in _flatten(loaded.settings.model_dump(mode="json")).items():
+        if key in ("api.key", "api.secret") and value is not None:
+            value = "********"
+        rows.append((key, "" if value is None else str(value), loaded.origins.get(key, "default")))
+    return rows
+
+
+def _credential(env: Mapping[str, str], env_name: str, file_name: str) -> tuple[str | None, str]:
+    if env.get(env_name):
+        return env[env_name].strip(), f"env {env_name}"
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        cred = Path(cred_dir) / file_name
+        if cred.is_file():
+            return cred.read_text(encoding="utf-8").strip(), f"credential {file_name}"
+    return None, ""
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, str]:
+    """Dotted keys set by SCENARIO_WATCH_<SECTION>__<KEY> variables, with the variable's name."""
+    found = {}
+    for name in env:
+        upper = name.upper()
+        if upper.startswith("SCENARIO_WATCH_") and "__" in upper:
+            section, _, key = upper.removeprefix("SCENARIO_WATCH_").partition("__")
+            found[f"{section.lower()}.{key.lower()}"] = name
+    return found
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_keys(data: Mapping[str, Any], path: Path | None) -> None:
+    """Unknown sections and keys name the near miss: a typo must not silently keep a default."""
+    where = f"config file {path}" if path else "config"
+    for section, values in data.items():
+        if section not in Settings.model_fields:
+            raise ConfigError(f"{where}: unknown section [{section}]{_near(section, Settings.model_fields)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table of keys")
+        fields = Settings.model_fields[section].annotation
+        known = fields.model_fields if isinstance(fields, type) and issubclass(fields, BaseModel) else {}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, known)}")
+
+
+def _near(word: str, choices: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(choices)})"
+
+
+def _describe(exc: ValidationError, origins: Mapping[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        origin = origins.get(key)
+        suffix = f" (from {origin})" if origin else ""
+        lines.append(f"{key}{suffix}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(lines)

@@ -1,0 +1,61 @@
+"""The one exception root of scenario-watch and its few precise subclasses."""
+
+from __future__ import annotations
+
+
+class ScenarioWatchError(Exception):
+    """Root of every error scenario-watch raises on purpose."""
+
+
+class ConfigError(ScenarioWatchError):
+    """The configuration is missing or invalid (exit code 2)."""
+
+
+class PromptError(ScenarioWatchError):
+    """A prompt file cannot be used; ``problems`` are one-line messages for a person."""
+
+    def __init__(self, problems: list[str], hint: str | None = None) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+        self.hint = hint
+
+
+class ApiError(ScenarioWatchError):
+    """The Scenario API answered with an error status."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class AuthError(ApiError):
+    """401/403: the credentials are wrong or lack the plan or scope."""
+
+
+class BadRequest(ApiError):
+    """400 (or another 4xx): the API rejected the input; resending it will not help."""
+
+
+class NotFound(ApiError):
+    """404: the job or asset is unknown to the API."""
+
+
+class RateLimited(ApiError):
+    """429: too many parallel jobs; ``retry_after`` in seconds when the API said."""
+
+    def __init__(self, status: int, reason: str, retry_after: float | None) -> None:
+        super().__init__(status, reason)
+        self.retry_after = retry_after
+
+
+class TransientError(ScenarioWatchError):
+    """A fault that may go away by itself: connection error, timeout, 5xx, malformed body."""
+
+
+class OutcomeUnknown(TransientError):
+    """A generate POST was sent but its answer was lost: a job may or may not exist."""
+
+
+class UrlExpired(TransientError):
+    """The CDN refused a signed URL (403): fetch the asset again for a fresh one."""

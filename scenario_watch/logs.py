@@ -1,0 +1,76 @@
+"""structlog setup: JSON lines or console, one event per line, secrets masked everywhere."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+MASK = "********"
+
+
+class Redactor:
+    """Replace any known secret that shows up in an event value (defence in depth)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.secrets = [s for s in secrets if len(s) >= 4]
+
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if not self.secrets:
+            return event
+        for key, value in event.items():
+            if isinstance(value, str):
+                event[key] = self.mask(value)
+        return event
+
+    def mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+
+def configure(
+    fmt: str = "auto", level: str = "info", secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
+    """Route structlog and the stdlib loggers (requests, urllib3, watchdog) to one renderer."""
+    stream = stream or sys.stdout
+    console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        Redactor(secrets),
+    ]
+    renderer: Any
+    if console:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    else:
+        shared.append(structlog.processors.dict_tracebacks)
+        renderer = structlog.processors.JSONRenderer()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Third-party chatter stays at warning: urllib3 logs every retry, watchdog every event.
+    for noisy in ("urllib3", "watchdog", "requests"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def get(name: str = "scenario_watch") -> Any:
+    """A structlog logger (the library configures nothing; only the CLI calls configure)."""
+    return structlog.get_logger(name)

@@ -1,0 +1,227 @@
+"""Outputs and filing: downloads, atomic writes, manifests, moves to done/ and failed/."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from .client import Job, ScenarioClient
+from .config import FolderSettings
+from .errors import UrlExpired
+from .store import Row, Store
+
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+TEMP_SUFFIX = ".part"
+
+
+def iso(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 UTC, for files people read."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path(dest: Path) -> Path:
+    """A hidden temp name beside `dest`: same filesystem, ignored by anyone watching the folder."""
+    return dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def publish(temp: Path, dest: Path) -> bool:
+    """Rename a finished temp file to `dest` without ever overwriting; False if `dest` exists."""
+    try:
+        os.link(temp, dest)
+    except FileExistsError:
+        temp.unlink(missing_ok=True)
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # Filesystems without hard links (some SMB/FUSE mounts): check, then rename.
+        if dest.exists():
+            temp.unlink(missing_ok=True)
+            return False
+        os.replace(temp, dest)
+    else:
+        temp.unlink()
+    fsync_dir(dest.parent)
+    return True
+
+
+def write_atomic(dest: Path, fill: Callable[[IO[bytes]], object]) -> bool:
+    """Write via a temp name, fsync, then publish; False (nothing written) if `dest` already exists."""
+    temp = temp_path(dest)
+    try:
+        with temp.open("xb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return publish(temp, dest)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def free_name(folder: Path, name: str) -> Path:
+    """`name` in `folder`, or `stem-2.ext`, `stem-3.ext` ... if it is taken."""
+    candidate = folder / name
+    plain = Path(name)
+    n = 2
+    while candidate.exists():
+        candidate = folder / f"{plain.stem}-{n}{plain.suffix}"
+        n += 1
+    return candidate
+
+
+def move_no_clobber(src: Path, folder: Path, name: str) -> Path:
+    """Move a file into `folder` under a free name; copy + fsync + rename across filesystems."""
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        dest = free_name(folder, name)
+        try:
+            os.link(src, dest)
+        except FileExistsError:
+            continue  # somebody took the name between the check and the link
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            with src.open("rb") as source:
+                if not write_atomic(dest, lambda out: shutil.copyfileobj(source, out)):
+                    continue
+        else:
+            fsync_dir(folder)
+        src.unlink()
+        return dest
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete temp files a crash left behind; how many."""
+    removed = 0
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and entry.is_file():
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+class Outbox:
+    """Writes a succeeded job's images and manifest, and files prompts under done/ or failed/."""
+
+    def __init__(self, folders: FolderSettings, client: ScenarioClient, store: Store) -> None:
+        self.folders = folders
+        self.client = client
+        self.store = store
+        self._reserve_lock = threading.Lock()
+
+    def reserve_stem(self, row: Row) -> str:
+        """Pick the output stem once (`x`, `x-2`, ...) so a redo after a crash writes the same names."""
+        if row.out_stem:
+            return row.out_stem
+        base = row.stem or Path(row.file).stem
+        with self._reserve_lock:
+            n = 1
+            while True:
+                stem = base if n == 1 else f"{base}-{n}"
+                if not self._stem_taken(stem):
+                    break
+                n += 1
+            self.store.reserve_out_stem(row.id, stem)
+        return stem
+
+    def _stem_taken(self, stem: str) -> bool:
+        outbox = self.folders.outbox
+        if (outbox / f"{stem}.manifest.json").exists():
+            return True
+        if any((outbox / f"{stem}_1.{ext}").exists() for ext in set(EXTENSIONS.values())):
+            return True
+        return stem in self.store.reserved_stems()
+
+    def deliver(self, row: Row, job: Job) -> list[str]:
+        """Download every asset (skipping files a previous attempt finished), then the manifest."""
+        stem = self.reserve_stem(row)
+        outbox = self.folders.outbox
+        outbox.mkdir(parents=True, exist_ok=True)
+        files: list[dict[str, Any]] = []
+        for n, asset_id in enumerate(job.asset_ids, start=1):
+            asset = self.client.get_asset(asset_id)
+            dest = outbox / f"{stem}_{n}.{EXTENSIONS.get(asset.mime_type, 'png')}"
+            if not dest.exists():
+                self._download(asset_id, asset.url, dest)
+            files.append(
+                {"file": dest.name, "assetId": asset_id, "mimeType": asset.mime_type, **_digest(dest)}
+            )
+        manifest = outbox / f"{stem}.manifest.json"
+        body = json.dumps(self._manifest(row, job, files), indent=2, ensure_ascii=False).encode() + b"\n"
+        write_atomic(manifest, lambda out: out.write(body))
+        return [f["file"] for f in files] + [manifest.name]
+
+    def _download(self, asset_id: str, url: str, dest: Path) -> None:
+        try:
+            write_atomic(dest, lambda out: self.client.download(url, out))
+        except UrlExpired:
+            # Signed URLs expire: ask for the asset again and use the fresh URL once.
+            fresh = self.client.get_asset(asset_id)
+            write_atomic(dest, lambda out: self.client.download(fresh.url, out))
+
+    def _manifest(self, row: Row, job: Job, files: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "source": row.file,
+            "prompt": (row.inputs or {}).get("prompt"),
+            "parameters": {k: v for k, v in (row.inputs or {}).items() if k != "prompt"},
+            "model": self.client.model_id,
+            "jobId": job.job_id,
+            "assetIds": list(job.asset_ids),
+            "creativeUnitsCost": row.cost if row.cost is not None else job.cost,
+            "files": files,
+            "timings": {
+                "claimedAt": iso(row.claimed_at),
+                "submittedAt": iso(row.submitted_at),
+                "writtenAt": iso(datetime.now(UTC).timestamp()),
+            },
+        }
+
+    def file_done(self, row: Row) -> Path:
+        return move_no_clobber(Path(row.claimed), self.folders.done, Path(row.file).name)
+
+    def file_failed(self, row: Row, stage: str, error: str, hint: str | None) -> Path:
+        """Put the original next to `<stem>.error.json` in failed/ (the error file first)."""
+        failed = self.folders.failed
+        failed.mkdir(parents=True, exist_ok=True)
+        dest = free_name(failed, Path(row.file).name)
+        report: dict[str, Any] = {"error": error, "stage": stage, "file": row.file}
+        if row.job_id:
+            report["jobId"] = row.job_id
+        if hint:
+            report["hint"] = hint
+        report["at"] = iso(datetime.now(UTC).timestamp())
+        body = json.dumps(report, indent=2, ensure_ascii=False).encode() + b"\n"
+        stem = dest.name.removesuffix(".json")
+        error_file = failed / f"{stem}.error.json"
+        error_file.unlink(missing_ok=True)  # a stale report of an earlier failure under the same name
+        write_atomic(error_file, lambda out: out.write(body))
+        return move_no_clobber(Path(row.claimed), failed, dest.name)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}

@@ -1,0 +1,280 @@
+"""The SQLite journal: every prompt's state, written before each side effect."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class State(StrEnum):
+    """A prompt's journey; every transition is one store call."""
+
+    CLAIMED = "claimed"  # renamed into .processing, not yet sent
+    SUBMITTING = "submitting"  # generate POST about to be / being sent: reconcile after a crash
+    SUBMITTED = "submitted"  # job id known: poll, never resend
+    DOWNLOADING = "downloading"  # job succeeded: outputs being written
+    DONE = "done"
+    FAILED = "failed"
+
+
+ACTIVE = (State.CLAIMED, State.SUBMITTING, State.SUBMITTED, State.DOWNLOADING)
+AT_SCENARIO = (State.SUBMITTING, State.SUBMITTED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompts (
+    id INTEGER PRIMARY KEY,
+    file TEXT NOT NULL,              -- name as it arrived in the inbox (relative to the inbox)
+    claimed TEXT NOT NULL,           -- its path under <inbox>/.processing/
+    state TEXT NOT NULL,
+    inputs TEXT,                     -- JSON body of the generate request, once known
+    stem TEXT,                       -- requested output stem
+    out_stem TEXT,                   -- the stem reserved in the outbox (after -2, -3 ...)
+    job_id TEXT UNIQUE,
+    submit_started TEXT,             -- ISO 8601 UTC: createdAfter for reconciling a lost answer
+    submit_attempts INTEGER NOT NULL DEFAULT 0,
+    cost INTEGER,
+    asset_ids TEXT,                  -- JSON list
+    outputs TEXT,                    -- JSON list of outbox file names
+    stage TEXT, error TEXT, hint TEXT,
+    final_path TEXT,                 -- where the prompt file ended (done/ or failed/)
+    polls INTEGER NOT NULL DEFAULT 0,
+    download_attempts INTEGER NOT NULL DEFAULT 0,
+    claimed_at REAL NOT NULL,
+    submitted_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prompts_state ON prompts(state);
+CREATE TABLE IF NOT EXISTS uploads (
+    sha256 TEXT PRIMARY KEY,
+    asset_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One prompt as the journal knows it."""
+
+    id: int
+    file: str
+    claimed: str
+    state: State
+    inputs: dict[str, Any] | None
+    stem: str | None
+    out_stem: str | None
+    job_id: str | None
+    submit_started: str | None
+    submit_attempts: int
+    cost: int | None
+    asset_ids: list[str]
+    outputs: list[str]
+    stage: str | None
+    error: str | None
+    hint: str | None
+    final_path: str | None
+    polls: int
+    download_attempts: int
+    claimed_at: float
+    submitted_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+
+class Store:
+    """A thread-safe journal over one SQLite connection in WAL mode."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash (kill -9); only power loss may lose the last commit.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def _update(self, prompt_id: int, **values: Any) -> None:
+        values["updated_at"] = time.time()
+        columns = ", ".join(f"{key} = ?" for key in values)
+        self._write(f"UPDATE prompts SET {columns} WHERE id = ?", *values.values(), prompt_id)
+
+    # -- transitions ----------------------------------------------------------------------------------
+
+    def add(self, file: str, claimed: Path) -> int:
+        now = time.time()
+        cur = self._write(
+            "INSERT INTO prompts (file, claimed, state, claimed_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            file,
+            str(claimed),
+            State.CLAIMED,
+            now,
+            now,
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def set_prompt(self, prompt_id: int, inputs: dict[str, Any], stem: str) -> None:
+        self._update(prompt_id, inputs=json.dumps(inputs, sort_keys=True), stem=stem)
+
+    def submitting(self, prompt_id: int, inputs: dict[str, Any], started: str) -> None:
+        """Record the intent to POST before sending it (crash-safety: reconcile, never resend blindly)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE prompts SET state = ?, inputs = ?, submit_started = ?,"
+                " submit_attempts = submit_attempts + 1, updated_at = ? WHERE id = ?",
+                (State.SUBMITTING, json.dumps(inputs, sort_keys=True), started, time.time(), prompt_id),
+            )
+
+    def submitted(self, prompt_id: int, job_id: str, cost: int | None) -> None:
+        self._update(prompt_id, state=State.SUBMITTED, job_id=job_id, cost=cost, submitted_at=time.time())
+
+    def back_to_claimed(self, prompt_id: int) -> None:
+        """The POST certainly created nothing: the prompt waits for its turn again."""
+        self._update(prompt_id, state=State.CLAIMED)
+
+    def polled(self, prompt_id: int) -> None:
+        self._write("UPDATE prompts SET polls = polls + 1 WHERE id = ?", prompt_id)
+
+    def downloading(self, prompt_id: int, asset_ids: list[str], cost: int | None) -> None:
+        self._update(prompt_id, state=State.DOWNLOADING, asset_ids=json.dumps(asset_ids), cost=cost)
+
+    def reserve_out_stem(self, prompt_id: int, out_stem: str) -> None:
+        self._update(prompt_id, out_stem=out_stem)
+
+    def download_failed(self, prompt_id: int) -> int:
+        """Count one failed download attempt; the new count."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE prompts SET download_attempts = download_attempts + 1 WHERE id = ?", (prompt_id,)
+            )
+            row = self._db.execute(
+                "SELECT download_attempts FROM prompts WHERE id = ?", (prompt_id,)
+            ).fetchone()
+        return int(row[0])
+
+    def done(self, prompt_id: int, outputs: list[str]) -> None:
+        self._update(prompt_id, state=State.DONE, outputs=json.dumps(outputs), finished_at=time.time())
+
+    def failed(self, prompt_id: int, stage: str, error: str, hint: str | None) -> None:
+        self._update(
+            prompt_id, state=State.FAILED, stage=stage, error=error, hint=hint, finished_at=time.time()
+        )
+
+    def filed(self, prompt_id: int, final_path: Path) -> None:
+        """The prompt file reached done/ or failed/: nothing is left to do for it."""
+        self._update(prompt_id, final_path=str(final_path))
+
+    # -- reference uploads ----------------------------------------------------------------------------
+
+    def uploaded_asset(self, sha256: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT asset_id FROM uploads WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def remember_upload(self, sha256: str, asset_id: str) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO uploads (sha256, asset_id, created_at) VALUES (?, ?, ?)",
+            sha256,
+            asset_id,
+            time.time(),
+        )
+
+    # -- queries --------------------------------------------------------------------------------------
+
+    def get(self, prompt_id: int) -> Row:
+        rows = self._select("WHERE id = ?", prompt_id)
+        if not rows:
+            raise KeyError(prompt_id)
+        return rows[0]
+
+    def active(self) -> list[Row]:
+        """Prompts not yet finished, oldest first: what a restart resumes."""
+        marks = ", ".join("?" for _ in ACTIVE)
+        return self._select(f"WHERE state IN ({marks}) ORDER BY id", *ACTIVE)
+
+    def unfiled(self) -> list[Row]:
+        """Finished prompts whose file has not reached done/ or failed/ yet (a crash in between)."""
+        return self._select(
+            "WHERE state IN (?, ?) AND final_path IS NULL ORDER BY id", State.DONE, State.FAILED
+        )
+
+    def recent(self, state: State, limit: int = 20) -> list[Row]:
+        return self._select("WHERE state = ? ORDER BY updated_at DESC LIMIT ?", state, limit)
+
+    def known_job_ids(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT job_id FROM prompts WHERE job_id IS NOT NULL").fetchall()
+        return {str(row[0]) for row in rows}
+
+    def claimed_paths(self) -> set[str]:
+        marks = ", ".join("?" for _ in ACTIVE)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT claimed FROM prompts WHERE state IN ({marks})", ACTIVE
+            ).fetchall()
+        return {str(row[0]) for row in rows}
+
+    def reserved_stems(self) -> set[str]:
+        """Output stems held by prompts still writing their outputs."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT out_stem FROM prompts WHERE out_stem IS NOT NULL AND state = ?", (State.DOWNLOADING,)
+            ).fetchall()
+        return {str(row[0]) for row in rows}
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM prompts GROUP BY state").fetchall()
+        counts = {state.value: 0 for state in State}
+        counts.update({str(row[0]): int(row[1]) for row in rows})
+        return counts
+
+    def _select(self, where: str, *args: Any) -> list[Row]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM prompts {where}", args).fetchall()
+        return [_row(row) for row in rows]
+
+
+def _row(row: sqlite3.Row) -> Row:
+    return Row(
+        id=row["id"],
+        file=row["file"],
+        claimed=row["claimed"],
+        state=State(row["state"]),
+        inputs=json.loads(row["inputs"]) if row["inputs"] else None,
+        stem=row["stem"],
+        out_stem=row["out_stem"],
+        job_id=row["job_id"],
+        submit_started=row["submit_started"],
+        submit_attempts=row["submit_attempts"],
+        cost=row["cost"],
+        asset_ids=json.loads(row["asset_ids"]) if row["asset_ids"] else [],
+        outputs=json.loads(row["outputs"]) if row["outputs"] else [],
+        stage=row["stage"],
+        error=row["error"],
+        hint=row["hint"],
+        final_path=row["final_path"],
+        polls=row["polls"],
+        download_attempts=row["download_attempts"],
+        claimed_at=row["claimed_at"],
+        submitted_at=row["submitted_at"],
+        finished_at=row["finished_at"],
+        updated_at=row["updated_at"],
+    )

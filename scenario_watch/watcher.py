@@ -1,0 +1,233 @@
+"""watchdog events + startup scan + periodic rescan → complete files, claimed by atomic rename."""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from . import logs
+from .config import WatchSettings
+
+PROCESSING = ".processing"
+DEFAULT_IGNORE = (
+    ".*",
+    "*.tmp",
+    "*.part",
+    "*.filepart",
+    "*.crdownload",
+    "*.swp",
+    "*~",
+    "~$*",
+    "@eaDir",
+    "*.manifest.json",
+    "*.error.json",
+)
+PEEK_LIMIT = 1024 * 1024
+
+log = logs.get()
+
+
+def is_candidate(name: str, ignore: tuple[str, ...] | list[str] = ()) -> bool:
+    """Only `*.json` starts work; editor, sync and download leftovers never do."""
+    if not name.endswith(".json"):
+        return False
+    return not any(fnmatch.fnmatchcase(name, pattern) for pattern in (*DEFAULT_IGNORE, *ignore))
+
+
+class _Handler(FileSystemEventHandler):
+    """Only enqueues: an exception in a watchdog handler would kill the observer thread."""
+
+    def __init__(self, inbox: str, ignore: list[str], arrived: Callable[[str, bool], None]) -> None:
+        self.inbox = inbox
+        self.ignore = ignore
+        self.arrived = arrived
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            if isinstance(event, FileMovedEvent):
+                path, moved = os.fsdecode(event.dest_path), True
+            elif isinstance(event, FileCreatedEvent | FileModifiedEvent | FileClosedEvent):
+                path, moved = os.fsdecode(event.src_path), False
+            else:
+                return
+            if os.path.dirname(path) == self.inbox and is_candidate(os.path.basename(path), self.ignore):
+                self.arrived(path, moved)
+        except Exception:  # never let one odd event stop watching for good
+            log.exception("watch.handler_error")
+
+
+@dataclass
+class _Seen:
+    moved: bool
+    size: int = -1
+    mtime_ns: int = -1
+    since: float = 0.0
+
+
+class Arrivals:
+    """Files that may have arrived, held until they are complete.
+
+    A file moved in is complete at once. A file written in place is complete when it parses as a
+    JSON object, or when its size and mtime have not changed for `settle` seconds (then it is
+    claimed even if it is bad, so that it fails with a clear error instead of waiting forever).
+    """
+
+    def __init__(self, settle: float) -> None:
+        self.settle = settle
+        self._seen: dict[str, _Seen] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def note(self, path: str, moved: bool) -> None:
+        seen = self._seen.get(path)
+        if seen is None:
+            self._seen[path] = _Seen(moved)
+        elif moved:
+            seen.moved = True
+
+    def ready(self, now: float, limit: int) -> list[str]:
+        """Up to `limit` paths complete enough to claim now; the others stay for a later check."""
+        ready: list[str] = []
+        for path, seen in list(self._seen.items()):
+            if len(ready) >= limit:
+                break
+            verdict = self._check(path, seen, now)
+            if verdict != "wait":
+                del self._seen[path]
+            if verdict == "ready":
+                ready.append(path)
+        return ready
+
+    def next_check(self) -> float | None:
+        """When the earliest waiting file may have settled (monotonic), or None."""
+        if not self._seen:
+            return None
+        return min(seen.since for seen in self._seen.values()) + self.settle
+
+    def _check(self, path: str, seen: _Seen, now: float) -> str:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return "gone"
+        if not os.path.isfile(path):
+            return "gone"
+        if seen.moved:
+            return "ready"
+        if (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns):
+            seen.size, seen.mtime_ns, seen.since = st.st_size, st.st_mtime_ns, now
+            if 0 < st.st_size <= PEEK_LIMIT and _complete_json(path):
+                return "ready"
+            return "wait"
+        return "ready" if now - seen.since >= self.settle else "wait"
+
+
+def _complete_json(path: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return isinstance(json.loads(handle.read(PEEK_LIMIT + 1)), dict)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def claim(path: str, inbox: Path) -> Path | None:
+    """Take a file by renaming it into <inbox>/.processing/; None if another process got it first."""
+    processing = inbox / PROCESSING
+    name = os.path.basename(path)
+    dest = processing / name
+    n = 2
+    while dest.exists():
+        dest = processing / f"{Path(name).stem}-{n}.json"
+        n += 1
+    try:
+        os.rename(path, dest)
+    except FileNotFoundError:
+        return None  # claimed by another daemon sharing the inbox, or removed by its writer
+    return dest
+
+
+class Watcher:
+    """The observer (inotify, or polling for network shares), restartable, plus the inbox scan."""
+
+    def __init__(self, inbox: Path, settings: WatchSettings, arrived: Callable[[str, bool], None]) -> None:
+        self.inbox = inbox
+        self.settings = settings
+        self.arrived = arrived
+        self.polling = settings.polling
+        self._observer: BaseObserver | None = None
+
+    def start(self) -> None:
+        (self.inbox / PROCESSING).mkdir(parents=True, exist_ok=True)
+        try:
+            self._observer = self._start(self.polling)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EMFILE) or self.polling:
+                raise
+            log.error(
+                "watch.inotify_limit",
+                error=os.strerror(exc.errno or 0),
+                hint="raise fs.inotify.max_user_watches / fs.inotify.max_user_instances with sysctl; "
+                "using the polling observer meanwhile",
+            )
+            self.polling = True
+            self._observer = self._start(True)
+        log.info("watch.started", inbox=str(self.inbox), observer="polling" if self.polling else "inotify")
+
+    def _start(self, polling: bool) -> BaseObserver:
+        observer: BaseObserver
+        if polling:
+            observer = PollingObserver(timeout=1.0)
+        else:
+            from watchdog.observers.inotify import InotifyObserver
+
+            # Full events: a file moved in from outside the inbox comes as a move, so it is read at once.
+            observer = InotifyObserver(generate_full_events=True)
+        observer.schedule(
+            _Handler(str(self.inbox), self.settings.ignore, self.arrived), str(self.inbox), recursive=False
+        )
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    def alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def restart(self) -> None:
+        """Replace a dead observer (a handler crash, a share that went away)."""
+        self.stop()
+        self.start()
+
+    def scan(self) -> list[str]:
+        """Every candidate file now in the inbox (one scandir): the startup scan and the rescan."""
+        try:
+            entries = list(os.scandir(self.inbox))
+        except OSError as exc:
+            log.warning("watch.scan_failed", error=str(exc))
+            return []
+        ignore = self.settings.ignore
+        return sorted(
+            e.path for e in entries if is_candidate(e.name, ignore) and e.is_file(follow_symlinks=False)
+        )
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            if observer.is_alive():
+                observer.join(timeout=2)

@@ -1,0 +1,183 @@
+"""Fixtures: a real sandbox server on loopback, temp folders, the real daemon in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scenario_watch.sandbox import Sandbox
+
+KEY, SECRET = "sandbox-key", "sandbox-secret"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll a condition until it is truthy (bounded); fail the test with `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(generation_seconds=0.3) as sb:
+        yield sb
+
+
+@dataclass
+class Folders:
+    root: Path
+    inbox: Path
+    outbox: Path
+    done: Path
+    failed: Path
+    state: Path
+    config: Path
+
+    def drop(self, name: str, body: Any, *, raw: bytes | None = None) -> Path:
+        """Write a prompt elsewhere, then move it in (the safe way a script delivers a file)."""
+        data = raw if raw is not None else json.dumps(body).encode()
+        staging = self.root / "staging"
+        staging.mkdir(exist_ok=True)
+        tmp = staging / name
+        tmp.write_bytes(data)
+        dest = self.inbox / name
+        os.replace(tmp, dest)
+        return dest
+
+    def names(self, folder: Path) -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+
+
+def write_config(folders: Folders, base_url: str, **sections: dict[str, Any]) -> None:
+    config: dict[str, dict[str, Any]] = {
+        "api": {"base_url": base_url, "request_timeout": 5.0},
+        "folders": {
+            "inbox": str(folders.inbox),
+            "outbox": str(folders.outbox),
+            "done": str(folders.done),
+            "failed": str(folders.failed),
+            "state": str(folders.state),
+        },
+        "jobs": {"poll_interval": 0.05, "poll_max_interval": 0.2, "max_in_flight": 8},
+        "watch": {"settle": 0.5},
+        "log": {"format": "json", "level": "debug"},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+    folders.config.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def folders(tmp_path: Path, sandbox: Sandbox) -> Folders:
+    f = Folders(
+        root=tmp_path,
+        inbox=tmp_path / "inbox",
+        outbox=tmp_path / "outbox",
+        done=tmp_path / "done",
+        failed=tmp_path / "failed",
+        state=tmp_path / "state",
+        config=tmp_path / "config.toml",
+    )
+    f.inbox.mkdir()
+    write_config(f, sandbox.base_url)
+    return f
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCENARIO_", "CREDENTIALS_DIRECTORY"))}
+    env.update({"SCENARIO_API_KEY": KEY, "SCENARIO_API_SECRET": SECRET, "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m scenario_watch ARGS` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "scenario_watch", *args],
+        env=cli_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+class DaemonProcess:
+    """The real daemon in a subprocess; its log lines are kept for assertions."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None, *extra: str) -> None:
+        self.log = log
+        self.handle = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scenario_watch", "run", "-c", str(config), *extra],
+            env=cli_env() if env is None else env,
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: "daemon.started" in self.output() or self.proc.poll() is not None, 20, "daemon start")
+        assert self.proc.poll() is None, self.output()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.output().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.handle.close()
+        return code
+
+
+@pytest.fixture
+def daemon(folders: Folders) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(*extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        proc = DaemonProcess(folders.config, folders.root / f"daemon-{len(started)}.log", env, *extra)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def generate_posts(sb: Sandbox) -> list[Any]:
+    """The generate requests the server saw (dry runs excluded)."""
+    return [
+        r
+        for r in sb.requests
+        if r.server == "api" and r.method == "POST" and "/generate/" in r.path and r.query.get("dryRun") != "true"
+    ]
