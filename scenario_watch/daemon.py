@@ -54,6 +54,7 @@ class Next:
 
     kind: str  # "poll" | "submit" | "download" | "pause" | "auth" | "finished"
     delay: float = 0.0
+    reason: str = ""
 
 
 class Notifier:
@@ -290,6 +291,12 @@ class Daemon:
             self.paused_until = max(self.paused_until, now + nxt.delay)
             self.waiting.appendleft(prompt_id)
         elif nxt.kind == "auth":
+            if not self.auth_blocked:  # one clear error, not one per prompt
+                log.error(
+                    "api.auth_failed",
+                    reason=nxt.reason,
+                    hint="check SCENARIO_API_KEY and SCENARIO_API_SECRET; prompts stay queued",
+                )
             self.auth_blocked = True
             self.waiting.appendleft(prompt_id)
             if self.once:
@@ -430,8 +437,7 @@ class Daemon:
             log.warning("reference.upload_failed", error=str(exc))
             return Next("submit", delay=self._backoff(row.submit_attempts + 1))
         except AuthError as exc:
-            log.error("api.auth_failed", status=exc.status, reason=exc.reason)
-            return Next("auth")
+            return Next("auth", reason=f"HTTP {exc.status}: {exc.reason}")
         started = (datetime.now(UTC) - CLOCK_SKEW).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         self.store.submitting(row.id, inputs, started)  # the intent, before the request
         try:
@@ -443,13 +449,7 @@ class Daemon:
             return Next("pause", delay=delay)
         except AuthError as exc:
             self.store.back_to_claimed(row.id)
-            log.error(
-                "api.auth_failed",
-                status=exc.status,
-                reason=exc.reason,
-                hint="check SCENARIO_API_KEY / SCENARIO_API_SECRET; prompts stay queued",
-            )
-            return Next("auth")
+            return Next("auth", reason=f"HTTP {exc.status}: {exc.reason}")
         except BadRequest as exc:
             self._fail(
                 row,
@@ -611,5 +611,5 @@ class Daemon:
         return current * random.uniform(0.9, 1.1)
 
     def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter for retries after transient faults (max 60 s)."""
-        return random.uniform(0.5, 1.0) * min(60.0, 2.0 ** min(attempt, 6))
+        """Exponential backoff with jitter after transient faults: poll_interval x 2^n, at most 60 s."""
+        return random.uniform(0.5, 1.0) * min(60.0, self.jobs.poll_interval * 2.0 ** min(attempt, 10))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -60,7 +61,9 @@ class Folders:
         return dest
 
     def names(self, folder: Path) -> list[str]:
-        return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+        return (
+            sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+        )
 
 
 def write_config(folders: Folders, base_url: str, **sections: dict[str, Any]) -> None:
@@ -109,7 +112,9 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m scenario_watch ARGS` to completion."""
     return subprocess.run(
         [sys.executable, "-m", "scenario_watch", *args],
@@ -133,7 +138,9 @@ class DaemonProcess:
             stdout=self.handle,
             stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: "daemon.started" in self.output() or self.proc.poll() is not None, 20, "daemon start")
+        wait_for(
+            lambda: "daemon.started" in self.output() or self.proc.poll() is not None, 20, "daemon start"
+        )
         assert self.proc.poll() is None, self.output()
 
     def output(self) -> str:
@@ -142,10 +149,8 @@ class DaemonProcess:
     def events(self) -> list[dict[str, Any]]:
         out = []
         for line in self.output().splitlines():
-            try:
+            with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
-            except ValueError:
-                pass
         return out
 
     def stop(self, timeout: float = 10.0) -> int:
@@ -160,8 +165,11 @@ class DaemonProcess:
         return code
 
 
+StartDaemon = Callable[..., DaemonProcess]
+
+
 @pytest.fixture
-def daemon(folders: Folders) -> Iterator[Callable[..., DaemonProcess]]:
+def daemon(folders: Folders) -> Iterator[StartDaemon]:
     started: list[DaemonProcess] = []
 
     def start(*extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
@@ -179,5 +187,8 @@ def generate_posts(sb: Sandbox) -> list[Any]:
     return [
         r
         for r in sb.requests
-        if r.server == "api" and r.method == "POST" and "/generate/" in r.path and r.query.get("dryRun") != "true"
+        if r.server == "api"
+        and r.method == "POST"
+        and "/generate/" in r.path
+        and r.query.get("dryRun") != "true"
     ]

@@ -52,7 +52,10 @@ def test_python_dash_m_and_console_script_agree() -> None:
         (b'{"prompt": "x", "aspectRatio": "7:5"}', "aspectRatio: must be one of 21:9"),
         (b'{"prompt": "x", "resolution": "8K"}', "resolution: must be one of 1K, 2K, 4K"),
         (b'{"prompt": "x", "useGoogleSearch": "yes"}', "useGoogleSearch: must be true or false"),
-        (b'{"prompt": "x", "referenceImages": "beach.jpg"}', 'must be a list, even for one image: ["beach.jpg"]'),
+        (
+            b'{"prompt": "x", "referenceImages": "beach.jpg"}',
+            'must be a list, even for one image: ["beach.jpg"]',
+        ),
         (b'{"prompt": "x", "referenceImages": ["missing.png"]}', "'missing.png' does not exist"),
         (b'{"prompt": "x", "referenceImages": ["../up.png"]}', "leaves the inbox"),
         (b'{"prompt": "x", "referenceImages": ["/etc/passwd"]}', "is an absolute path"),
@@ -110,7 +113,9 @@ def test_validate_reference_checks(tmp_path: Path) -> None:
 def test_validate_several_files_one_line_each(tmp_path: Path) -> None:
     (tmp_path / "good.json").write_text('{"prompt": "fine", "numOutputs": 2}')
     (tmp_path / "bad.json").write_text('{"prompt": "x", "numOutputs": 9, "resolution": "9K"}')
-    result = run_cli("validate", str(tmp_path / "good.json"), str(tmp_path / "bad.json"), env=cli_env(HOME=str(tmp_path)))
+    result = run_cli(
+        "validate", str(tmp_path / "good.json"), str(tmp_path / "bad.json"), env=cli_env(HOME=str(tmp_path))
+    )
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert lines[0].endswith("good.json: ok -> good_N (numOutputs=2)")
@@ -147,9 +152,9 @@ def test_credentials_from_credentials_directory(tmp_path: Path, folders: Folders
         ("[jobs]\nmax_in_flight = 0\n", "jobs.max_in_flight"),
         ("[jobs]\nmax_inflight = 3\n", "unknown key jobs.max_inflight (did you mean 'max_in_flight'?)"),
         ("[job]\n", "unknown section [job] (did you mean 'jobs'?)"),
-        ("[log]\nformat = \"xml\"\n", "log.format"),
+        ('[log]\nformat = "xml"\n', "log.format"),
         ("[defaults]\nnumOutputs = 9\n", "defaults.numOutputs"),
-        ("[api]\nbase_url = \"ftp://x\"\n", "api.base_url"),
+        ('[api]\nbase_url = "ftp://x"\n', "api.base_url"),
         ("not toml [", "config file"),
     ],
 )

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import SECRET, Folders, cli_env, generate_posts, run_cli, wait_for
+from conftest import SECRET, Folders, StartDaemon, cli_env, generate_posts, run_cli, wait_for
 
 from scenario_watch.sandbox import Sandbox
 
@@ -37,7 +37,9 @@ def assert_outputs_match(folders: Folders, sandbox: Sandbox, stem: str, count: i
     return m
 
 
-def test_moved_in_prompt_becomes_images_manifest_and_done(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_moved_in_prompt_becomes_images_manifest_and_done(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
     proc = daemon()
     body = {"prompt": "a lighthouse at dusk", "aspectRatio": "16:9", "seed": 7}
     original = json.dumps(body).encode()
@@ -64,7 +66,9 @@ def test_moved_in_prompt_becomes_images_manifest_and_done(folders: Folders, sand
     assert proc.stop() == 0
 
 
-def test_written_in_place_slowly_with_several_outputs(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_written_in_place_slowly_with_several_outputs(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
     daemon()
     text = json.dumps({"prompt": "three foxes in the snow", "numOutputs": 3})
     path = folders.inbox / "foxes.json"
@@ -81,7 +85,9 @@ def test_written_in_place_slowly_with_several_outputs(folders: Folders, sandbox:
     assert len(generate_posts(sandbox)) == 1
 
 
-def test_several_prompts_each_submitted_exactly_once(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_several_prompts_each_submitted_exactly_once(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
     daemon()
     for n in range(12):
         folders.drop(f"p{n:02}.json", {"prompt": f"prompt number {n}", "numOutputs": 1 + n % 2})
@@ -92,7 +98,7 @@ def test_several_prompts_each_submitted_exactly_once(folders: Folders, sandbox: 
         assert_outputs_match(folders, sandbox, f"p{n:02}", 1 + n % 2)
 
 
-def test_outbox_never_shows_a_partial_file(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_outbox_never_shows_a_partial_file(folders: Folders, sandbox: Sandbox, daemon: StartDaemon) -> None:
     """A separate reader watching the outbox only ever sees complete images and manifests."""
     daemon()
     seen_bad: list[str] = []
@@ -122,7 +128,7 @@ def test_outbox_never_shows_a_partial_file(folders: Folders, sandbox: Sandbox, d
     assert len([n for n in folders.names(folders.outbox) if n.endswith(".png")]) == 24
 
 
-def test_same_name_twice_never_overwrites(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_same_name_twice_never_overwrites(folders: Folders, sandbox: Sandbox, daemon: StartDaemon) -> None:
     daemon()
     folders.drop("same.json", {"prompt": "first"})
     wait_for(lambda: (folders.done / "same.json").exists(), what="first done")
@@ -133,14 +139,16 @@ def test_same_name_twice_never_overwrites(folders: Folders, sandbox: Sandbox, da
     assert (folders.outbox / "same_1.png").exists() and (folders.outbox / "same-2_1.png").exists()
 
 
-def test_name_key_sets_the_output_stem(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_name_key_sets_the_output_stem(folders: Folders, sandbox: Sandbox, daemon: StartDaemon) -> None:
     daemon()
     folders.drop("x.json", {"prompt": "named", "name": "aurora beach"})
     wait_for(lambda: (folders.done / "x.json").exists(), what="done")
     assert_outputs_match(folders, sandbox, "aurora beach", 1)
 
 
-def test_failed_job_lands_in_failed_with_the_apis_message(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_failed_job_lands_in_failed_with_the_apis_message(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
     daemon()
     sandbox.fail_next_jobs(1, error="Content blocked by safety filter", hint="Rephrase the prompt")
     original = b'{"prompt": "something the filter dislikes"}'
@@ -155,7 +163,9 @@ def test_failed_job_lands_in_failed_with_the_apis_message(folders: Folders, sand
     assert folders.names(folders.outbox) == []
 
 
-def test_invalid_prompt_fails_without_reaching_the_api(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_invalid_prompt_fails_without_reaching_the_api(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
     proc = daemon()
     folders.drop("typo.json", {"promt": "a cat"})
     folders.drop("good.json", {"prompt": "a dog"})
@@ -189,10 +199,14 @@ def test_defaults_fill_what_a_prompt_omits(folders: Folders, sandbox: Sandbox) -
     write_config(folders, sandbox.base_url, defaults={"resolution": "1K", "numOutputs": 2})
     (folders.inbox / "d.json").write_text(json.dumps({"prompt": "defaults", "numOutputs": 1}))
     assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
-    assert [p.body for p in generate_posts(sandbox)] == [{"prompt": "defaults", "numOutputs": 1, "resolution": "1K"}]
+    assert [p.body for p in generate_posts(sandbox)] == [
+        {"prompt": "defaults", "numOutputs": 1, "resolution": "1K"}
+    ]
 
 
-def test_sigterm_stops_quickly_with_exit_zero(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_sigterm_stops_quickly_with_exit_zero(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
     proc = daemon()
     folders.drop("a.json", {"prompt": "in flight while we stop"})
     wait_for(lambda: generate_posts(sandbox), what="the POST")
@@ -201,7 +215,9 @@ def test_sigterm_stops_quickly_with_exit_zero(folders: Folders, sandbox: Sandbox
     assert time.monotonic() - started < 5
 
 
-def test_pending_job_resumes_after_restart_without_resubmitting(folders: Folders, sandbox: Sandbox, daemon) -> None:
+def test_pending_job_resumes_after_restart_without_resubmitting(
+    folders: Folders, sandbox: Sandbox, daemon
+) -> None:
     sandbox.generation_seconds = 2.0
     proc = daemon()
     folders.drop("slow.json", {"prompt": "slow one"})

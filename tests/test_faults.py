@@ -1,0 +1,213 @@
+"""Faults injected into the sandbox for real: the daemon finishes every prompt, and pays once."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import DaemonProcess, Folders, StartDaemon, generate_posts, wait_for, write_config
+
+from scenario_watch.sandbox import Fault, Sandbox
+
+
+def finish_one(
+    folders: Folders,
+    daemon: StartDaemon,
+    name: str = "p",
+    body: dict[str, object] | None = None,
+    timeout: float = 40.0,
+) -> DaemonProcess:
+    proc = daemon()
+    folders.drop(f"{name}.json", body or {"prompt": f"fault test {name}"})
+    wait_for(
+        lambda: (folders.done / f"{name}.json").exists() or (folders.failed / f"{name}.json").exists(),
+        timeout=timeout,
+        what=f"{name} finished",
+    )
+    return proc
+
+
+def assert_done_once(folders: Folders, sandbox: Sandbox, name: str = "p") -> None:
+    assert folders.names(folders.failed) == [], folders.names(folders.failed)
+    assert (folders.done / f"{name}.json").exists()
+    manifest = json.loads((folders.outbox / f"{name}.manifest.json").read_text())
+    assert len(sandbox.generate_jobs) == 1, sandbox.generate_jobs
+    assert manifest["jobId"] == sandbox.generate_jobs[0]
+    for entry in manifest["files"]:
+        assert (folders.outbox / entry["file"]).read_bytes() == sandbox.asset_bytes(entry["assetId"])
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(route="job", kind="status", status=500, times=3),
+        Fault(route="job", kind="status", status=502, times=2),
+        Fault(route="job", kind="status", status=503, times=2),
+        Fault(route="job", kind="status", status=429, retry_after=0.5, times=2),
+        Fault(route="job", kind="status", status=429, times=2),
+        Fault(route="job", kind="reset", times=3),
+        Fault(route="job", kind="malformed", times=3),
+        Fault(route="job", kind="truncated", times=2),
+        Fault(route="job", kind="missing_fields", times=3),
+        Fault(route="job", kind="id_shape", times=3),
+        Fault(route="job", kind="delay", delay=1.0, times=2),
+        Fault(route="asset", kind="status", status=500, times=4),
+        Fault(route="asset", kind="reset", times=2),
+        Fault(route="asset", kind="malformed", times=2),
+        Fault(route="cdn", kind="status", status=403, times=1),
+        Fault(route="cdn", kind="truncated", times=2),
+        Fault(route="cdn", kind="reset", times=2),
+        Fault(route="cdn", kind="status", status=500, times=5),
+        Fault(route="generate", kind="id_shape"),
+    ],
+    ids=lambda f: f"{f.route}-{f.kind}-{f.status}",
+)
+def test_transient_faults_never_fail_a_prompt(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, fault: Fault
+) -> None:
+    sandbox.inject(fault)
+    finish_one(folders, daemon)
+    assert_done_once(folders, sandbox)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(route="generate", kind="status", status=500, after=True),
+        Fault(route="generate", kind="status", status=502, after=True),
+        Fault(route="generate", kind="reset", after=True),
+        Fault(route="generate", kind="malformed", after=True),
+        Fault(route="generate", kind="truncated", after=True),
+        Fault(route="generate", kind="delay", delay=7.0, after=True),  # longer than request_timeout
+    ],
+    ids=lambda f: f"after-{f.kind}-{f.status}",
+)
+def test_lost_generate_answer_is_reconciled_not_resent(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, fault: Fault
+) -> None:
+    sandbox.inject(fault)
+    proc = finish_one(folders, daemon)
+    assert_done_once(folders, sandbox)
+    assert any(e.get("event") == "job.adopted" for e in proc.events()), proc.output()
+    assert any(r.path == "/v1/jobs" for r in sandbox.requests)  # it listed jobs before deciding
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(route="generate", kind="status", status=500),
+        Fault(route="generate", kind="status", status=503, times=2),
+        Fault(route="generate", kind="reset"),
+    ],
+    ids=lambda f: f"before-{f.kind}-{f.status}",
+)
+def test_generate_that_created_nothing_is_sent_again_once(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, fault: Fault
+) -> None:
+    sandbox.inject(fault)
+    finish_one(folders, daemon)
+    assert_done_once(folders, sandbox)
+    assert len(generate_posts(sandbox)) == 1 + fault.times
+
+
+def test_reconcile_survives_a_failing_job_listing(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    sandbox.inject(Fault(route="generate", kind="status", status=500, after=True))
+    sandbox.inject(Fault(route="jobs", kind="status", status=500, times=6))
+    finish_one(folders, daemon, timeout=60)
+    assert_done_once(folders, sandbox)
+
+
+def test_429_on_generate_pauses_submitting_and_resumes(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    sandbox.inject(Fault(route="generate", kind="status", status=429, retry_after=1.0, times=3))
+    proc = daemon()
+    for n in range(3):
+        folders.drop(f"q{n}.json", {"prompt": f"queued {n}"})
+    wait_for(lambda: len(folders.names(folders.done)) == 3, timeout=40, what="3 done")
+    assert len(sandbox.generate_jobs) == 3
+    assert any(e.get("event") == "api.rate_limited" for e in proc.events())
+
+
+def test_parallel_limit_429_is_backpressure_not_failure(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    sandbox.parallel_limit = 2
+    write_config(folders, sandbox.base_url, jobs={"max_in_flight": 6})
+    daemon()
+    for n in range(8):
+        folders.drop(f"l{n}.json", {"prompt": f"limited {n}"})
+    wait_for(lambda: len(folders.names(folders.done)) == 8, timeout=60, what="8 done")
+    assert folders.names(folders.failed) == []
+    assert len(sandbox.generate_jobs) == 8
+
+
+def test_bad_credentials_stop_submitting_and_keep_prompts(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    from conftest import cli_env
+
+    proc = daemon(env=cli_env(SCENARIO_API_SECRET="wrong-secret"))
+    for n in range(3):
+        folders.drop(f"a{n}.json", {"prompt": f"auth {n}"})
+    wait_for(lambda: any(e.get("event") == "api.auth_failed" for e in proc.events()), what="auth error")
+    wait_for(lambda: len(folders.names(folders.inbox / ".processing")) == 3, what="3 claimed")
+    assert folders.names(folders.failed) == []
+    auth_errors = [e for e in proc.events() if e.get("event") == "api.auth_failed"]
+    assert len(auth_errors) == 1  # one clear error, not one per prompt
+    assert "SCENARIO_API_SECRET" in auth_errors[0]["hint"]
+    posts = len(generate_posts(sandbox))
+    assert posts <= 3
+    folders.drop("later.json", {"prompt": "arrives while blocked"})
+    wait_for(lambda: any(e.get("file") == "later.json" for e in proc.events()), what="later.json queued")
+    time.sleep(0.5)  # asserting an absence: give a wrongly dispatched POST time to show up
+    assert len(generate_posts(sandbox)) == posts  # submitting stopped
+    assert "wrong-secret" not in proc.output()
+    assert proc.stop() == 0
+    daemon()  # with the right credentials, the queued prompts go through
+    wait_for(
+        lambda: len(folders.names(folders.done)) == 4, timeout=30, what="4 done after fixing credentials"
+    )
+
+
+def test_api_400_fails_with_the_reason(folders: Folders, sandbox: Sandbox, daemon: StartDaemon) -> None:
+    finish_one(folders, daemon, body={"prompt": "edit", "referenceImages": ["asset_doesnotexist"]})
+    report = json.loads((folders.failed / "p.error.json").read_text())
+    assert report["stage"] == "submit"
+    assert "asset_doesnotexist" in report["error"]
+    assert sandbox.generate_jobs == []
+
+
+def test_canceled_job_fails_with_a_clear_error(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    sandbox.fail_next_jobs(1, error="Canceled by an admin", hint="", status="canceled")
+    finish_one(folders, daemon)
+    report = json.loads((folders.failed / "p.error.json").read_text())
+    assert report["stage"] == "generation"
+    assert "canceled" in report["error"]
+
+
+def test_job_timeout_fails_with_stage_timeout(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    sandbox.generation_seconds = 30.0
+    write_config(folders, sandbox.base_url, jobs={"timeout": 1.0})
+    finish_one(folders, daemon)
+    report = json.loads((folders.failed / "p.error.json").read_text())
+    assert report["stage"] == "timeout"
+    assert report["jobId"] == sandbox.generate_jobs[0]
+
+
+def test_download_that_keeps_failing_ends_in_failed_with_a_hint(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    sandbox.inject(Fault(route="cdn", kind="status", status=404, times=-1))
+    finish_one(folders, daemon, timeout=120)
+    report = json.loads((folders.failed / "p.error.json").read_text())
+    assert report["stage"] == "download"
+    assert "succeeded" in report["hint"]
+    assert [n for n in folders.names(folders.outbox) if n.endswith(".png")] == []
