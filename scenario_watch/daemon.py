@@ -27,6 +27,7 @@ from .config import Settings
 from .errors import (
     AuthError,
     BadRequest,
+    ConfigError,
     NotFound,
     OutcomeUnknown,
     PromptError,
@@ -97,7 +98,10 @@ class Daemon:
         self.once = once
         self.clock = clock
         for folder in (self.folders.inbox, self.folders.outbox, self.folders.done, self.folders.failed):
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
         self.store = Store(self.folders.state / journal)
         self.outbox = Outbox(self.folders, client, self.store)
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -573,7 +577,7 @@ class Daemon:
             log.error(
                 "output.write_failed", error=str(exc), hint="free disk space or fix the outbox permissions"
             )
-            return Next("download", delay=30.0)
+            return Next("download", delay=min(30.0, 2 * self.jobs.poll_max_interval))
         self.store.done(row.id, outputs)
         self._file(self.store.get(row.id))
         log.info("prompt.done", outputs=outputs)

@@ -146,6 +146,7 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 300  # an idle keep-alive connection is dropped after this, so threads do not pile up
     server: SandboxServer
+    _record_index: int | None = None  # this request's place in the log (None: not logged)
 
     # Headers and body leave in one write: separate small writes meet Nagle + delayed ACK (40 ms each).
     wbufsize = CHUNK
@@ -204,12 +205,11 @@ class Handler(BaseHTTPRequestHandler):
             0,
             time.monotonic(),
         )
-        index = ctx.recorder.add(record)
-        status = 0
+        self._record_index = ctx.recorder.add(record)
         try:
-            status = self._serve(ctx.faults.take(route_of(name, self.command, path)), path, query, raw, body)
+            self._serve(ctx.faults.take(route_of(name, self.command, path)), path, query, raw, body)
         finally:
-            ctx.recorder.set_status(index, status)
+            self._record_index = None
 
     def _read_body(self) -> bytes | None:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -223,8 +223,8 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return self.rfile.read(int(length))
 
-    def _serve(self, fault: Fault | None, path: str, query: dict[str, str], raw: bytes, body: Any) -> int:
-        """Answer the request, bent by the fault if there is one; the status sent (0: none)."""
+    def _serve(self, fault: Fault | None, path: str, query: dict[str, str], raw: bytes, body: Any) -> None:
+        """Answer the request, bent by the fault if there is one."""
 
         def handle() -> Reply:
             if self.server.name == "cdn":
@@ -232,37 +232,40 @@ class Handler(BaseHTTPRequestHandler):
             return self._api(path, query, body)
 
         if fault is None:
-            return self._send(handle())
-        if fault.kind == "delay":
+            self._send(handle())
+        elif fault.kind == "delay":
             if not fault.after:
                 time.sleep(fault.delay)
             reply = handle()
             if fault.after:
                 time.sleep(fault.delay)
-            return self._send(reply)
-        if fault.kind in REPLACING:
+            self._send(reply)
+        elif fault.kind in REPLACING:
             if fault.after:
                 handle()
-            if fault.kind == "reset":
-                self._reset()
-                return 0
-            if fault.kind == "malformed":
-                return self._send(Reply(200, raw=b'{"job": '))
+            self._break(fault)
+        elif fault.kind == "truncated":
+            self._send(handle(), truncate=True)
+        else:
+            self._send(garble(handle(), fault.kind))
+
+    def _break(self, fault: Fault) -> None:
+        """Answer with the fault instead: an error status, garbage, or a reset connection."""
+        if fault.kind == "malformed":
+            self._send(Reply(200, raw=b'{"job": '))
+        elif fault.kind == "status":
             headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
-            return self._send(Reply(fault.status, {"reason": fault.reason}, headers=headers))
-        if fault.kind == "truncated":
-            return self._send(handle(), truncate=True)
-        return self._send(garble(handle(), fault.kind))
+            self._send(Reply(fault.status, {"reason": fault.reason}, headers=headers))
+        else:  # reset: SO_LINGER 0 turns the close into an RST
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # The descriptor really closes (sending the RST) when finish() drops the reader and writer,
+            # right after this request; nothing is written in between.
+            self.connection.close()
 
-    def _reset(self) -> None:
-        """Drop the connection with an RST: SO_LINGER 0, then close every reference to the socket."""
-        self.close_connection = True
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        # The descriptor really closes (sending the RST) when finish() drops the reader and writer,
-        # right after this request; nothing is written in between.
-        self.connection.close()
-
-    def _send(self, reply: Reply, *, truncate: bool = False) -> int:
+    def _send(self, reply: Reply, *, truncate: bool = False) -> None:
+        if self._record_index is not None:  # logged before the client can see the answer
+            self.server.context.recorder.set_status(self._record_index, reply.status)
         data = reply.body()
         self.send_response(reply.status)
         if reply.status != 204:  # a 204 has no body, so no Content-Length or Content-Type either
@@ -274,14 +277,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command == "HEAD":
-            return reply.status
+            data = b""
         if truncate:  # promise the whole body, send half, hang up: a short read for the client
             data = data[: len(data) // 2]
             self.close_connection = True
         for start in range(0, len(data), CHUNK):
             self.wfile.write(data[start : start + CHUNK])
         self.wfile.flush()
-        return reply.status
 
     # -- the API server ---------------------------------------------------------------------------
 

@@ -1,0 +1,116 @@
+"""kill -9 at random moments, two daemons on one inbox, leftovers, an unwritable outbox."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from conftest import DaemonProcess, Folders, StartDaemon, cli_env, run_cli, wait_for, write_config
+
+from scenario_watch.sandbox import Sandbox
+
+
+def jobs_per_prompt(sandbox: Sandbox) -> Counter[str]:
+    return Counter(sandbox.job(job_id)["metadata"]["input"]["prompt"] for job_id in sandbox.generate_jobs)
+
+
+def assert_each_finished_once(folders: Folders, sandbox: Sandbox, prompts: dict[str, int]) -> None:
+    """Every prompt: one job at Scenario, its outputs once, its file in done/ once; no leftovers."""
+    assert folders.names(folders.done) == sorted(f"{name}.json" for name in prompts)
+    assert jobs_per_prompt(sandbox) == Counter({f"crash {name}": 1 for name in prompts})
+    expected = set()
+    for name, outputs in prompts.items():
+        expected.add(f"{name}.manifest.json")
+        expected.update(f"{name}_{n}.png" for n in range(1, outputs + 1))
+        manifest = json.loads((folders.outbox / f"{name}.manifest.json").read_text())
+        for entry in manifest["files"]:
+            assert (folders.outbox / entry["file"]).read_bytes() == sandbox.asset_bytes(entry["assetId"])
+    everything = sorted(p.name for p in folders.outbox.iterdir())
+    assert everything == sorted(expected)  # no second copies (-2), no temp files
+    assert folders.names(folders.inbox / ".processing") == []
+    assert folders.names(folders.failed) == []
+
+
+def test_kill_9_again_and_again_then_everything_finishes_exactly_once(
+    folders: Folders, sandbox: Sandbox
+) -> None:
+    sandbox.generation_seconds = 0.6
+    write_config(folders, sandbox.base_url, jobs={"max_in_flight": 3, "poll_interval": 0.05})
+    prompts = {f"k{n:02}": 1 + n % 3 for n in range(36)}
+    for name, outputs in prompts.items():
+        folders.drop(f"{name}.json", {"prompt": f"crash {name}", "numOutputs": outputs})
+    rng = random.Random(20261124)
+    kills = 0
+    log = (folders.root / "crash.log").open("w")
+    for _ in range(40):
+        if len(folders.names(folders.done)) == len(prompts):
+            break
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scenario_watch", "run", "-c", str(folders.config)],
+            env=cli_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        time.sleep(rng.uniform(0.2, 1.2))  # the crash point: any moment, on purpose
+        proc.kill()
+        proc.wait()
+        kills += 1
+    log.close()
+    assert kills >= 5
+    result = run_cli("run", "--once", "-c", str(folders.config), timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert_each_finished_once(folders, sandbox, prompts)
+
+
+def test_two_daemons_sharing_one_inbox_never_take_the_same_file(
+    folders: Folders, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    second = tmp_path / "second.toml"
+    write_config(folders, sandbox.base_url)
+    second.write_text(folders.config.read_text().replace(str(folders.state), str(tmp_path / "state-b")))
+    a = DaemonProcess(folders.config, tmp_path / "a.log")
+    b = DaemonProcess(second, tmp_path / "b.log")
+    try:
+        prompts = {f"t{n:02}": 1 for n in range(40)}
+        for name in prompts:
+            folders.drop(f"{name}.json", {"prompt": f"crash {name}"})
+        wait_for(lambda: len(folders.names(folders.done)) == 40, timeout=60, what="40 done")
+        claims = [e["file"] for proc in (a, b) for e in proc.events() if e.get("event") == "prompt.queued"]
+        assert sorted(claims) == sorted(f"{name}.json" for name in prompts)  # each claimed by one daemon
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+    assert_each_finished_once(folders, sandbox, prompts)
+
+
+def test_leftover_temp_files_are_removed_at_start(folders: Folders, sandbox: Sandbox) -> None:
+    folders.outbox.mkdir()
+    leftover = folders.outbox / ".x_1.png.deadbeef.part"
+    leftover.write_bytes(b"half an image")
+    keep = folders.outbox / "unrelated.png"
+    keep.write_bytes(b"not ours")
+    assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
+    assert not leftover.exists()
+    assert keep.read_bytes() == b"not ours"
+
+
+def test_unwritable_outbox_keeps_the_prompt_pending_until_fixed(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    proc = daemon()
+    folders.outbox.rmdir()
+    folders.outbox.write_text("a file where the outbox folder should be")
+    folders.drop("w.json", {"prompt": "write me later"})
+    wait_for(lambda: any(e.get("event") == "output.write_failed" for e in proc.events()), what="write error")
+    assert folders.names(folders.failed) == []
+    assert folders.names(folders.done) == []
+    folders.outbox.unlink()
+    folders.outbox.mkdir()
+    wait_for(lambda: (folders.done / "w.json").exists(), what="done once the outbox is back")
+    assert len(sandbox.generate_jobs) == 1
+    assert (folders.outbox / "w_1.png").exists()
