@@ -85,10 +85,19 @@ class JobSettings(_Section):
 
 
 class WatchSettings(_Section):
-    polling: bool = False
+    polling: bool | Literal["auto"] = "auto"
     settle: float = Field(2.0, ge=0, le=3600)
     rescan_interval: float = Field(60.0, gt=0)
     ignore: list[str] = Field(default_factory=list)
+    recursive: bool = False
+    reference_roots: list[Path] = Field(default_factory=list)
+    reference_wait: float = Field(60.0, ge=0)
+    move_references: bool = False
+
+    @field_validator("reference_roots")
+    @classmethod
+    def _expand(cls, value: list[Path]) -> list[Path]:
+        return [Path(os.path.abspath(root.expanduser())) for root in value]
 
 
 class LogSettings(_Section):

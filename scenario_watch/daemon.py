@@ -28,13 +28,14 @@ from .errors import (
     AuthError,
     BadRequest,
     ConfigError,
+    MissingReference,
     NotFound,
     OutcomeUnknown,
     PromptError,
     RateLimited,
     TransientError,
 )
-from .outbox import Outbox, remove_temp_files
+from .outbox import Outbox, move_no_clobber, remove_temp_files
 from .prompt import check_reference, load_prompt, read_prompt_bytes
 from .store import Row, State, Store
 from .watcher import PROCESSING, Arrivals, Watcher, claim
@@ -47,6 +48,7 @@ CLOCK_SKEW = timedelta(minutes=2)
 AUTH_RETRY = 300.0
 OBSERVER_RESTART_MAX = 60.0
 CLAIM_BATCH = 64
+REFERENCE_RECHECK = 0.5
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class Daemon:
         self.next_observer_check = 0.0
         self.last_status = ""
         self.more_arrivals = False
+        self.awaiting_references: set[int] = set()
         self.workers: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -259,6 +262,10 @@ class Daemon:
             _, prompt_id, kind = heapq.heappop(self.timers)
             if kind == "auth":
                 self.auth_blocked = False  # try the credentials again
+            elif kind == "accept":
+                row = self.store.get(prompt_id)
+                with structlog.contextvars.bound_contextvars(file=row.file):
+                    self._accept(prompt_id, row.file, Path(row.claimed))
             elif kind == "submit":
                 self.waiting.appendleft(prompt_id)
             else:
@@ -360,17 +367,40 @@ class Daemon:
 
     def _accept(self, prompt_id: int, name: str, claimed: Path) -> None:
         """Validate a claimed prompt locally: invalid input never reaches the API."""
+        watch = self.settings.watch
         try:
             data = read_prompt_bytes(claimed)
             prompt = load_prompt(
-                data, file_name=name, base_dir=self.folders.inbox, defaults=self.settings.defaults
+                data,
+                file_name=name,
+                base_dir=self.folders.inbox,
+                defaults=self.settings.defaults,
+                roots=watch.reference_roots,
             )
+        except MissingReference as exc:
+            row = self.store.get(prompt_id)
+            waited = time.time() - row.claimed_at
+            if waited < watch.reference_wait:
+                # A prompt may arrive before its image: look again shortly, up to reference_wait.
+                if prompt_id not in self.awaiting_references:
+                    self.awaiting_references.add(prompt_id)
+                    log.info(
+                        "prompt.waiting_for_reference", missing=exc.problems[0], up_to=watch.reference_wait
+                    )
+                retry = min(REFERENCE_RECHECK, watch.reference_wait - waited)
+                heapq.heappush(self.timers, (self.clock() + retry, prompt_id, "accept"))
+                return
+            self.awaiting_references.discard(prompt_id)
+            error = f"{exc} (waited {watch.reference_wait:g} s for it)"
+            self._fail(row, "references", error, exc.hint)
+            return
         except PromptError as exc:
             self._fail(self.store.get(prompt_id), "validate", f"invalid prompt file: {exc}", exc.hint)
             return
         except OSError as exc:
             self._fail(self.store.get(prompt_id), "validate", f"cannot read the prompt file: {exc.strerror}")
             return
+        self.awaiting_references.discard(prompt_id)
         inputs = dict(prompt.inputs)
         if prompt.references:
             inputs["referenceImages"] = [ref.entry for ref in prompt.references]
@@ -494,23 +524,40 @@ class Daemon:
         entries = inputs.get("referenceImages")
         if not entries:
             return inputs
-        resolved = []
+        resolved: list[str] = []
+        records: list[dict[str, Any]] = []
         for entry in entries:
-            ref = check_reference(entry, self.folders.inbox)
+            ref = check_reference(entry, self.folders.inbox, self.settings.watch.reference_roots)
             if ref.asset_id is not None:
                 resolved.append(ref.asset_id)
+                records.append({"assetId": ref.asset_id})
                 continue
-            assert ref.path is not None
+            assert ref.path is not None and ref.mime_type is not None
             data = ref.path.read_bytes()
             digest = hashlib.sha256(data).hexdigest()
             asset_id = self.store.uploaded_asset(digest)
             if asset_id is None:
-                asset_id = self.client.upload_image(data, ref.path.name)
+                asset_id = self.client.upload_image(data, ref.path.name, ref.mime_type)
                 self.store.remember_upload(digest, asset_id)
-                log.info("reference.uploaded", reference=entry, asset_id=asset_id)
+                log.info("reference.uploaded", reference=entry, asset_id=asset_id, size=len(data))
             resolved.append(asset_id)
+            records.append({"file": entry, "sha256": digest, "size": len(data), "assetId": asset_id})
         inputs["referenceImages"] = resolved
+        self.store.set_references(row.id, records)
         return inputs
+
+    def _release_references(self, row: Row) -> None:
+        """With [watch] move_references, move reference files to done/ with the last prompt using them."""
+        if not self.settings.watch.move_references:
+            return
+        in_use = {e for other in self.store.active() for e in (other.inputs or {}).get("referenceImages", [])}
+        for ref in row.references:
+            entry = ref.get("file")
+            path = self.folders.inbox / entry if entry else None
+            if path is None or entry in in_use or path.parent != self.folders.inbox or not path.is_file():
+                continue  # still needed, already moved, or outside the inbox (a reference root)
+            dest = move_no_clobber(path, self.folders.done, path.name)
+            log.info("reference.moved", reference=entry, to=str(dest))
 
     def _poll(self, prompt_id: int) -> Next:
         row = self.store.get(prompt_id)
@@ -579,7 +626,9 @@ class Daemon:
             )
             return Next("download", delay=min(30.0, 2 * self.jobs.poll_max_interval))
         self.store.done(row.id, outputs)
-        self._file(self.store.get(row.id))
+        done = self.store.get(row.id)
+        self._file(done)
+        self._release_references(done)
         log.info("prompt.done", outputs=outputs)
         return Next("finished")
 

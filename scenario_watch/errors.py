@@ -20,6 +20,10 @@ class PromptError(ScenarioWatchError):
         self.hint = hint
 
 
+class MissingReference(PromptError):
+    """A reference image is not there (yet): the prompt may wait for it to arrive."""
+
+
 class ApiError(ScenarioWatchError):
     """The Scenario API answered with an error status."""
 

@@ -186,6 +186,7 @@ class Outbox:
             "model": self.client.model_id,
             "jobId": job.job_id,
             "assetIds": list(job.asset_ids),
+            "references": row.references,
             "creativeUnitsCost": row.cost if row.cost is not None else job.cost,
             "files": files,
             "timings": {

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -13,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from .config import AspectRatio, GenerateDefaults, NumOutputs, Resolution, Seed, StrictBool
-from .errors import PromptError
+from .errors import MissingReference, PromptError
 
 MAX_PROMPT_BYTES = 1024 * 1024
 MAX_REFERENCES = 14
@@ -124,7 +126,12 @@ def parse_json(data: bytes) -> dict[str, Any]:
 
 
 def load_prompt(
-    data: bytes, *, file_name: str, base_dir: Path, defaults: GenerateDefaults | None = None
+    data: bytes,
+    *,
+    file_name: str,
+    base_dir: Path,
+    defaults: GenerateDefaults | None = None,
+    roots: Sequence[Path] = (),
 ) -> Prompt:
     """Parse and validate a prompt file's bytes; raise PromptError listing every problem."""
     raw = parse_json(data)
@@ -133,7 +140,7 @@ def load_prompt(
     except ValidationError as exc:
         problems = [_explain(err) for err in exc.errors()]
         raise PromptError(problems) from None
-    references = [check_reference(entry, base_dir) for entry in (model.referenceImages or [])]
+    references = [check_reference(entry, base_dir, roots) for entry in (model.referenceImages or [])]
     stem = safe_stem(model.name) if model.name is not None else _sanitise(Path(file_name).stem)
     inputs: dict[str, Any] = {}
     if defaults is not None:
@@ -142,23 +149,23 @@ def load_prompt(
     return Prompt(inputs=inputs, stem=stem, references=references)
 
 
-def check_reference(entry: Any, base_dir: Path) -> Reference:
-    """Check one referenceImages entry offline: an asset id, or an image file inside base_dir."""
+def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> Reference:
+    """Check one referenceImages entry offline: an asset id, or an image file in base_dir or a root."""
     if not isinstance(entry, str) or not entry:
         raise PromptError([f"referenceImages: each entry must be a non-empty string (got {_show(entry)})"])
     if re.fullmatch(r"asset_[A-Za-z0-9_-]+", entry):
         return Reference(entry, asset_id=entry)
-    problem = _reference_path_problem(entry, base_dir)
+    path = base_dir / entry  # an absolute entry stays absolute
+    problem = _reference_path_problem(Path(entry), path, [base_dir, *roots])
     if problem:
         raise PromptError([f"referenceImages: {entry!r} {problem}"])
-    path = base_dir / entry
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
             head = handle.read(16)
     except FileNotFoundError:
-        raise PromptError(
-            [f"referenceImages: {entry!r} does not exist in {base_dir}"],
+        raise MissingReference(
+            [f"referenceImages: {entry!r} does not exist in {path.parent}"],
             hint="drop the image into the inbox beside the prompt file, or fix the name",
         ) from None
     except OSError as exc:
@@ -193,18 +200,19 @@ def _sanitise(name: str) -> str:
     return cleaned or "prompt"
 
 
-def _reference_path_problem(entry: str, base_dir: Path) -> str | None:
-    candidate = Path(entry)
-    if candidate.is_absolute():
-        return "is an absolute path; name a file inside the inbox"
-    if ".." in candidate.parts:
+def _reference_path_problem(entry: Path, path: Path, roots: list[Path]) -> str | None:
+    """Why a reference path is refused: it must stay inside the inbox or a reference root."""
+    if ".." in entry.parts:
         return "leaves the inbox (..); name a file inside the inbox"
-    root = base_dir.resolve()
-    resolved = (base_dir / candidate).resolve()
-    if resolved != root and root not in resolved.parents:
-        return "is a symlink that points outside the inbox"
-    if (base_dir / candidate).is_symlink():
-        return "is a symlink; copy the image into the inbox instead"
+    resolved_roots = [root.resolve() for root in roots]
+
+    def inside(candidate: Path) -> bool:
+        return any(candidate == root or root in candidate.parents for root in resolved_roots)
+
+    if entry.is_absolute() and not inside(Path(os.path.abspath(path))):
+        return "is an absolute path outside the inbox and [watch] reference_roots"
+    if not inside(path.resolve()):
+        return "is a symlink that points outside the inbox and [watch] reference_roots"
     return None
 
 

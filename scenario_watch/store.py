@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS prompts (
     cost INTEGER,
     asset_ids TEXT,                  -- JSON list
     outputs TEXT,                    -- JSON list of outbox file names
+    refs TEXT,                       -- JSON list: each reference's file, sha256 and asset id
     stage TEXT, error TEXT, hint TEXT,
     final_path TEXT,                 -- where the prompt file ended (done/ or failed/)
     polls INTEGER NOT NULL DEFAULT 0,
@@ -76,6 +77,7 @@ class Row:
     cost: int | None
     asset_ids: list[str]
     outputs: list[str]
+    references: list[dict[str, Any]]
     stage: str | None
     error: str | None
     hint: str | None
@@ -148,6 +150,9 @@ class Store:
     def back_to_claimed(self, prompt_id: int) -> None:
         """The POST certainly created nothing: the prompt waits for its turn again."""
         self._update(prompt_id, state=State.CLAIMED)
+
+    def set_references(self, prompt_id: int, references: list[dict[str, Any]]) -> None:
+        self._update(prompt_id, refs=json.dumps(references))
 
     def polled(self, prompt_id: int) -> None:
         self._write("UPDATE prompts SET polls = polls + 1 WHERE id = ?", prompt_id)
@@ -267,6 +272,7 @@ def _row(row: sqlite3.Row) -> Row:
         cost=row["cost"],
         asset_ids=json.loads(row["asset_ids"]) if row["asset_ids"] else [],
         outputs=json.loads(row["outputs"]) if row["outputs"] else [],
+        references=json.loads(row["refs"]) if row["refs"] else [],
         stage=row["stage"],
         error=row["error"],
         hint=row["hint"],

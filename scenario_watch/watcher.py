@@ -39,6 +39,13 @@ DEFAULT_IGNORE = (
     "*.error.json",
 )
 PEEK_LIMIT = 1024 * 1024
+# Filesystems whose changes made by other machines inotify never reports.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs",
+        "ncpfs", "davfs", "sshfs", "fuse.sshfs", "fuse.rclone", "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse",
+    }
+)  # fmt: skip
 
 log = logs.get()
 
@@ -162,6 +169,25 @@ def claim(path: str, inbox: Path) -> Path | None:
     return dest
 
 
+def filesystem_type(path: Path, mounts: Path = Path("/proc/self/mounts")) -> str | None:
+    """The type of the filesystem holding `path`, from the mount table (longest matching mount point)."""
+    real = os.path.realpath(path)
+    best, fstype = "", None
+    try:
+        table = mounts.read_text()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return fstype
+
+
 class Watcher:
     """The observer (inotify, or polling for network shares), restartable, plus the inbox scan."""
 
@@ -169,8 +195,19 @@ class Watcher:
         self.inbox = inbox
         self.settings = settings
         self.arrived = arrived
-        self.polling = settings.polling
         self._observer: BaseObserver | None = None
+        if settings.polling != "auto":
+            self.polling = settings.polling
+            return
+        fstype = filesystem_type(inbox)
+        self.polling = fstype in NETWORK_FILESYSTEMS
+        if self.polling:
+            log.warning(
+                "watch.network_filesystem",
+                fstype=fstype,
+                note="inotify misses changes made by other machines: using the polling observer "
+                "(set [watch] polling = false to override)",
+            )
 
     def start(self) -> None:
         (self.inbox / PROCESSING).mkdir(parents=True, exist_ok=True)

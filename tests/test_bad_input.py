@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import Folders, StartDaemon, generate_posts, wait_for
+from conftest import Folders, StartDaemon, generate_posts, wait_for, write_config
 
 from scenario_watch.sandbox import Sandbox
 
@@ -50,6 +50,7 @@ def test_bad_input_corpus_fails_clearly_and_a_good_prompt_still_succeeds(
     outside = tmp_path / "outside.png"
     outside.write_bytes(PNG)
     (folders.inbox / "link.png").symlink_to(outside)
+    write_config(folders, sandbox.base_url, watch={"settle": 0.5, "reference_wait": 1.0})
     proc = daemon()
     for name, (data, _) in CORPUS.items():
         folders.drop(f"{name}.json", None, raw=data)

@@ -117,6 +117,7 @@ class SandboxServer(ThreadingHTTPServer):
     """A threading HTTP server that knows its role and can cut its open keep-alive connections."""
 
     daemon_threads = True
+    request_queue_size = 128  # the default backlog of 5 drops connections when hundreds arrive at once
 
     def __init__(self, address: tuple[str, int], name: str, context: Context) -> None:
         self.name, self.context = name, context

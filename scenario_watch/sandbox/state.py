@@ -34,7 +34,6 @@ INPUT_KEYS = (
 MAX_REFERENCES = 14
 SEED_MAX = 2_147_483_647
 DIRECT_UPLOAD_LIMIT = 6 * 1024 * 1024
-FINAL = frozenset({"success", "failure", "canceled"})
 # The share of the generation time at which a job enters each running status.
 TIMELINE = (
     ("pending", 0.0),
@@ -322,10 +321,6 @@ class World:
         seed = f"{asset_id}\n{job.input.get('prompt', '')}"
         self._assets[asset_id] = AssetRecord(asset_id, "image/png", None, seed, now_ms())
         return asset_id
-
-    def known_asset(self, asset_id: str) -> bool:
-        with self._lock:
-            return asset_id in self._assets
 
     def asset_bytes(self, asset_id: str) -> bytes:
         """The bytes the CDN serves for an asset (KeyError if unknown); generated images are cached."""
