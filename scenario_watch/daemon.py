@@ -132,6 +132,8 @@ class Daemon:
         self.last_status = ""
         self.more_arrivals = False
         self.awaiting_references: set[int] = set()
+        self._upload_locks: dict[str, threading.Lock] = {}
+        self._upload_locks_guard = threading.Lock()
         self.workers: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -384,9 +386,7 @@ class Daemon:
                 # A prompt may arrive before its image: look again shortly, up to reference_wait.
                 if prompt_id not in self.awaiting_references:
                     self.awaiting_references.add(prompt_id)
-                    log.info(
-                        "prompt.waiting_for_reference", missing=exc.problems[0], up_to=watch.reference_wait
-                    )
+                    log.info("prompt.awaiting_reference", missing=exc.problems[0], up_to=watch.reference_wait)
                 retry = min(REFERENCE_RECHECK, watch.reference_wait - waited)
                 heapq.heappush(self.timers, (self.clock() + retry, prompt_id, "accept"))
                 return
@@ -535,16 +535,21 @@ class Daemon:
             assert ref.path is not None and ref.mime_type is not None
             data = ref.path.read_bytes()
             digest = hashlib.sha256(data).hexdigest()
-            asset_id = self.store.uploaded_asset(digest)
-            if asset_id is None:
-                asset_id = self.client.upload_image(data, ref.path.name, ref.mime_type)
-                self.store.remember_upload(digest, asset_id)
-                log.info("reference.uploaded", reference=entry, asset_id=asset_id, size=len(data))
+            with self._upload_lock(digest):  # ten prompts editing one photo upload it once
+                asset_id = self.store.uploaded_asset(digest)
+                if asset_id is None:
+                    asset_id = self.client.upload_image(data, ref.path.name, ref.mime_type)
+                    self.store.remember_upload(digest, asset_id)
+                    log.info("reference.uploaded", reference=entry, asset_id=asset_id, size=len(data))
             resolved.append(asset_id)
             records.append({"file": entry, "sha256": digest, "size": len(data), "assetId": asset_id})
         inputs["referenceImages"] = resolved
         self.store.set_references(row.id, records)
         return inputs
+
+    def _upload_lock(self, digest: str) -> threading.Lock:
+        with self._upload_locks_guard:
+            return self._upload_locks.setdefault(digest, threading.Lock())
 
     def _release_references(self, row: Row) -> None:
         """With [watch] move_references, move reference files to done/ with the last prompt using them."""
