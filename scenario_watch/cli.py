@@ -279,20 +279,23 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.all:
         names = sorted(
-            n for n in _list(folders.failed) if n.endswith(".json") and not n.endswith(".error.json")
+            str(p.relative_to(folders.failed))
+            for p in folders.failed.rglob("*.json")
+            if not p.name.endswith(".error.json") and not p.name.startswith(".")
         )
     else:
         names = [n if n.endswith(".json") else f"{n}.json" for n in args.names]
     missing = 0
     for name in names:
-        src = folders.failed / Path(name).name
-        if not src.is_file():
+        rel = Path(name)
+        src = folders.failed / rel
+        if rel.is_absolute() or ".." in rel.parts or not src.is_file():
             print(f"{name}: not in {folders.failed}")
             missing += 1
             continue
-        dest = move_no_clobber(src, folders.inbox, src.name)
-        (folders.failed / f"{src.stem}.error.json").unlink(missing_ok=True)
-        print(f"{name}: back in the inbox as {dest.name}")
+        dest = move_no_clobber(src, folders.inbox / rel.parent, rel.name)
+        (src.parent / f"{rel.stem}.error.json").unlink(missing_ok=True)
+        print(f"{name}: back in the inbox as {dest.relative_to(folders.inbox)}")
     return EXIT_INPUT if missing else EXIT_OK
 
 

@@ -358,7 +358,7 @@ class Daemon:
         claimed = claim(path, self.folders.inbox)
         if claimed is None:
             return
-        name = os.path.basename(path)
+        name = os.path.relpath(path, self.folders.inbox)  # sub/x.json when watching recursively
         prompt_id = self.store.add(name, claimed)
         structlog.contextvars.bind_contextvars(file=name)
         try:
@@ -375,7 +375,7 @@ class Daemon:
             prompt = load_prompt(
                 data,
                 file_name=name,
-                base_dir=self.folders.inbox,
+                base_dir=self.folders.inbox / Path(name).parent,
                 defaults=self.settings.defaults,
                 roots=watch.reference_roots,
             )
@@ -438,10 +438,10 @@ class Daemon:
         processing = self.folders.inbox / PROCESSING
         processing.mkdir(parents=True, exist_ok=True)
         # A crash between the claim (rename) and the journal entry leaves an unknown file here.
-        for entry in sorted(os.scandir(processing), key=lambda e: e.name):
-            if entry.is_file() and entry.path not in known and entry.name.endswith(".json"):
-                prompt_id = self.store.add(entry.name, Path(entry.path))
-                self._accept(prompt_id, entry.name, Path(entry.path))
+        for path in sorted(processing.rglob("*.json")):
+            if path.is_file() and str(path) not in known:
+                name = str(path.relative_to(processing))
+                self._accept(self.store.add(name, path), name, path)
 
     # -- worker tasks (run in worker threads) ---------------------------------------------------------
 
@@ -527,7 +527,7 @@ class Daemon:
         resolved: list[str] = []
         records: list[dict[str, Any]] = []
         for entry in entries:
-            ref = check_reference(entry, self.folders.inbox, self.settings.watch.reference_roots)
+            ref = check_reference(entry, self._prompt_folder(row), self.settings.watch.reference_roots)
             if ref.asset_id is not None:
                 resolved.append(ref.asset_id)
                 records.append({"assetId": ref.asset_id})
@@ -547,6 +547,10 @@ class Daemon:
         self.store.set_references(row.id, records)
         return inputs
 
+    def _prompt_folder(self, row: Row) -> Path:
+        """The inbox folder the prompt arrived in: its references are relative to it."""
+        return self.folders.inbox / Path(row.file).parent
+
     def _upload_lock(self, digest: str) -> threading.Lock:
         with self._upload_locks_guard:
             return self._upload_locks.setdefault(digest, threading.Lock())
@@ -558,8 +562,9 @@ class Daemon:
         in_use = {e for other in self.store.active() for e in (other.inputs or {}).get("referenceImages", [])}
         for ref in row.references:
             entry = ref.get("file")
-            path = self.folders.inbox / entry if entry else None
-            if path is None or entry in in_use or path.parent != self.folders.inbox or not path.is_file():
+            folder = self._prompt_folder(row)
+            path = folder / entry if entry else None
+            if path is None or entry in in_use or path.parent != folder or not path.is_file():
                 continue  # still needed, already moved, or outside the inbox (a reference root)
             dest = move_no_clobber(path, self.folders.done, path.name)
             log.info("reference.moved", reference=entry, to=str(dest))

@@ -132,7 +132,8 @@ class Outbox:
         """Pick the output stem once (`x`, `x-2`, ...) so a redo after a crash writes the same names."""
         if row.out_stem:
             return row.out_stem
-        base = row.stem or Path(row.file).stem
+        # A prompt from a subfolder of the inbox keeps that subfolder in the outbox: sub/x_1.png.
+        base = str(Path(row.file).parent / (row.stem or Path(row.file).stem)).removeprefix("./")
         with self._reserve_lock:
             n = 1
             while True:
@@ -155,7 +156,7 @@ class Outbox:
         """Download every asset (skipping files a previous attempt finished), then the manifest."""
         stem = self.reserve_stem(row)
         outbox = self.folders.outbox
-        outbox.mkdir(parents=True, exist_ok=True)
+        (outbox / stem).parent.mkdir(parents=True, exist_ok=True)
         files: list[dict[str, Any]] = []
         for n, asset_id in enumerate(job.asset_ids, start=1):
             asset = self.client.get_asset(asset_id)
@@ -168,7 +169,9 @@ class Outbox:
         manifest = outbox / f"{stem}.manifest.json"
         body = json.dumps(self._manifest(row, job, files), indent=2, ensure_ascii=False).encode() + b"\n"
         write_atomic(manifest, lambda out: out.write(body))
-        return [f["file"] for f in files] + [manifest.name]
+        return [str(Path(stem).parent / f["file"]).removeprefix("./") for f in files] + [
+            f"{stem}.manifest.json"
+        ]
 
     def _download(self, asset_id: str, url: str, dest: Path) -> None:
         try:
@@ -197,13 +200,15 @@ class Outbox:
         }
 
     def file_done(self, row: Row) -> Path:
-        return move_no_clobber(Path(row.claimed), self.folders.done, Path(row.file).name)
+        rel = Path(row.file)
+        return move_no_clobber(Path(row.claimed), self.folders.done / rel.parent, rel.name)
 
     def file_failed(self, row: Row, stage: str, error: str, hint: str | None) -> Path:
         """Put the original next to `<stem>.error.json` in failed/ (the error file first)."""
-        failed = self.folders.failed
+        rel = Path(row.file)
+        failed = self.folders.failed / rel.parent
         failed.mkdir(parents=True, exist_ok=True)
-        dest = free_name(failed, Path(row.file).name)
+        dest = free_name(failed, rel.name)
         report: dict[str, Any] = {"error": error, "stage": stage, "file": row.file}
         if row.job_id:
             report["jobId"] = row.job_id

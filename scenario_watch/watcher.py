@@ -6,7 +6,7 @@ import errno
 import fnmatch
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,19 +50,32 @@ NETWORK_FILESYSTEMS = frozenset(
 log = logs.get()
 
 
-def is_candidate(name: str, ignore: tuple[str, ...] | list[str] = ()) -> bool:
+def _ignored(name: str, ignore: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in (*DEFAULT_IGNORE, *ignore))
+
+
+def is_candidate(name: str, ignore: Sequence[str] = ()) -> bool:
     """Only `*.json` starts work; editor, sync and download leftovers never do."""
-    if not name.endswith(".json"):
-        return False
-    return not any(fnmatch.fnmatchcase(name, pattern) for pattern in (*DEFAULT_IGNORE, *ignore))
+    return name.endswith(".json") and not _ignored(name, ignore)
+
+
+def inbox_relative(path: str, inbox: str, recursive: bool, ignore: Sequence[str] = ()) -> str | None:
+    """`path` relative to the inbox if it may be a prompt (subfolders only when recursive), else None."""
+    rel = os.path.relpath(path, inbox)
+    parts = rel.split(os.sep)
+    if parts[0] == ".." or (len(parts) > 1 and not recursive):
+        return None
+    if any(_ignored(folder, ignore) for folder in parts[:-1]):  # .processing, .git, @eaDir ...
+        return None
+    return rel if is_candidate(parts[-1], ignore) else None
 
 
 class _Handler(FileSystemEventHandler):
     """Only enqueues: an exception in a watchdog handler would kill the observer thread."""
 
-    def __init__(self, inbox: str, ignore: list[str], arrived: Callable[[str, bool], None]) -> None:
+    def __init__(self, inbox: str, settings: WatchSettings, arrived: Callable[[str, bool], None]) -> None:
         self.inbox = inbox
-        self.ignore = ignore
+        self.settings = settings
         self.arrived = arrived
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -73,7 +86,7 @@ class _Handler(FileSystemEventHandler):
                 path, moved = os.fsdecode(event.src_path), False
             else:
                 return
-            if os.path.dirname(path) == self.inbox and is_candidate(os.path.basename(path), self.ignore):
+            if inbox_relative(path, self.inbox, self.settings.recursive, self.settings.ignore):
                 self.arrived(path, moved)
         except Exception:  # never let one odd event stop watching for good
             log.exception("watch.handler_error")
@@ -155,13 +168,14 @@ def _complete_json(path: str) -> bool:
 
 def claim(path: str, inbox: Path) -> Path | None:
     """Take a file by renaming it into <inbox>/.processing/; None if another process got it first."""
-    processing = inbox / PROCESSING
-    name = os.path.basename(path)
-    dest = processing / name
+    rel = Path(os.path.relpath(path, inbox))
+    dest = inbox / PROCESSING / rel
     n = 2
     while dest.exists():
-        dest = processing / f"{Path(name).stem}-{n}.json"
+        dest = dest.with_name(f"{rel.stem}-{n}.json")
         n += 1
+    if len(rel.parts) > 1:
+        dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(path, dest)
     except FileNotFoundError:
@@ -235,15 +249,18 @@ class Watcher:
 
             # Full events: a file moved in from outside the inbox comes as a move, so it is read at once.
             observer = InotifyObserver(generate_full_events=True)
-        observer.schedule(
-            _Handler(str(self.inbox), self.settings.ignore, self.arrived), str(self.inbox), recursive=False
-        )
+        handler = _Handler(str(self.inbox), self.settings, self.arrived)
+        observer.schedule(handler, str(self.inbox), recursive=self.settings.recursive)
         observer.daemon = True
         observer.start()
         return observer
 
     def alive(self) -> bool:
-        return self._observer is not None and self._observer.is_alive()
+        """The observer and its emitter threads still run (an emitter stops when its folder goes)."""
+        observer = self._observer
+        if observer is None or not observer.is_alive():
+            return False
+        return bool(observer.emitters) and all(emitter.is_alive() for emitter in observer.emitters)
 
     def restart(self) -> None:
         """Replace a dead observer (a handler crash, a share that went away)."""
@@ -251,16 +268,26 @@ class Watcher:
         self.start()
 
     def scan(self) -> list[str]:
-        """Every candidate file now in the inbox (one scandir): the startup scan and the rescan."""
-        try:
-            entries = list(os.scandir(self.inbox))
-        except OSError as exc:
-            log.warning("watch.scan_failed", error=str(exc))
-            return []
+        """Every candidate file now in the inbox (one scandir; a walk when recursive)."""
+        found: list[str] = []
+        folders = [str(self.inbox)]
         ignore = self.settings.ignore
-        return sorted(
-            e.path for e in entries if is_candidate(e.name, ignore) and e.is_file(follow_symlinks=False)
-        )
+        while folders:
+            try:
+                entries = list(os.scandir(folders.pop()))
+            except OSError as exc:
+                log.warning("watch.scan_failed", error=str(exc))
+                continue
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and is_candidate(entry.name, ignore):
+                    found.append(entry.path)
+                elif (
+                    self.settings.recursive
+                    and entry.is_dir(follow_symlinks=False)
+                    and not _ignored(entry.name, ignore)
+                ):
+                    folders.append(entry.path)
+        return sorted(found)
 
     def stop(self) -> None:
         observer, self._observer = self._observer, None
