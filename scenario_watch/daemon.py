@@ -215,10 +215,12 @@ class Daemon:
             self.more_arrivals = len(batch) == CLAIM_BATCH
             if now >= self.next_rescan and not self.once:
                 self.next_rescan = now + self.settings.watch.rescan_interval
-                claimed = self.store.claimed_paths()
-                for path in self.watcher.scan():
-                    if path not in claimed:
-                        self.arrivals.note(path, moved=False)
+                # Events get lost (queue overflow, network shares, a replaced folder): look for ourselves.
+                missed = [path for path in self.watcher.scan() if path not in self.arrivals]
+                if missed:
+                    log.info("watch.rescan_found", count=len(missed))
+                for path in missed:
+                    self.arrivals.note(path, moved=False)
             self._check_observer(now)
             self._dispatch(now)
             self._report(now)

@@ -228,14 +228,6 @@ class Store:
             rows = self._db.execute("SELECT job_id FROM prompts WHERE job_id IS NOT NULL").fetchall()
         return {str(row[0]) for row in rows}
 
-    def claimed_paths(self) -> set[str]:
-        marks = ", ".join("?" for _ in ACTIVE)
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT claimed FROM prompts WHERE state IN ({marks})", ACTIVE
-            ).fetchall()
-        return {str(row[0]) for row in rows}
-
     def reserved_stems(self) -> set[str]:
         """Output stems held by prompts still writing their outputs."""
         with self._lock:

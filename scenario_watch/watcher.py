@@ -115,6 +115,9 @@ class Arrivals:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def __contains__(self, path: str) -> bool:
+        return path in self._seen
+
     def note(self, path: str, moved: bool) -> None:
         seen = self._seen.get(path)
         if seen is None:
@@ -176,11 +179,15 @@ def claim(path: str, inbox: Path) -> Path | None:
         n += 1
     if len(rel.parts) > 1:
         dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(path, dest)
-    except FileNotFoundError:
-        return None  # claimed by another daemon sharing the inbox, or removed by its writer
-    return dest
+    for _ in range(2):
+        try:
+            os.rename(path, dest)
+            return dest
+        except FileNotFoundError:
+            if not os.path.exists(path):
+                return None  # claimed by another daemon sharing the inbox, or removed by its writer
+            dest.parent.mkdir(parents=True, exist_ok=True)  # .processing went with a replaced inbox
+    return None
 
 
 def filesystem_type(path: Path, mounts: Path = Path("/proc/self/mounts")) -> str | None:
@@ -210,6 +217,7 @@ class Watcher:
         self.settings = settings
         self.arrived = arrived
         self._observer: BaseObserver | None = None
+        self._inode = 0
         if settings.polling != "auto":
             self.polling = settings.polling
             return
@@ -225,16 +233,21 @@ class Watcher:
 
     def start(self) -> None:
         (self.inbox / PROCESSING).mkdir(parents=True, exist_ok=True)
+        self._inode = os.stat(self.inbox).st_ino
         try:
             self._observer = self._start(self.polling)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EMFILE) or self.polling:
                 raise
+            knob = (
+                "fs.inotify.max_user_watches"
+                if exc.errno == errno.ENOSPC
+                else "fs.inotify.max_user_instances"
+            )
             log.error(
                 "watch.inotify_limit",
                 error=os.strerror(exc.errno or 0),
-                hint="raise fs.inotify.max_user_watches / fs.inotify.max_user_instances with sysctl; "
-                "using the polling observer meanwhile",
+                hint=f"raise it with `sysctl -w {knob}=...` (and in /etc/sysctl.d/); polling meanwhile",
             )
             self.polling = True
             self._observer = self._start(True)
@@ -259,6 +272,11 @@ class Watcher:
         """The observer and its emitter threads still run (an emitter stops when its folder goes)."""
         observer = self._observer
         if observer is None or not observer.is_alive():
+            return False
+        try:  # a watch follows the folder it was put on: an inbox replaced by a new one is unwatched
+            if os.stat(self.inbox).st_ino != self._inode:
+                return False
+        except OSError:
             return False
         return bool(observer.emitters) and all(emitter.is_alive() for emitter in observer.emitters)
 
