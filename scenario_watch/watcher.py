@@ -86,7 +86,7 @@ class _Handler(FileSystemEventHandler):
                 path, moved = os.fsdecode(event.src_path), False
             else:
                 return
-            if inbox_relative(path, self.inbox, self.settings.recursive, self.settings.ignore):
+            if path and inbox_relative(path, self.inbox, self.settings.recursive, self.settings.ignore):
                 self.arrived(path, moved)
         except Exception:  # never let one odd event stop watching for good
             log.exception("watch.handler_error")
@@ -263,7 +263,10 @@ class Watcher:
             # Full events: a file moved in from outside the inbox comes as a move, so it is read at once.
             observer = InotifyObserver(generate_full_events=True)
         handler = _Handler(str(self.inbox), self.settings, self.arrived)
-        observer.schedule(handler, str(self.inbox), recursive=self.settings.recursive)
+        # inotify always watches .processing/ too, so each claim's rename is one paired move event:
+        # watchdog holds an unpaired IN_MOVED_FROM for 0.5 s and every event behind it waits as long.
+        # The handler drops what recursive = false does not want.
+        observer.schedule(handler, str(self.inbox), recursive=self.settings.recursive or not polling)
         observer.daemon = True
         observer.start()
         return observer

@@ -64,6 +64,8 @@ def test_moved_in_prompt_becomes_images_manifest_and_done(
     assert submitted and submitted[0]["file"] == "lighthouse.json" and submitted[0]["job_id"] == m["jobId"]
     assert SECRET not in proc.output()
     assert proc.stop() == 0
+    crashes = ("watch.handler_error", "worker.task_failed", "daemon.tick_failed")
+    assert [e for e in proc.events() if e.get("event") in crashes] == []
 
 
 def test_written_in_place_slowly_with_several_outputs(

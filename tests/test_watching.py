@@ -239,3 +239,15 @@ def test_inbox_relative_rules() -> None:
     assert inbox_relative("/in/.processing/a.json", "/in", recursive=True) is None
     assert inbox_relative("/in/@eaDir/a.json", "/in", recursive=True) is None
     assert inbox_relative("/elsewhere/a.json", "/in", recursive=True) is None
+
+
+def test_files_moved_out_of_the_inbox_are_no_trouble(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    proc = daemon()
+    part = folders.inbox / "a.json.part"
+    part.write_text(PROMPT)
+    os.rename(part, folders.root / "moved-away.json")  # an unpaired move event (destination outside)
+    folders.drop("next.json", {"prompt": "queued behind the move event"})
+    wait_for(lambda: (folders.done / "next.json").exists(), what="done")
+    assert [e for e in proc.events() if e.get("event") == "watch.handler_error"] == []
