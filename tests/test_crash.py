@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import DaemonProcess, Folders, StartDaemon, cli_env, run_cli, wait_for, write_config
 
 from scenario_watch.sandbox import Sandbox
@@ -114,3 +117,47 @@ def test_unwritable_outbox_keeps_the_prompt_pending_until_fixed(
     wait_for(lambda: (folders.done / "w.json").exists(), what="done once the outbox is back")
     assert len(sandbox.generate_jobs) == 1
     assert (folders.outbox / "w_1.png").exists()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 512 KiB tmpfs (root only): a disk that can fill up, on another filesystem than the inbox."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_keeps_the_prompt_pending_until_space_is_freed(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, tiny_disk: Path
+) -> None:
+    folders.outbox, folders.done = tiny_disk / "outbox", tiny_disk / "done"  # done/ across filesystems too
+    write_config(folders, sandbox.base_url)
+    filler = tiny_disk / "filler"
+    with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):
+        while True:  # fill the disk to the last block
+            handle.write(b"\0" * 4096)
+    proc = daemon()
+    folders.drop("full.json", {"prompt": "no room for me yet", "numOutputs": 2})
+    wait_for(
+        lambda: any(e.get("event") == "output.write_failed" for e in proc.events()), what="ENOSPC logged"
+    )
+    assert (
+        "No space left" in next(e for e in proc.events() if e.get("event") == "output.write_failed")["error"]
+    )
+    assert folders.names(folders.failed) == []
+    filler.unlink()
+    wait_for(lambda: (folders.done / "full.json").exists(), what="done once space is free")
+    assert sorted(p.name for p in folders.outbox.iterdir()) == [
+        "full.manifest.json",
+        "full_1.png",
+        "full_2.png",
+    ]
+    assert len(sandbox.generate_jobs) == 1
