@@ -121,12 +121,7 @@ class ScenarioClient:
         Raises OutcomeUnknown when the request may have created a job (timeout or reset after
         sending, 5xx, unreadable answer): the caller must reconcile before sending it again.
         """
-        try:
-            body = self._call("POST", f"/generate/custom/{self.model_id}", json=inputs, post=True)
-        except TransientError as exc:
-            if isinstance(exc, OutcomeUnknown):
-                raise
-            raise OutcomeUnknown(str(exc)) from exc
+        body = self._call("POST", f"/generate/custom/{self.model_id}", json=inputs, post=True)
         job = body.get("job")
         if not isinstance(job, dict):
             raise OutcomeUnknown("generate answered without a job object")

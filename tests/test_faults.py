@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
+from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess, Folders, StartDaemon, generate_posts, wait_for, write_config
@@ -211,3 +213,20 @@ def test_download_that_keeps_failing_ends_in_failed_with_a_hint(
     assert report["stage"] == "download"
     assert "succeeded" in report["hint"]
     assert [n for n in folders.names(folders.outbox) if n.endswith(".png")] == []
+
+
+def test_connection_refused_until_the_api_comes_up(
+    folders: Folders, tmp_path: Path, daemon: StartDaemon
+) -> None:
+    """Nothing listens at first (refused: certainly not sent); once the server is up, one job is made."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    write_config(folders, f"http://127.0.0.1:{port}/v1")
+    proc = daemon()
+    folders.drop("early.json", {"prompt": "sent before the API is up"})
+    wait_for(lambda: any(e.get("event") == "job.submit_failed" for e in proc.events()), what="refused")
+    with Sandbox(port=port, generation_seconds=0.2) as late:
+        wait_for(lambda: (folders.done / "early.json").exists(), timeout=60, what="done once the API is up")
+        assert len(late.generate_jobs) == 1
+    assert folders.names(folders.failed) == []
