@@ -223,7 +223,15 @@ def test_pending_job_resumes_after_restart_without_resubmitting(
     sandbox.generation_seconds = 2.0
     proc = daemon()
     folders.drop("slow.json", {"prompt": "slow one"})
-    wait_for(lambda: generate_posts(sandbox), what="the POST")
+    wait_for(lambda: sandbox.generate_jobs, what="the job")
+    # `status` reads the running daemon's journal (SQLite WAL: readers never block the writer).
+
+    def active() -> list[dict[str, object]]:
+        rows = json.loads(run_cli("status", "--json", "-c", str(folders.config)).stdout)["active"]
+        return rows if rows and rows[0]["state"] == "submitted" else []
+
+    [row] = wait_for(active, what="status shows the submitted job")
+    assert (row["file"], row["jobId"]) == ("slow.json", sandbox.generate_jobs[0])
     assert proc.stop() == 0
     assert folders.names(folders.done) == []
     daemon()
