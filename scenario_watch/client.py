@@ -6,6 +6,7 @@ import base64
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import IO, Any
 
 import requests
@@ -44,6 +45,7 @@ class Job:
     input: dict[str, Any] = field(default_factory=dict)
     created_at: str | None = None
     cost: int | None = None
+    duration: float | None = None  # seconds from creation to the final status, by the API's clock
 
     @property
     def final(self) -> bool:
@@ -325,7 +327,25 @@ def parse_job(raw: Any) -> Job | None:
         input=meta["input"] if isinstance(meta.get("input"), dict) else {},
         created_at=_text(raw.get("createdAt")),
         cost=billing["cuCost"] if isinstance(billing.get("cuCost"), int) else None,
+        duration=_duration(raw),
     )
+
+
+def _duration(raw: dict[str, Any]) -> float | None:
+    """Creation to final status from `createdAt` and `statusHistory` (server clock: no skew)."""
+    history = raw.get("statusHistory")
+    if not isinstance(history, list) or not history or not isinstance(raw.get("createdAt"), str):
+        return None
+    last = history[-1]
+    if not isinstance(last, dict) or last.get("status") not in FINAL_STATUSES:
+        return None
+    try:
+        start = datetime.fromisoformat(raw["createdAt"].replace("Z", "+00:00"))
+        end = datetime.fromisoformat(str(last.get("date")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    seconds = (end - start).total_seconds()
+    return seconds if seconds >= 0 else None
 
 
 def _text(value: Any) -> str | None:

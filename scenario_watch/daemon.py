@@ -49,6 +49,7 @@ AUTH_RETRY = 300.0
 OBSERVER_RESTART_MAX = 60.0
 CLAIM_BATCH = 64
 REFERENCE_RECHECK = 0.5
+EXPECTED_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ class Daemon:
         self.slots: set[int] = set()  # prompts holding one of max_in_flight
         self.busy: set[int] = set()  # prompts with a task in a worker
         self.intervals: dict[int, float] = {}
+        self.started: dict[int, float] = {}  # when each job was submitted (monotonic), for polling
+        self.typical: float | None = None  # how long a generation takes, learnt from finished jobs
         self.paused_until = 0.0
         self.auth_blocked = False
         self.next_rescan = 0.0
@@ -320,8 +323,6 @@ class Daemon:
                 heapq.heappush(self.timers, (now + AUTH_RETRY, -1, "auth"))
         elif nxt.kind in ("poll", "download", "submit"):
             heapq.heappush(self.timers, (now + nxt.delay, prompt_id, nxt.kind))
-        if nxt.kind == "finished":
-            self.intervals.pop(prompt_id, None)
 
     def _check_observer(self, now: float) -> None:
         if self.once or now < self.next_observer_check or self.stopping.is_set():
@@ -591,12 +592,18 @@ class Daemon:
             log.warning("job.poll_failed", error=str(exc))
             return Next("poll", delay=self._interval(row.id))
         self.store.polled(row.id)
+        if job.final:
+            self.intervals.pop(row.id, None)
+            self.started.pop(row.id, None)
         if job.status == "success":
-            self.store.downloading(
-                row.id, list(job.asset_ids), row.cost if row.cost is not None else job.cost
-            )
+            if job.duration is not None:  # learn how long generations take (moving average)
+                self.typical = (
+                    job.duration if self.typical is None else 0.7 * self.typical + 0.3 * job.duration
+                )
+            cost = row.cost if row.cost is not None else job.cost
+            self.store.downloading(row.id, list(job.asset_ids), cost)
             log.info("job.succeeded", assets=len(job.asset_ids))
-            return self._download(row.id)
+            return Next("download")  # frees the slot at Scenario now; the download is a task of its own
         if job.final:
             error = job.error or f"the job ended with status {job.status}"
             self._fail(row, "generation", f"generation {job.status}: {error}", job.hint)
@@ -647,6 +654,8 @@ class Daemon:
     # -- endings --------------------------------------------------------------------------------------
 
     def _fail(self, row: Row, stage: str, error: str, hint: str | None = None) -> None:
+        self.intervals.pop(row.id, None)
+        self.started.pop(row.id, None)
         self.store.failed(row.id, stage, error, hint)
         log.warning("prompt.failed", stage=stage, error=error, hint=hint)
         self._file(self.store.get(row.id))
@@ -670,8 +679,18 @@ class Daemon:
     # -- timing ---------------------------------------------------------------------------------------
 
     def _interval(self, prompt_id: int) -> float:
-        """The next poll delay: starts at poll_interval, grows towards poll_max_interval, jittered."""
+        """The delay before the next poll of a job.
+
+        It starts at poll_interval and grows x1.5 towards poll_max_interval (jittered), which bounds
+        the request rate. Once finished jobs have shown how long a generation takes, a job younger
+        than that is polled when it should be done instead: fewer polls, and results seen sooner.
+        """
+        now = self.clock()
+        started = self.started.setdefault(prompt_id, now)
         current = self.intervals.get(prompt_id, self.jobs.poll_interval)
+        typical = self.typical
+        if typical is not None and (due := started + typical + EXPECTED_MARGIN - now) > 0:
+            return min(due, self.jobs.poll_max_interval)
         self.intervals[prompt_id] = min(self.jobs.poll_max_interval, current * 1.5)
         return current * random.uniform(0.9, 1.1)
 
