@@ -138,6 +138,7 @@ class Daemon:
         self._upload_locks: dict[str, threading.Lock] = {}
         self._upload_locks_guard = threading.Lock()
         self.workers: list[threading.Thread] = []
+        self.closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -185,9 +186,9 @@ class Daemon:
 
     def close(self, grace: float = 3.0) -> None:
         """Stop intake, give running requests a bounded grace period, then close the journal."""
-        if getattr(self, "_closed", False):
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         self.notifier.send("STOPPING=1")
         log.info("daemon.stopping", running=len(self.busy))
         self.stopping.set()

@@ -153,6 +153,12 @@ class DaemonProcess:
                 out.append(json.loads(line))
         return out
 
+    def saw(self, event: str, **fields: Any) -> bool:
+        """Whether the daemon logged `event` (with these field values)."""
+        return any(
+            e.get("event") == event and all(e.get(k) == v for k, v in fields.items()) for e in self.events()
+        )
+
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -109,7 +109,7 @@ def test_unwritable_outbox_keeps_the_prompt_pending_until_fixed(
     folders.outbox.rmdir()
     folders.outbox.write_text("a file where the outbox folder should be")
     folders.drop("w.json", {"prompt": "write me later"})
-    wait_for(lambda: any(e.get("event") == "output.write_failed" for e in proc.events()), what="write error")
+    wait_for(lambda: proc.saw("output.write_failed"), what="write error")
     assert folders.names(folders.failed) == []
     assert folders.names(folders.done) == []
     folders.outbox.unlink()
@@ -146,9 +146,7 @@ def test_full_disk_keeps_the_prompt_pending_until_space_is_freed(
             handle.write(b"\0" * 4096)
     proc = daemon()
     folders.drop("full.json", {"prompt": "no room for me yet", "numOutputs": 2})
-    wait_for(
-        lambda: any(e.get("event") == "output.write_failed" for e in proc.events()), what="ENOSPC logged"
-    )
+    wait_for(lambda: proc.saw("output.write_failed"), what="ENOSPC logged")
     assert (
         "No space left" in next(e for e in proc.events() if e.get("event") == "output.write_failed")["error"]
     )

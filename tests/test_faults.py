@@ -91,7 +91,7 @@ def test_lost_generate_answer_is_reconciled_not_resent(
     sandbox.inject(fault)
     proc = finish_one(folders, daemon)
     assert_done_once(folders, sandbox)
-    assert any(e.get("event") == "job.adopted" for e in proc.events()), proc.output()
+    assert proc.saw("job.adopted"), proc.output()
     assert any(r.path == "/v1/jobs" for r in sandbox.requests)  # it listed jobs before deciding
 
 
@@ -131,7 +131,7 @@ def test_429_on_generate_pauses_submitting_and_resumes(
         folders.drop(f"q{n}.json", {"prompt": f"queued {n}"})
     wait_for(lambda: len(folders.names(folders.done)) == 3, timeout=40, what="3 done")
     assert len(sandbox.generate_jobs) == 3
-    assert any(e.get("event") == "api.rate_limited" for e in proc.events())
+    assert proc.saw("api.rate_limited")
 
 
 def test_parallel_limit_429_is_backpressure_not_failure(
@@ -155,7 +155,7 @@ def test_bad_credentials_stop_submitting_and_keep_prompts(
     proc = daemon(env=cli_env(SCENARIO_API_SECRET="wrong-secret"))
     for n in range(3):
         folders.drop(f"a{n}.json", {"prompt": f"auth {n}"})
-    wait_for(lambda: any(e.get("event") == "api.auth_failed" for e in proc.events()), what="auth error")
+    wait_for(lambda: proc.saw("api.auth_failed"), what="auth error")
     wait_for(lambda: len(folders.names(folders.inbox / ".processing")) == 3, what="3 claimed")
     assert folders.names(folders.failed) == []
     auth_errors = [e for e in proc.events() if e.get("event") == "api.auth_failed"]
@@ -225,7 +225,7 @@ def test_connection_refused_until_the_api_comes_up(
     write_config(folders, f"http://127.0.0.1:{port}/v1")
     proc = daemon()
     folders.drop("early.json", {"prompt": "sent before the API is up"})
-    wait_for(lambda: any(e.get("event") == "job.submit_failed" for e in proc.events()), what="refused")
+    wait_for(lambda: proc.saw("job.submit_failed"), what="refused")
     with Sandbox(port=port, generation_seconds=0.2) as late:
         wait_for(lambda: (folders.done / "early.json").exists(), timeout=60, what="done once the API is up")
         assert len(late.generate_jobs) == 1

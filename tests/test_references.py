@@ -93,9 +93,7 @@ def test_same_photo_is_uploaded_once_across_prompts_and_restarts(folders: Folder
 def test_prompt_waits_for_a_late_image(folders: Folders, sandbox: Sandbox, daemon: StartDaemon) -> None:
     proc = daemon()
     folders.drop("late.json", {"prompt": "the image comes later", "referenceImages": ["late.png"]})
-    wait_for(
-        lambda: any(e.get("event") == "prompt.awaiting_reference" for e in proc.events()), what="waiting"
-    )
+    wait_for(lambda: proc.saw("prompt.awaiting_reference"), what="waiting")
     assert generate_posts(sandbox) == []
     folders.drop("late.png", None, raw=png(2000))
     wait_for(lambda: (folders.done / "late.json").exists(), what="done once the image arrived")

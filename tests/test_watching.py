@@ -162,30 +162,20 @@ def test_replaced_inbox_folder_is_noticed_and_rewatched(
     assert any(e.get("event") in ("watch.observer_died", "watch.rescan_found") for e in proc.events())
 
 
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
 def test_inbox_deleted_and_recreated_self_heals(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, polling: bool
 ) -> None:
-    write_config(folders, sandbox.base_url, watch={"settle": 0.3, "rescan_interval": 2.0})
+    """The inbox vanishes (deleted, a share gone): the dead observer is noticed and restarted."""
+    write_config(folders, sandbox.base_url, watch={"polling": polling, "settle": 0.3, "rescan_interval": 2.0})
     proc = daemon()
-    shutil.rmtree(folders.inbox)
-    wait_for(lambda: any(e.get("event") == "watch.observer_died" for e in proc.events()), what="noticed")
-    wait_for(folders.inbox.exists, what="inbox recreated by the restart")
-    folders.drop("healed.json", {"prompt": "after the folder came back"})
-    wait_for(lambda: (folders.done / "healed.json").exists(), timeout=30, what="done")
-
-
-def test_polling_observer_works_and_survives_its_folder_vanishing(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
-) -> None:
-    write_config(folders, sandbox.base_url, watch={"polling": True, "settle": 0.3, "rescan_interval": 2.0})
-    proc = daemon()
-    assert any(e.get("event") == "watch.started" and e.get("observer") == "polling" for e in proc.events())
-    folders.drop("p1.json", {"prompt": "seen by polling"})
+    assert proc.saw("watch.started", observer="polling" if polling else "inotify")
+    folders.drop("p1.json", {"prompt": "before the folder went"})
     wait_for(lambda: (folders.done / "p1.json").exists(), what="p1 done")
-    shutil.rmtree(folders.inbox)  # a share that went away
-    wait_for(lambda: any(e.get("event") == "watch.observer_died" for e in proc.events()), what="noticed")
-    wait_for(folders.inbox.exists, what="recreated")
-    folders.drop("p2.json", {"prompt": "after the share came back"})
+    shutil.rmtree(folders.inbox)
+    wait_for(lambda: proc.saw("watch.observer_died"), what="noticed")
+    wait_for(folders.inbox.exists, what="inbox recreated by the restart")
+    folders.drop("p2.json", {"prompt": "after the folder came back"})
     wait_for(lambda: (folders.done / "p2.json").exists(), timeout=30, what="p2 done")
 
 
