@@ -11,12 +11,11 @@ from typing import IO, Any
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
 from . import __version__
 from .errors import (
-    ApiError,
     AuthError,
     BadRequest,
     NotFound,
@@ -371,20 +370,13 @@ def _retry_after(resp: requests.Response) -> float | None:
 
 
 def _never_sent(exc: requests.RequestException) -> bool:
-    """True when the request certainly never reached the server (refused or connect timeout)."""
+    """True when the request certainly never reached the server (refused, or a connect timeout)."""
     if isinstance(exc, requests.ConnectTimeout):
         return True
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, NewConnectionError | ConnectTimeoutError):
-            return True
-        reason = getattr(seen, "reason", None)
-        seen = (
-            reason
-            if isinstance(reason, BaseException)
-            else (seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None)
-        )
-    return False
+    inner = exc.args[0] if exc.args else None  # requests wraps urllib3's MaxRetryError(reason=...)
+    return isinstance(inner, MaxRetryError) and isinstance(
+        inner.reason, NewConnectionError | ConnectTimeoutError
+    )
 
 
-__all__ = ["ApiError", "Asset", "Job", "ScenarioClient", "parse_job"]
+__all__ = ["Asset", "Job", "ScenarioClient", "parse_job"]
