@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__, logs
 from .client import ScenarioClient
-from .config import Loaded, describe, load_settings, require_credentials
+from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
 from .outbox import move_no_clobber
 from .prompt import load_prompt, read_prompt_bytes
@@ -153,12 +153,18 @@ def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    defaults = _defaults_or_none(args.config)
+    settings = _settings_or_none(args.config)
+    defaults = settings.defaults if settings else None
+    roots = settings.watch.reference_roots if settings else []
     bad = 0
     for path in args.files:
         try:
             prompt = load_prompt(
-                read_prompt_bytes(path), file_name=path.name, base_dir=path.parent, defaults=defaults
+                read_prompt_bytes(path),
+                file_name=path.name,
+                base_dir=path.parent,
+                defaults=defaults,
+                roots=roots,
             )
         except PromptError as exc:
             bad += 1
@@ -176,9 +182,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_INPUT if bad else EXIT_OK
 
 
-def _defaults_or_none(config: Path | None) -> Any:
+def _settings_or_none(config: Path | None) -> Settings | None:
+    """The settings for offline checks; without a usable config file, none (an explicit -c must load)."""
     try:
-        return load_settings(config).settings.defaults
+        return load_settings(config).settings
     except ConfigError:
         if config is not None:
             raise

@@ -205,6 +205,11 @@ def load_settings(
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origins)) from exc
+    for name in ("key", "secret"):
+        value = getattr(settings.api, name)
+        if value is not None and not value.get_secret_value().isascii():
+            # HTTP Basic auth cannot carry it; usually a quote or space pasted from a document.
+            raise ConfigError(f"api.{name} (from {origins.get(f'api.{name}')}) has non-ASCII characters")
     if settings.jobs.poll_max_interval < settings.jobs.poll_interval:
         raise ConfigError("jobs.poll_max_interval must be at least jobs.poll_interval")
     return Loaded(settings, path, origins, warnings)

@@ -7,6 +7,8 @@ import heapq
 import os
 import queue
 import random
+import re
+import secrets
 import signal
 import socket
 import threading
@@ -25,14 +27,16 @@ from . import logs
 from .client import Job, ScenarioClient
 from .config import Settings
 from .errors import (
+    Ambiguous,
+    ApiError,
     AuthError,
-    BadRequest,
     ConfigError,
     MissingReference,
     NotFound,
     OutcomeUnknown,
     PromptError,
     RateLimited,
+    ScenarioWatchError,
     TransientError,
 )
 from .outbox import Outbox, move_no_clobber, remove_temp_files
@@ -50,6 +54,7 @@ OBSERVER_RESTART_MAX = 60.0
 CLAIM_BATCH = 64
 REFERENCE_RECHECK = 0.5
 EXPECTED_MARGIN = 0.05
+REFILE_DELAY = 10.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,17 @@ class Notifier:
             log.warning("systemd.notify_failed", error=str(exc))
 
 
+def instance_id(state: Path) -> str:
+    """This daemon's name among those sharing an inbox, made once and kept in its state folder."""
+    path = state / "instance-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        name = re.sub(r"[^\w.-]", "_", f"{socket.gethostname()}-{secrets.token_hex(3)}")
+        path.write_text(name + "\n")
+        return name
+
+
 class Daemon:
     """One process: the observer feeds a queue, workers do HTTP, one loop decides what is due."""
 
@@ -106,8 +122,12 @@ class Daemon:
             except OSError as exc:
                 raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
         self.store = Store(self.folders.state / journal)
+        # Each daemon claims into a folder of its own: daemons sharing an inbox never touch (or, after
+        # a restart, adopt) each other's claims.
+        self.processing = self.folders.inbox / PROCESSING / instance_id(self.folders.state)
         self.outbox = Outbox(self.folders, client, self.store)
-        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        # SimpleQueue: put() is safe from a signal handler (Queue's lock is not reentrant).
+        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.tasks: queue.Queue[tuple[str, int] | None] = queue.Queue()
         self.task_kinds: dict[str, Callable[[int], Next]] = {
             "submit": self._submit,
@@ -215,7 +235,10 @@ class Daemon:
             # Claim in batches, so a backlog of thousands does not delay the first submission.
             batch = self.arrivals.ready(now, limit=CLAIM_BATCH)
             for path in batch:
-                self._claim(path)
+                try:
+                    self._claim(path)
+                except Exception:  # one odd file must not hold up the others
+                    log.exception("prompt.claim_failed", path=path)
             self.more_arrivals = len(batch) == CLAIM_BATCH
             if now >= self.next_rescan and not self.once:
                 self.next_rescan = now + self.settings.watch.rescan_interval
@@ -261,6 +284,8 @@ class Daemon:
             self.arrivals.note(item[1], item[2])
         elif item[0] == "result":
             self._on_result(item[1], item[2])
+        elif item[0] == "refile":
+            heapq.heappush(self.timers, (self.clock() + REFILE_DELAY, item[1], "refile"))
 
     def _arrived(self, path: str, moved: bool) -> None:
         self.events.put(("arrived", path, moved))
@@ -270,6 +295,8 @@ class Daemon:
             _, prompt_id, kind = heapq.heappop(self.timers)
             if kind == "auth":
                 self.auth_blocked = False  # try the credentials again
+            elif kind == "refile":
+                self._file(self.store.get(prompt_id))
             elif kind == "accept":
                 row = self.store.get(prompt_id)
                 with structlog.contextvars.bound_contextvars(file=row.file):
@@ -359,7 +386,7 @@ class Daemon:
     # -- intake ---------------------------------------------------------------------------------------
 
     def _claim(self, path: str) -> None:
-        claimed = claim(path, self.folders.inbox)
+        claimed = claim(path, self.folders.inbox, self.processing)
         if claimed is None:
             return
         name = os.path.relpath(path, self.folders.inbox)  # sub/x.json when watching recursively
@@ -404,6 +431,10 @@ class Daemon:
         except OSError as exc:
             self._fail(self.store.get(prompt_id), "validate", f"cannot read the prompt file: {exc.strerror}")
             return
+        except Exception as exc:  # whatever a file holds, it must end in failed/, never stop intake
+            log.exception("prompt.unexpected_error")
+            self._fail(self.store.get(prompt_id), "validate", f"cannot use the prompt file: {exc!r}")
+            return
         self.awaiting_references.discard(prompt_id)
         inputs = dict(prompt.inputs)
         if prompt.references:
@@ -439,7 +470,7 @@ class Daemon:
             else:
                 heapq.heappush(self.timers, (0.0, row.id, "download"))
             structlog.contextvars.clear_contextvars()
-        processing = self.folders.inbox / PROCESSING
+        processing = self.processing
         processing.mkdir(parents=True, exist_ok=True)
         # A crash between the claim (rename) and the journal entry leaves an unknown file here.
         for path in sorted(processing.rglob("*.json")):
@@ -455,12 +486,20 @@ class Daemon:
     def _submit(self, prompt_id: int) -> Next:
         row = self.store.get(prompt_id)
         self._bind(row)
+        if row.state not in (State.CLAIMED, State.SUBMITTING):
+            return Next("finished")  # a step retried after it had already happened
         if row.state == State.SUBMITTING:
             try:
                 job = self._reconcile(row)
             except (TransientError, RateLimited, AuthError) as exc:
                 log.warning("job.reconcile_failed", error=str(exc))
                 return Next("submit", delay=self._backoff(row.submit_attempts))
+            except (ApiError, Ambiguous) as exc:
+                hint = (
+                    "check Scenario's job list for this prompt before retrying it: it may have been generated"
+                )
+                self._fail(row, "submit", f"cannot tell whether the lost request created a job: {exc}", hint)
+                return Next("finished")
             if job is not None:
                 self.store.submitted(row.id, job.job_id, job.cost)
                 structlog.contextvars.bind_contextvars(job_id=job.job_id)
@@ -476,6 +515,11 @@ class Daemon:
             return Next("submit", delay=self._backoff(row.submit_attempts + 1))
         except AuthError as exc:
             return Next("auth", reason=f"HTTP {exc.status}: {exc.reason}")
+        except ApiError as exc:
+            self._fail(
+                row, "references", f"uploading a reference failed: {exc.reason}", "check the image file"
+            )
+            return Next("finished")
         started = (datetime.now(UTC) - CLOCK_SKEW).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         self.store.submitting(row.id, inputs, started)  # the intent, before the request
         try:
@@ -488,13 +532,13 @@ class Daemon:
         except AuthError as exc:
             self.store.back_to_claimed(row.id)
             return Next("auth", reason=f"HTTP {exc.status}: {exc.reason}")
-        except BadRequest as exc:
-            self._fail(
-                row,
-                "submit",
-                f"the API rejected the prompt: {exc.reason}",
-                "fix the prompt file and retry it",
+        except ApiError as exc:  # 400 (and 404: an unknown model_id) will not change by resending
+            hint = (
+                "fix the prompt file and retry it"
+                if exc.status == 400
+                else "check [api] model_id and base_url"
             )
+            self._fail(row, "submit", f"the API rejected the prompt: {exc.reason}", hint)
             return Next("finished")
         except OutcomeUnknown as exc:
             # The job may exist: keep the SUBMITTING state, so the next attempt reconciles first.
@@ -510,15 +554,23 @@ class Daemon:
         return Next("poll", delay=self._interval(row.id))
 
     def _reconcile(self, row: Row) -> Job | None:
-        """Find the job a lost generate answer created: same inputs, created since, not ours already."""
+        """Find the job a lost generate answer created: same inputs, created since, not ours already.
+
+        Raises Ambiguous when a candidate job does not echo its input: resending then could pay twice.
+        """
         if row.submit_started is None or row.inputs is None:
             return None
         known = self.store.known_job_ids()
+        silent = []
         for job in self.client.list_jobs(row.submit_started):
-            if job.job_id in known or not job.input:
+            if job.job_id in known:
                 continue
-            if all(job.input.get(key) == value for key, value in row.inputs.items()):
+            if not job.input:
+                silent.append(job.job_id)
+            elif all(job.input.get(key) == value for key, value in row.inputs.items()):
                 return job
+        if silent:
+            raise Ambiguous(f"jobs {', '.join(silent[:5])} do not show their input")
         log.info("job.reconciled", found=False, note="no job was created; sending again")
         return None
 
@@ -548,7 +600,8 @@ class Daemon:
             resolved.append(asset_id)
             records.append({"file": entry, "sha256": digest, "size": len(data), "assetId": asset_id})
         inputs["referenceImages"] = resolved
-        self.store.set_references(row.id, records)
+        if not row.references:  # a resend sees asset ids only: keep the first, fuller record
+            self.store.set_references(row.id, records)
         return inputs
 
     def _prompt_folder(self, row: Row) -> Path:
@@ -576,11 +629,10 @@ class Daemon:
     def _poll(self, prompt_id: int) -> Next:
         row = self.store.get(prompt_id)
         self._bind(row)
-        assert row.job_id is not None
+        if row.state != State.SUBMITTED or row.job_id is None:
+            return Next("download" if row.state == State.DOWNLOADING else "finished")
         try:
             job = self.client.get_job(row.job_id)
-        except RateLimited as exc:
-            return Next("poll", delay=max(exc.retry_after or 0.0, self._interval(row.id)))
         except NotFound:
             self._fail(
                 row,
@@ -589,9 +641,12 @@ class Daemon:
                 "the job is gone (the sandbox forgets its jobs when it stops); retry the prompt",
             )
             return Next("finished")
-        except (TransientError, AuthError) as exc:
+        except (ScenarioWatchError, OSError) as exc:  # transient, 429, 401/403, odd answers: ask again
+            if self._timed_out(row, "unknown"):
+                return Next("finished")
             log.warning("job.poll_failed", error=str(exc))
-            return Next("poll", delay=self._interval(row.id))
+            retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+            return Next("poll", delay=max(retry_after or 0.0, self._interval(row.id)))
         self.store.polled(row.id)
         if job.final:
             self.intervals.pop(row.id, None)
@@ -609,32 +664,44 @@ class Daemon:
             error = job.error or f"the job ended with status {job.status}"
             self._fail(row, "generation", f"generation {job.status}: {error}", job.hint)
             return Next("finished")
-        if row.submitted_at is not None and time.time() - row.submitted_at > self.jobs.timeout:
-            self._fail(
-                row,
-                "timeout",
-                f"the job did not finish within {self.jobs.timeout:g} s (last status {job.status})",
-                "raise [jobs] timeout if generations are slow today; the job may still finish at Scenario",
-            )
+        if self._timed_out(row, job.status):
             return Next("finished")
         log.debug("job.status", status=job.status, progress=job.progress)
         return Next("poll", delay=self._interval(row.id))
 
+    def _timed_out(self, row: Row, status: str) -> bool:
+        """Give up on a job older than [jobs] timeout (failed/, stage timeout); True if it was."""
+        if row.submitted_at is None or time.time() - row.submitted_at <= self.jobs.timeout:
+            return False
+        self._fail(
+            row,
+            "timeout",
+            f"the job did not finish within {self.jobs.timeout:g} s (last status {status})",
+            f"raise [jobs] timeout if generations are slow today; job {row.job_id} may still finish at "
+            "Scenario (check it there before retrying: a retry generates and pays again)",
+        )
+        return True
+
     def _download(self, prompt_id: int) -> Next:
         row = self.store.get(prompt_id)
         self._bind(row)
-        assert row.job_id is not None
+        if row.state != State.DOWNLOADING or row.job_id is None:
+            return Next("finished")
         job = Job(job_id=row.job_id, status="success", asset_ids=tuple(row.asset_ids), cost=row.cost)
         try:
             outputs = self.outbox.deliver(row, job)
-        except (TransientError, RateLimited, AuthError) as exc:
+        except AuthError as exc:  # not the download's fault: wait for the credentials to be fixed
+            log.error("output.auth_failed", error=str(exc))
+            return Next("download", delay=self._backoff(6))
+        except (TransientError, ApiError) as exc:
             attempts = self.store.download_failed(row.id)
             if attempts >= MAX_DOWNLOAD_ATTEMPTS:
                 self._fail(
                     row,
                     "download",
                     f"downloading the outputs failed {attempts} times: {exc}",
-                    f"the job {row.job_id} succeeded; retry the prompt later or fetch its assets by hand",
+                    f"job {row.job_id} succeeded (and was paid for): fetch its assets "
+                    f"{', '.join(row.asset_ids)} from Scenario; a retry would generate and pay again",
                 )
                 return Next("finished")
             log.warning("output.download_failed", error=str(exc), attempt=attempts)
@@ -672,8 +739,9 @@ class Daemon:
                 dest = self.outbox.file_done(row)
             else:
                 dest = self.outbox.file_failed(row, row.stage or "?", row.error or "failed", row.hint)
-        except OSError as exc:
+        except OSError as exc:  # try again later: the prompt stays in .processing meanwhile
             log.error("prompt.filing_failed", error=str(exc))
+            self.events.put(("refile", row.id))
             return
         self.store.filed(row.id, dest)
 

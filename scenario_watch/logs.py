@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
@@ -17,19 +18,27 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self.secrets = [s for s in secrets if len(s) >= 4]
+        if len(self.secrets) == 2:  # the Authorization header's value, should it ever be printed
+            self.secrets.append(base64.b64encode(":".join(self.secrets).encode()).decode())
 
     def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         if not self.secrets:
             return event
         for key, value in event.items():
-            if isinstance(value, str):
-                event[key] = self.mask(value)
+            event[key] = self.mask(value)
         return event
 
-    def mask(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, MASK)
-        return text
+    def mask(self, value: Any) -> Any:
+        """`value` with every secret masked, looking inside lists and dicts (tracebacks are both)."""
+        if isinstance(value, str):
+            for secret in self.secrets:
+                value = value.replace(secret, MASK)
+            return value
+        if isinstance(value, dict):
+            return {k: self.mask(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.mask(v) for v in value]
+        return value
 
 
 def configure(
@@ -42,14 +51,16 @@ def configure(
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        Redactor(secrets),
     ]
     renderer: Any
     if console:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     else:
-        shared.append(structlog.processors.dict_tracebacks)
+        # Tracebacks as data, without frame locals: a local may hold the credentials.
+        transformer = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        shared.append(structlog.processors.ExceptionRenderer(transformer))
         renderer = structlog.processors.JSONRenderer()
+    shared.append(Redactor(secrets))  # last: it sees every value, tracebacks included
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

@@ -109,13 +109,12 @@ def move_no_clobber(src: Path, folder: Path, name: str) -> Path:
 
 
 def remove_temp_files(folder: Path) -> int:
-    """Delete temp files a crash left behind; how many."""
+    """Delete temp files a crash left behind (subfolders included); how many."""
     removed = 0
-    if folder.is_dir():
-        for entry in os.scandir(folder):
-            if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and entry.is_file():
-                os.unlink(entry.path)
-                removed += 1
+    for path in folder.rglob(f".*{TEMP_SUFFIX}"):
+        if path.is_file():
+            path.unlink()
+            removed += 1
     return removed
 
 
@@ -205,6 +204,10 @@ class Outbox:
 
     def file_failed(self, row: Row, stage: str, error: str, hint: str | None) -> Path:
         """Put the original next to `<stem>.error.json` in failed/ (the error file first)."""
+        with self._reserve_lock:  # two prompts of one name failing at once must not swap reports
+            return self._file_failed(row, stage, error, hint)
+
+    def _file_failed(self, row: Row, stage: str, error: str, hint: str | None) -> Path:
         rel = Path(row.file)
         failed = self.folders.failed / rel.parent
         failed.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,8 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
     """Check one referenceImages entry offline: an asset id, or an image file in base_dir or a root."""
     if not isinstance(entry, str) or not entry:
         raise PromptError([f"referenceImages: each entry must be a non-empty string (got {_show(entry)})"])
+    if "\x00" in entry:  # the OS refuses such paths with ValueError, not OSError
+        raise PromptError([f"referenceImages: {entry!r} contains a NUL character"])
     if re.fullmatch(r"asset_[A-Za-z0-9_-]+", entry):
         return Reference(entry, asset_id=entry)
     path = base_dir / entry  # an absolute entry stays absolute

@@ -169,10 +169,11 @@ def _complete_json(path: str) -> bool:
         return False
 
 
-def claim(path: str, inbox: Path) -> Path | None:
-    """Take a file by renaming it into <inbox>/.processing/; None if another process got it first."""
+def claim(path: str, inbox: Path, processing: Path) -> Path | None:
+    """Take a file by renaming it into `processing` (this daemon's own folder under <inbox>/.processing/,
+    so the rename is atomic and never replaces another daemon's claim); None if another got it first."""
     rel = Path(os.path.relpath(path, inbox))
-    dest = inbox / PROCESSING / rel
+    dest = processing / rel
     n = 2
     while dest.exists():
         dest = dest.with_name(f"{rel.stem}-{n}.json")

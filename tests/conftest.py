@@ -60,6 +60,10 @@ class Folders:
         os.replace(tmp, dest)
         return dest
 
+    def claimed(self) -> list[str]:
+        """Prompt files under inbox/.processing/ (each daemon claims into a folder of its own there)."""
+        return sorted(p.name for p in (self.inbox / ".processing").rglob("*.json"))
+
     def names(self, folder: Path) -> list[str]:
         return (
             sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []

@@ -41,6 +41,7 @@ CORPUS: dict[str, tuple[bytes, str]] = {
     "deep": (b'{"prompt": "x", "a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
     "escape": (b'{"prompt": "x", "name": "../../x"}', "must be a plain file name"),
     "dupe": (b'{"prompt": "x", "prompt": "y"}', "appears twice"),
+    "refnul": (b'{"prompt": "x", "referenceImages": ["a\\u0000.png"]}', "contains a NUL character"),
 }
 
 

@@ -35,7 +35,7 @@ def assert_each_finished_once(folders: Folders, sandbox: Sandbox, prompts: dict[
             assert (folders.outbox / entry["file"]).read_bytes() == sandbox.asset_bytes(entry["assetId"])
     everything = sorted(p.name for p in folders.outbox.iterdir())
     assert everything == sorted(expected)  # no second copies (-2), no temp files
-    assert folders.names(folders.inbox / ".processing") == []
+    assert folders.claimed() == []
     assert folders.names(folders.failed) == []
 
 
@@ -159,3 +159,25 @@ def test_full_disk_keeps_the_prompt_pending_until_space_is_freed(
         "full_2.png",
     ]
     assert len(sandbox.generate_jobs) == 1
+
+
+def test_a_restarted_daemon_never_adopts_another_daemons_claims(
+    folders: Folders, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Two daemons share an inbox; one restarts while the other has jobs in flight: nothing is redone."""
+    sandbox.generation_seconds = 1.5
+    second = tmp_path / "second.toml"
+    second.write_text(folders.config.read_text().replace(str(folders.state), str(tmp_path / "state-b")))
+    a = DaemonProcess(folders.config, tmp_path / "a.log")
+    b = DaemonProcess(second, tmp_path / "b.log")
+    try:
+        for n in range(8):
+            folders.drop(f"s{n}.json", {"prompt": f"crash s{n}"})
+        wait_for(lambda: len(sandbox.generate_jobs) == 8, what="8 jobs")
+        assert a.stop() == 0
+        a = DaemonProcess(folders.config, tmp_path / "a2.log")  # restarts while b's jobs are running
+        wait_for(lambda: len(folders.names(folders.done)) == 8, timeout=40, what="8 done")
+    finally:
+        a.stop()
+        b.stop()
+    assert_each_finished_once(folders, sandbox, {f"s{n}": 1 for n in range(8)})

@@ -156,7 +156,7 @@ def test_bad_credentials_stop_submitting_and_keep_prompts(
     for n in range(3):
         folders.drop(f"a{n}.json", {"prompt": f"auth {n}"})
     wait_for(lambda: proc.saw("api.auth_failed"), what="auth error")
-    wait_for(lambda: len(folders.names(folders.inbox / ".processing")) == 3, what="3 claimed")
+    wait_for(lambda: len(folders.claimed()) == 3, what="3 claimed")
     assert folders.names(folders.failed) == []
     auth_errors = [e for e in proc.events() if e.get("event") == "api.auth_failed"]
     assert len(auth_errors) == 1  # one clear error, not one per prompt
@@ -230,3 +230,24 @@ def test_connection_refused_until_the_api_comes_up(
         wait_for(lambda: (folders.done / "early.json").exists(), timeout=60, what="done once the API is up")
         assert len(late.generate_jobs) == 1
     assert folders.names(folders.failed) == []
+
+
+def test_unknown_model_fails_with_a_hint_instead_of_looping(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    write_config(folders, sandbox.base_url, api={"model_id": "model_does-not-exist"})
+    finish_one(folders, daemon)
+    report = json.loads((folders.failed / "p.error.json").read_text())
+    assert report["stage"] == "submit" and "model_id" in report["hint"]
+    assert sandbox.generate_jobs == []
+
+
+def test_a_job_whose_polls_keep_failing_still_times_out(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    sandbox.inject(Fault(route="job", kind="status", status=500, times=-1))
+    write_config(folders, sandbox.base_url, jobs={"timeout": 1.0})
+    finish_one(folders, daemon)
+    report = json.loads((folders.failed / "p.error.json").read_text())
+    assert report["stage"] == "timeout" and report["jobId"] == sandbox.generate_jobs[0]
+    assert "pays again" in report["hint"]
