@@ -55,6 +55,7 @@ CLAIM_BATCH = 64
 REFERENCE_RECHECK = 0.5
 EXPECTED_MARGIN = 0.05
 REFILE_DELAY = 10.0
+SEED_LIMIT = 2147483648
 
 
 @dataclass(frozen=True)
@@ -437,6 +438,10 @@ class Daemon:
             return
         self.awaiting_references.discard(prompt_id)
         inputs = dict(prompt.inputs)
+        # The API picks a random seed when none is given; picking it here instead changes nothing for
+        # the image but makes every submission unique: a lost answer is then matched to its own job,
+        # never to a twin prompt's, and the manifest records the seed.
+        inputs.setdefault("seed", secrets.randbelow(SEED_LIMIT))
         if prompt.references:
             inputs["referenceImages"] = [ref.entry for ref in prompt.references]
         self.store.set_prompt(prompt_id, inputs, prompt.stem)

@@ -251,3 +251,19 @@ def test_a_job_whose_polls_keep_failing_still_times_out(
     report = json.loads((folders.failed / "p.error.json").read_text())
     assert report["stage"] == "timeout" and report["jobId"] == sandbox.generate_jobs[0]
     assert "pays again" in report["hint"]
+
+
+def test_twin_prompts_with_lost_answers_each_keep_their_own_job(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    """Same text twice, both answers lost: each adopts its own job, none is paid twice or shared."""
+    sandbox.inject(Fault(route="generate", kind="status", status=502, after=True, times=2))
+    daemon()
+    for name in ("twin-a", "twin-b"):
+        folders.drop(f"{name}.json", {"prompt": "the very same words"})
+    wait_for(lambda: len(folders.names(folders.done)) == 2, timeout=40, what="both done")
+    jobs = {
+        json.loads((folders.outbox / f"{n}.manifest.json").read_text())["jobId"] for n in ("twin-a", "twin-b")
+    }
+    assert jobs == set(sandbox.generate_jobs) and len(jobs) == 2
+    assert len({post.body["seed"] for post in generate_posts(sandbox)}) == 2  # what tells the twins apart

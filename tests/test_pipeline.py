@@ -176,7 +176,9 @@ def test_invalid_prompt_fails_without_reaching_the_api(
     report = json.loads((folders.failed / "typo.error.json").read_text())
     assert report["stage"] == "validate"
     assert "did you mean 'prompt'" in report["error"]
-    assert [p.body for p in generate_posts(sandbox)] == [{"prompt": "a dog"}]
+    [post] = generate_posts(sandbox)
+    assert post.body == {"prompt": "a dog", "seed": post.body["seed"]}
+    assert 0 <= post.body["seed"] <= 2147483647  # chosen by the daemon, so a lost answer matches
     assert proc.proc.poll() is None
 
 
@@ -201,9 +203,10 @@ def test_defaults_fill_what_a_prompt_omits(folders: Folders, sandbox: Sandbox) -
     write_config(folders, sandbox.base_url, defaults={"resolution": "1K", "numOutputs": 2})
     (folders.inbox / "d.json").write_text(json.dumps({"prompt": "defaults", "numOutputs": 1}))
     assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
-    assert [p.body for p in generate_posts(sandbox)] == [
-        {"prompt": "defaults", "numOutputs": 1, "resolution": "1K"}
-    ]
+    [post] = generate_posts(sandbox)
+    assert post.body == {"prompt": "defaults", "numOutputs": 1, "resolution": "1K", "seed": post.body["seed"]}
+    manifest = json.loads((folders.outbox / "d.manifest.json").read_text())
+    assert manifest["parameters"] == {"numOutputs": 1, "resolution": "1K", "seed": post.body["seed"]}
 
 
 def test_sigterm_stops_quickly_with_exit_zero(
