@@ -39,6 +39,7 @@ DEFAULT_IGNORE = (
     "*.error.json",
 )
 PEEK_LIMIT = 1024 * 1024
+MOVE_PAIRING_DELAY = 0.01
 # Filesystems whose changes made by other machines inotify never reports.
 NETWORK_FILESYSTEMS = frozenset(
     {
@@ -260,6 +261,13 @@ class Watcher:
             observer = PollingObserver(timeout=1.0)
         else:
             from watchdog.observers.inotify import InotifyObserver
+            from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+            # watchdog holds each IN_MOVED_FROM for `delay` (0.5 s) waiting for its IN_MOVED_TO, and
+            # its queue sleeps on that head event even when the pair arrives meanwhile, so every event
+            # behind a claim (a rename) could wait 0.5 s. A pair split by more than 10 ms only becomes
+            # two unpaired events, which the handler takes as they are (moved in: arrived; out: gone).
+            InotifyMoveEventGrouper.delay = MOVE_PAIRING_DELAY
 
             # Full events: a file moved in from outside the inbox comes as a move, so it is read at once.
             observer = InotifyObserver(generate_full_events=True)
