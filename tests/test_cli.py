@@ -219,3 +219,18 @@ def test_status_on_a_fresh_setup(folders: Folders) -> None:
     result = run_cli("status", "-c", str(folders.config))
     assert result.returncode == 0
     assert "no journal" in result.stdout
+
+
+def test_example_toml_documents_every_key_with_its_default(tmp_path: Path) -> None:
+    from scenario_watch.config import Settings, load_settings
+
+    example = Path(__file__).resolve().parent.parent / "example.toml"
+    loaded = load_settings(example, env={"HOME": str(tmp_path)})
+    assert (
+        loaded.settings.model_dump() == load_settings(None, env={"HOME": str(tmp_path)}).settings.model_dump()
+    )
+    text = example.read_text()
+    for section, field in Settings.model_fields.items():
+        assert f"[{section}]" in text
+        for key in field.annotation.model_fields:  # type: ignore[union-attr]
+            assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{section}.{key} is not in example.toml"
