@@ -147,6 +147,7 @@ class Daemon:
         self.intervals: dict[int, float] = {}
         self.started: dict[int, float] = {}  # when each job was submitted (monotonic), for polling
         self.typical: float | None = None  # how long a generation takes, learnt from finished jobs
+        self.download_failing_since: dict[int, float] = {}
         self.paused_until = 0.0
         self.auth_blocked = False
         self.next_rescan = 0.0
@@ -700,7 +701,9 @@ class Daemon:
             return Next("download", delay=self._backoff(6))
         except (TransientError, ApiError) as exc:
             attempts = self.store.download_failed(row.id)
-            if attempts >= MAX_DOWNLOAD_ATTEMPTS:
+            failing_for = time.monotonic() - self.download_failing_since.setdefault(row.id, time.monotonic())
+            # The job is paid for: give up only after many attempts spread over [jobs] timeout.
+            if attempts >= MAX_DOWNLOAD_ATTEMPTS and failing_for >= self.jobs.timeout:
                 self._fail(
                     row,
                     "download",
@@ -718,6 +721,7 @@ class Daemon:
             )
             return Next("download", delay=min(30.0, 2 * self.jobs.poll_max_interval))
         self.store.done(row.id, outputs)
+        self.download_failing_since.pop(row.id, None)
         done = self.store.get(row.id)
         self._file(done)
         self._release_references(done)
@@ -729,6 +733,7 @@ class Daemon:
     def _fail(self, row: Row, stage: str, error: str, hint: str | None = None) -> None:
         self.intervals.pop(row.id, None)
         self.started.pop(row.id, None)
+        self.download_failing_since.pop(row.id, None)
         self.store.failed(row.id, stage, error, hint)
         log.warning("prompt.failed", stage=stage, error=error, hint=hint)
         self._file(self.store.get(row.id))

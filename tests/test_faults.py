@@ -208,7 +208,10 @@ def test_download_that_keeps_failing_ends_in_failed_with_a_hint(
     folders: Folders, sandbox: Sandbox, daemon: StartDaemon
 ) -> None:
     sandbox.inject(Fault(route="cdn", kind="status", status=404, times=-1))
-    finish_one(folders, daemon, timeout=120)
+    write_config(folders, sandbox.base_url, jobs={"timeout": 3.0})  # also the bound on download failures
+    proc = finish_one(folders, daemon, timeout=120)
+    failures = [e for e in proc.events() if e.get("event") == "output.download_failed"]
+    assert len(failures) >= 7  # at least 8 attempts in all, spread over the 3 s
     report = json.loads((folders.failed / "p.error.json").read_text())
     assert report["stage"] == "download"
     assert "succeeded" in report["hint"]
