@@ -408,7 +408,7 @@ class Daemon:
             prompt = load_prompt(
                 data,
                 file_name=name,
-                base_dir=self.folders.inbox / Path(name).parent,
+                base_dir=self._prompt_folder(name),
                 defaults=self.settings.defaults,
                 roots=watch.reference_roots,
             )
@@ -589,7 +589,7 @@ class Daemon:
         resolved: list[str] = []
         records: list[dict[str, Any]] = []
         for entry in entries:
-            ref = check_reference(entry, self._prompt_folder(row), self.settings.watch.reference_roots)
+            ref = check_reference(entry, self._prompt_folder(row.file), self.settings.watch.reference_roots)
             if ref.asset_id is not None:
                 resolved.append(ref.asset_id)
                 records.append({"assetId": ref.asset_id})
@@ -610,9 +610,9 @@ class Daemon:
             self.store.set_references(row.id, records)
         return inputs
 
-    def _prompt_folder(self, row: Row) -> Path:
-        """The inbox folder the prompt arrived in: its references are relative to it."""
-        return self.folders.inbox / Path(row.file).parent
+    def _prompt_folder(self, file: str) -> Path:
+        """The inbox folder a prompt arrived in (`file` is relative to the inbox): references are too."""
+        return self.folders.inbox / Path(file).parent
 
     def _upload_lock(self, digest: str) -> threading.Lock:
         with self._upload_locks_guard:
@@ -623,9 +623,9 @@ class Daemon:
         if not self.settings.watch.move_references:
             return
         in_use = {e for other in self.store.active() for e in (other.inputs or {}).get("referenceImages", [])}
+        folder = self._prompt_folder(row.file)
         for ref in row.references:
             entry = ref.get("file")
-            folder = self._prompt_folder(row)
             path = folder / entry if entry else None
             if path is None or entry in in_use or path.parent != folder or not path.is_file():
                 continue  # still needed, already moved, or outside the inbox (a reference root)
@@ -655,8 +655,7 @@ class Daemon:
             return Next("poll", delay=max(retry_after or 0.0, self._interval(row.id)))
         self.store.polled(row.id)
         if job.final:
-            self.intervals.pop(row.id, None)
-            self.started.pop(row.id, None)
+            self._forget(row.id)
         if job.status == "success":
             if job.duration is not None:  # learn how long generations take (moving average)
                 self.typical = (
@@ -701,7 +700,8 @@ class Daemon:
             return Next("download", delay=self._backoff(6))
         except (TransientError, ApiError) as exc:
             attempts = self.store.download_failed(row.id)
-            failing_for = time.monotonic() - self.download_failing_since.setdefault(row.id, time.monotonic())
+            now = self.clock()
+            failing_for = now - self.download_failing_since.setdefault(row.id, now)
             # The job is paid for: give up only after many attempts spread over [jobs] timeout.
             if attempts >= MAX_DOWNLOAD_ATTEMPTS and failing_for >= self.jobs.timeout:
                 self._fail(
@@ -721,7 +721,7 @@ class Daemon:
             )
             return Next("download", delay=min(30.0, 2 * self.jobs.poll_max_interval))
         self.store.done(row.id, outputs)
-        self.download_failing_since.pop(row.id, None)
+        self._forget(row.id)
         done = self.store.get(row.id)
         self._file(done)
         self._release_references(done)
@@ -730,10 +730,14 @@ class Daemon:
 
     # -- endings --------------------------------------------------------------------------------------
 
+    def _forget(self, prompt_id: int) -> None:
+        """Drop what the daemon keeps in memory about a prompt whose job is over."""
+        self.intervals.pop(prompt_id, None)
+        self.started.pop(prompt_id, None)
+        self.download_failing_since.pop(prompt_id, None)
+
     def _fail(self, row: Row, stage: str, error: str, hint: str | None = None) -> None:
-        self.intervals.pop(row.id, None)
-        self.started.pop(row.id, None)
-        self.download_failing_since.pop(row.id, None)
+        self._forget(row.id)
         self.store.failed(row.id, stage, error, hint)
         log.warning("prompt.failed", stage=stage, error=error, hint=hint)
         self._file(self.store.get(row.id))

@@ -132,7 +132,7 @@ class Outbox:
         if row.out_stem:
             return row.out_stem
         # A prompt from a subfolder of the inbox keeps that subfolder in the outbox: sub/x_1.png.
-        base = str(Path(row.file).parent / (row.stem or Path(row.file).stem)).removeprefix("./")
+        base = str(Path(row.file).parent / (row.stem or Path(row.file).stem))
         with self._reserve_lock:
             n = 1
             while True:
@@ -168,9 +168,7 @@ class Outbox:
         manifest = outbox / f"{stem}.manifest.json"
         body = json.dumps(self._manifest(row, job, files), indent=2, ensure_ascii=False).encode() + b"\n"
         write_atomic(manifest, lambda out: out.write(body))
-        return [str(Path(stem).parent / f["file"]).removeprefix("./") for f in files] + [
-            f"{stem}.manifest.json"
-        ]
+        return [str(Path(stem).parent / f["file"]) for f in files] + [f"{stem}.manifest.json"]
 
     def _download(self, asset_id: str, url: str, dest: Path) -> None:
         try:

@@ -179,8 +179,6 @@ def claim(path: str, inbox: Path, processing: Path) -> Path | None:
     while dest.exists():
         dest = dest.with_name(f"{rel.stem}-{n}.json")
         n += 1
-    if len(rel.parts) > 1:
-        dest.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
             os.rename(path, dest)
@@ -188,7 +186,7 @@ def claim(path: str, inbox: Path, processing: Path) -> Path | None:
         except FileNotFoundError:
             if not os.path.exists(path):
                 return None  # claimed by another daemon sharing the inbox, or removed by its writer
-            dest.parent.mkdir(parents=True, exist_ok=True)  # .processing went with a replaced inbox
+            dest.parent.mkdir(parents=True, exist_ok=True)  # a new subfolder, or a replaced inbox
     return None
 
 
