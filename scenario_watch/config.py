@@ -24,7 +24,8 @@ SANDBOX_SECRET = "sandbox-secret"
 AspectRatio = Literal["21:9", "16:9", "3:2", "4:3", "5:4", "1:1", "4:5", "3:4", "2:3", "9:16", "auto"]
 Resolution = Literal["1K", "2K", "4K"]
 NumOutputs = Annotated[int, Field(strict=True, ge=1, le=4)]
-Seed = Annotated[int, Field(strict=True, ge=0, le=2147483647)]
+SEED_MAX = 2147483647
+Seed = Annotated[int, Field(strict=True, ge=0, le=SEED_MAX)]
 StrictBool = Annotated[bool, Field(strict=True)]
 
 CONFIG_SEARCH = (

@@ -87,6 +87,11 @@ def configure(
     )
 
 
+def bind(**context: Any) -> None:
+    """Bind context to every later line of this thread (values that are None are left out)."""
+    structlog.contextvars.bind_contextvars(**{k: v for k, v in context.items() if v is not None})
+
+
 def get(name: str = "scenario_watch") -> Any:
     """A structlog logger (the library configures nothing; only the CLI calls configure)."""
     return structlog.get_logger(name)

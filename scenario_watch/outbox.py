@@ -14,13 +14,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from . import logs
 from .client import Job, ScenarioClient
 from .config import FolderSettings
 from .errors import UrlExpired
-from .store import Row, Store
+from .store import Row, State, Store
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 TEMP_SUFFIX = ".part"
+
+log = logs.get()
 
 
 def iso(ts: float | None) -> str | None:
@@ -121,11 +124,15 @@ def remove_temp_files(folder: Path) -> int:
 class Outbox:
     """Writes a succeeded job's images and manifest, and files prompts under done/ or failed/."""
 
-    def __init__(self, folders: FolderSettings, client: ScenarioClient, store: Store) -> None:
+    def __init__(
+        self, folders: FolderSettings, client: ScenarioClient, store: Store, *, move_references: bool = False
+    ) -> None:
         self.folders = folders
         self.client = client
         self.store = store
+        self.move_references = move_references
         self._reserve_lock = threading.Lock()
+        self._release_lock = threading.Lock()
 
     def reserve_stem(self, row: Row) -> str:
         """Pick the output stem once (`x`, `x-2`, ...) so a redo after a crash writes the same names."""
@@ -222,6 +229,47 @@ class Outbox:
         error_file.unlink(missing_ok=True)  # a stale report of an earlier failure under the same name
         write_atomic(error_file, lambda out: out.write(body))
         return move_no_clobber(Path(row.claimed), failed, dest.name)
+
+    def fail(self, row: Row, stage: str, error: str, hint: str | None = None) -> bool:
+        """Record a prompt as failed and file it with its error file; False: filing must be retried."""
+        self.store.failed(row.id, stage, error, hint)
+        log.warning("prompt.failed", stage=stage, error=error, **({"hint": hint} if hint else {}))
+        return self.file(self.store.get(row.id))
+
+    def file(self, row: Row) -> bool:
+        """Move a finished prompt to done/ or failed/ and record where; False: try again later."""
+        claimed = Path(row.claimed)
+        if not claimed.exists():
+            self.store.filed(row.id, claimed)
+            return True
+        try:
+            if row.state == State.DONE:
+                dest = self.file_done(row)
+            else:
+                dest = self.file_failed(row, row.stage or "?", row.error or "failed", row.hint)
+        except OSError as exc:  # the prompt stays in .processing meanwhile
+            log.error("prompt.filing_failed", error=str(exc))
+            return False
+        self.store.filed(row.id, dest)
+        return True
+
+    def release_references(self, row: Row) -> None:
+        """With [watch] move_references, move reference files to done/ with the last prompt using them."""
+        if not self.move_references:
+            return
+        with self._release_lock:  # two last users finishing at once must not both move the file
+            self._release_references(row)
+
+    def _release_references(self, row: Row) -> None:
+        in_use = {e for other in self.store.active() for e in (other.inputs or {}).get("referenceImages", [])}
+        folder = row.folder(self.folders.inbox)
+        for ref in row.references:
+            entry = ref.get("file")
+            path = folder / entry if entry else None
+            if path is None or entry in in_use or path.parent != folder or not path.is_file():
+                continue  # still needed, already moved, or outside the inbox (a reference root)
+            dest = move_no_clobber(path, self.folders.done, path.name)
+            log.info("reference.moved", reference=entry, to=str(dest))
 
 
 def _digest(path: Path) -> dict[str, Any]:

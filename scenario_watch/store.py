@@ -24,7 +24,6 @@ class State(StrEnum):
 
 
 ACTIVE = (State.CLAIMED, State.SUBMITTING, State.SUBMITTED, State.DOWNLOADING)
-AT_SCENARIO = (State.SUBMITTING, State.SUBMITTED)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS prompts (
@@ -44,7 +43,7 @@ CREATE TABLE IF NOT EXISTS prompts (
     refs TEXT,                       -- JSON list: each reference's file, sha256 and asset id
     stage TEXT, error TEXT, hint TEXT,
     final_path TEXT,                 -- where the prompt file ended (done/ or failed/)
-    polls INTEGER NOT NULL DEFAULT 0,
+    progress REAL,                   -- the job's progress (0..1) at the last poll
     download_attempts INTEGER NOT NULL DEFAULT 0,
     claimed_at REAL NOT NULL,
     submitted_at REAL,
@@ -58,6 +57,10 @@ CREATE TABLE IF NOT EXISTS uploads (
     created_at REAL NOT NULL
 );
 """
+
+
+# Columns added since the first release: journals written by an older version get them at start.
+ADDED_COLUMNS = {"progress": "REAL"}
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,16 @@ class Row:
     error: str | None
     hint: str | None
     final_path: str | None
-    polls: int
+    progress: float | None
     download_attempts: int
     claimed_at: float
     submitted_at: float | None
     finished_at: float | None
     updated_at: float
+
+    def folder(self, inbox: Path) -> Path:
+        """The inbox folder the prompt arrived in (`file` is relative to the inbox): its references too."""
+        return inbox / Path(self.file).parent
 
 
 class Store:
@@ -103,6 +110,10 @@ class Store:
         # NORMAL in WAL mode survives a process crash (kill -9); only power loss may lose the last commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(prompts)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE prompts ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -154,8 +165,9 @@ class Store:
     def set_references(self, prompt_id: int, references: list[dict[str, Any]]) -> None:
         self._update(prompt_id, refs=json.dumps(references))
 
-    def polled(self, prompt_id: int) -> None:
-        self._write("UPDATE prompts SET polls = polls + 1 WHERE id = ?", prompt_id)
+    def polled(self, prompt_id: int, progress: float) -> None:
+        """The job's progress at the latest poll (for `status`)."""
+        self._write("UPDATE prompts SET progress = ? WHERE id = ?", progress, prompt_id)
 
     def downloading(self, prompt_id: int, asset_ids: list[str], cost: int | None) -> None:
         self._update(prompt_id, state=State.DOWNLOADING, asset_ids=json.dumps(asset_ids), cost=cost)
@@ -255,24 +267,29 @@ def _row(row: sqlite3.Row) -> Row:
         file=row["file"],
         claimed=row["claimed"],
         state=State(row["state"]),
-        inputs=json.loads(row["inputs"]) if row["inputs"] else None,
+        inputs=_json(row["inputs"], None),
         stem=row["stem"],
         out_stem=row["out_stem"],
         job_id=row["job_id"],
         submit_started=row["submit_started"],
         submit_attempts=row["submit_attempts"],
         cost=row["cost"],
-        asset_ids=json.loads(row["asset_ids"]) if row["asset_ids"] else [],
-        outputs=json.loads(row["outputs"]) if row["outputs"] else [],
-        references=json.loads(row["refs"]) if row["refs"] else [],
+        asset_ids=_json(row["asset_ids"], []),
+        outputs=_json(row["outputs"], []),
+        references=_json(row["refs"], []),
         stage=row["stage"],
         error=row["error"],
         hint=row["hint"],
         final_path=row["final_path"],
-        polls=row["polls"],
+        progress=row["progress"],
         download_attempts=row["download_attempts"],
         claimed_at=row["claimed_at"],
         submitted_at=row["submitted_at"],
         finished_at=row["finished_at"],
         updated_at=row["updated_at"],
     )
+
+
+def _json(text: str | None, default: Any) -> Any:
+    """A JSON column's value, or `default` when it is empty."""
+    return json.loads(text) if text else default

@@ -1,0 +1,245 @@
+"""The dispatcher: accept a claimed prompt, upload its references, submit it, reconcile a lost answer.
+
+A generate POST costs money and has no idempotency key, so the order here is the crash-safety
+contract: the intent is journaled (SUBMITTING) before the request; an answer that may have been
+lost is reconciled (list the jobs created since, match the input) before anything is sent again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from . import logs
+from .client import Job, ScenarioClient
+from .config import SEED_MAX, Settings
+from .errors import (
+    Ambiguous,
+    ApiError,
+    AuthError,
+    MissingReference,
+    OutcomeUnknown,
+    PromptError,
+    RateLimited,
+    TransientError,
+)
+from .outbox import Outbox
+from .prompt import check_reference, load_prompt, read_prompt_bytes
+from .scheduler import Outcome, Step
+from .store import Row, State, Store
+
+log = logs.get()
+
+# Reconciling lists jobs created since a little before the POST: clocks of client and API differ.
+CLOCK_SKEW = timedelta(minutes=2)
+# A prompt whose reference is not there yet is validated again this often (up to reference_wait).
+REFERENCE_RECHECK = 0.5
+
+
+class Dispatcher:
+    """Turns claimed prompt files into jobs at Scenario; each method is one task."""
+
+    def __init__(self, settings: Settings, client: ScenarioClient, store: Store, outbox: Outbox) -> None:
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.outbox = outbox
+        self.inbox = settings.folders.inbox
+        self._awaiting_references: set[int] = set()  # logged once each (main thread only)
+        self._upload_locks: dict[str, threading.Lock] = {}
+        self._upload_locks_guard = threading.Lock()
+
+    # -- accept (main thread) --------------------------------------------------------------------------
+
+    def accept(self, prompt_id: int) -> Outcome:
+        """Validate a claimed prompt locally: invalid input never reaches the API."""
+        row = self.store.get(prompt_id)
+        logs.bind(file=row.file)
+        watch = self.settings.watch
+        try:
+            data = read_prompt_bytes(Path(row.claimed))
+            prompt = load_prompt(
+                data,
+                file_name=row.file,
+                base_dir=row.folder(self.inbox),
+                defaults=self.settings.defaults,
+                roots=watch.reference_roots,
+            )
+        except MissingReference as exc:
+            waited = time.time() - row.claimed_at
+            if waited < watch.reference_wait:
+                # A prompt may arrive before its image: look again shortly, up to reference_wait.
+                if prompt_id not in self._awaiting_references:
+                    self._awaiting_references.add(prompt_id)
+                    log.info("prompt.awaiting_reference", missing=exc.problems[0], up_to=watch.reference_wait)
+                return Outcome(Step.ACCEPT, delay=min(REFERENCE_RECHECK, watch.reference_wait - waited))
+            self._awaiting_references.discard(prompt_id)
+            error = f"{exc} (waited {watch.reference_wait:g} s for it)"
+            return Outcome.ended(self.outbox.fail(row, "references", error, exc.hint))
+        except PromptError as exc:
+            return Outcome.ended(self.outbox.fail(row, "validate", f"invalid prompt file: {exc}", exc.hint))
+        except OSError as exc:
+            error = f"cannot read the prompt file: {exc.strerror}"
+            return Outcome.ended(self.outbox.fail(row, "validate", error))
+        except Exception as exc:  # whatever a file holds, it must end in failed/, never stop intake
+            log.exception("prompt.unexpected_error")
+            error = f"cannot use the prompt file: {exc!r}"
+            return Outcome.ended(self.outbox.fail(row, "validate", error))
+        self._awaiting_references.discard(prompt_id)
+        inputs = dict(prompt.inputs)
+        # The API picks a random seed when none is given; picking it here instead changes nothing for
+        # the image but makes every submission unique: a lost answer is then matched to its own job,
+        # never to a twin prompt's, and the manifest records the seed.
+        inputs.setdefault("seed", secrets.randbelow(SEED_MAX + 1))
+        if prompt.references:
+            inputs["referenceImages"] = [ref.entry for ref in prompt.references]
+        self.store.set_prompt(prompt_id, inputs, prompt.stem)
+        log.info("prompt.queued", prompt_id=prompt_id)
+        return Outcome(Step.SUBMIT)
+
+    # -- submit (worker) -------------------------------------------------------------------------------
+
+    def submit(self, prompt_id: int) -> Outcome:
+        """Send a queued prompt: reconcile a lost answer first, upload references, record, POST."""
+        row = self.store.get(prompt_id)
+        logs.bind(file=row.file, job_id=row.job_id)
+        if row.state not in (State.CLAIMED, State.SUBMITTING):
+            return Outcome(Step.FINISHED)  # a step retried after it had already happened
+        if row.state == State.SUBMITTING:
+            found = self._find_lost_job(row)
+            if found is not None:
+                return found
+        try:
+            inputs = self._resolve_references(row)
+        except PromptError as exc:
+            return Outcome.ended(self.outbox.fail(row, "references", str(exc), exc.hint))
+        except (TransientError, RateLimited) as exc:
+            log.warning("reference.upload_failed", error=str(exc))
+            return Outcome(Step.SUBMIT, attempt=row.submit_attempts + 1)
+        except AuthError as exc:
+            return Outcome(Step.AUTH, reason=f"HTTP {exc.status}: {exc.reason}")
+        except ApiError as exc:
+            error = f"uploading a reference failed: {exc.reason}"
+            return Outcome.ended(self.outbox.fail(row, "references", error, "check the image file"))
+        return self._send(row, inputs)
+
+    def _find_lost_job(self, row: Row) -> Outcome | None:
+        """A previous POST's answer was lost: adopt the job it made, or None (safe to send again)."""
+        try:
+            job = self._reconcile(row)
+        except (TransientError, RateLimited, AuthError) as exc:
+            log.warning("job.reconcile_failed", error=str(exc))
+            return Outcome(Step.SUBMIT, attempt=row.submit_attempts)
+        except (ApiError, Ambiguous) as exc:
+            hint = "check Scenario's job list for this prompt before retrying it: it may have been generated"
+            error = f"cannot tell whether the lost request created a job: {exc}"
+            return Outcome.ended(self.outbox.fail(row, "submit", error, hint))
+        if job is None:
+            return None
+        return self._submitted(row, job, job.cost, "job.adopted")
+
+    def _send(self, row: Row, inputs: dict[str, Any]) -> Outcome:
+        """Journal the intent, POST, and turn the answer (or the error) into the next step."""
+        started = (datetime.now(UTC) - CLOCK_SKEW).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self.store.submitting(row.id, inputs, started)  # the intent, before the request
+        attempt = row.submit_attempts + 1
+        try:
+            job, cost = self.client.generate(inputs)
+        except RateLimited as exc:
+            self.store.back_to_claimed(row.id)
+            log.warning("api.rate_limited", reason=exc.reason, retry_after=exc.retry_after)
+            return Outcome(Step.RATE_LIMITED, attempt=attempt, retry_after=exc.retry_after)
+        except AuthError as exc:
+            self.store.back_to_claimed(row.id)
+            return Outcome(Step.AUTH, reason=f"HTTP {exc.status}: {exc.reason}")
+        except ApiError as exc:  # 400 (and 404: an unknown model_id) will not change by resending
+            hint = "fix the prompt file and retry it"
+            if exc.status != 400:
+                hint = "check [api] model_id and base_url"
+            error = f"the API rejected the prompt: {exc.reason}"
+            return Outcome.ended(self.outbox.fail(row, "submit", error, hint))
+        except OutcomeUnknown as exc:
+            # The job may exist: keep the SUBMITTING state, so the next attempt reconciles first.
+            log.warning("job.outcome_unknown", error=str(exc))
+            return Outcome(Step.SUBMIT, attempt=attempt)
+        except TransientError as exc:
+            self.store.back_to_claimed(row.id)  # never reached the server: safe to send again
+            log.warning("job.submit_failed", error=str(exc))
+            return Outcome(Step.SUBMIT, attempt=attempt)
+        return self._submitted(row, job, cost, "job.submitted")
+
+    def _submitted(self, row: Row, job: Job, cost: int | None, event: str) -> Outcome:
+        """Record the job id (from now on the prompt is polled, never resent)."""
+        self.store.submitted(row.id, job.job_id, cost)
+        logs.bind(job_id=job.job_id)
+        if event == "job.adopted":
+            log.info(event, note="found the job a lost answer had created; not resent")
+        else:
+            log.info(event, cost=cost)
+        return Outcome(Step.POLL)
+
+    def _reconcile(self, row: Row) -> Job | None:
+        """Find the job a lost generate answer created: same inputs, created since, not ours already.
+
+        Raises Ambiguous when a candidate job does not echo its input: resending then could pay twice.
+        """
+        if row.submit_started is None or row.inputs is None:
+            return None
+        known = self.store.known_job_ids()
+        silent = []
+        for job in self.client.list_jobs(row.submit_started):
+            if job.job_id in known:
+                continue
+            if not job.input:
+                silent.append(job.job_id)
+            elif all(job.input.get(key) == value for key, value in row.inputs.items()):
+                return job
+        if silent:
+            raise Ambiguous(f"jobs {', '.join(silent[:5])} do not show their input")
+        log.info("job.reconciled", found=False, note="no job was created; sending again")
+        return None
+
+    # -- references ------------------------------------------------------------------------------------
+
+    def _resolve_references(self, row: Row) -> dict[str, Any]:
+        """The inputs to send: local reference files uploaded once per content (sha256)."""
+        inputs = dict(row.inputs or {})
+        entries = inputs.get("referenceImages")
+        if not entries:
+            return inputs
+        resolved: list[str] = []
+        records: list[dict[str, Any]] = []
+        for entry in entries:
+            ref = check_reference(entry, row.folder(self.inbox), self.settings.watch.reference_roots)
+            if ref.asset_id is not None:
+                resolved.append(ref.asset_id)
+                records.append({"assetId": ref.asset_id})
+                continue
+            assert ref.path is not None and ref.mime_type is not None
+            data = ref.path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            resolved.append(self._upload_once(digest, data, ref.path.name, ref.mime_type, entry))
+            records.append({"file": entry, "sha256": digest, "size": len(data), "assetId": resolved[-1]})
+        inputs["referenceImages"] = resolved
+        if not row.references:  # a resend sees asset ids only: keep the first, fuller record
+            self.store.set_references(row.id, records)
+        return inputs
+
+    def _upload_once(self, digest: str, data: bytes, name: str, mime_type: str, entry: str) -> str:
+        """The asset id of this content, uploading it only if no earlier prompt did."""
+        with self._upload_lock(digest):  # ten prompts editing one photo upload it once
+            asset_id = self.store.uploaded_asset(digest)
+            if asset_id is None:
+                asset_id = self.client.upload_image(data, name, mime_type)
+                self.store.remember_upload(digest, asset_id)
+                log.info("reference.uploaded", reference=entry, asset_id=asset_id, size=len(data))
+        return asset_id
+
+    def _upload_lock(self, digest: str) -> threading.Lock:
+        with self._upload_locks_guard:
+            return self._upload_locks.setdefault(digest, threading.Lock())

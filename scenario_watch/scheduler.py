@@ -1,0 +1,261 @@
+"""*When* each thing is due: timers, the waiting queue, free slots, pauses, poll times, backoff.
+
+No I/O and no threads: the main loop passes `now` (monotonic seconds) in and hands out what is due;
+a worker reports facts about what happened (an `Outcome`: attempts, Retry-After, a duration), and
+this module turns those facts into times. It is unit-tested with a plain float clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .config import JobSettings
+
+# Credentials refused: try them again after this long (someone may have fixed them meanwhile).
+AUTH_RETRY = 300.0
+# Backoff after transient faults: poll_interval x 2^attempt, jittered, at most this.
+BACKOFF_MAX = 60.0
+BACKOFF_EXPONENT_CAP = 10
+# Polls of a running job slow down by this factor each time, up to poll_max_interval.
+POLL_GROWTH = 1.5
+POLL_JITTER = 0.1
+# Learned generation time: a moving average giving a new observation this weight.
+LEARNING_WEIGHT = 0.3
+# A job is polled this long after it should be done (the API's clock and ours differ a little).
+EXPECTED_MARGIN = 0.05
+# When a first poll already finds the job done, the estimate may be too high: lower it this much.
+PROBE_DOWN = 2 * EXPECTED_MARGIN
+# A prompt that could not be moved to done/ or failed/ (a full disk) is tried again this much later.
+REFILE_DELAY = 10.0
+
+
+class Task(StrEnum):
+    """What the loop runs for a prompt when it is due."""
+
+    ACCEPT = "accept"  # validate a claimed prompt again: a reference it names may have arrived
+    SUBMIT = "submit"  # send it (or reconcile a lost answer first)
+    POLL = "poll"  # ask Scenario how the job is doing
+    DOWNLOAD = "download"  # write the outputs
+    REFILE = "refile"  # move a finished prompt to done/ or failed/ (an earlier attempt failed)
+
+
+WORKER_TASKS = frozenset({Task.SUBMIT, Task.POLL, Task.DOWNLOAD})
+
+
+class Step(StrEnum):
+    """What a task says comes next for its prompt."""
+
+    ACCEPT = "accept"  # validate again shortly: a reference it names is not there yet
+    SUBMIT = "submit"  # (after accept) queue it; (after submit) again after a backoff
+    POLL = "poll"  # the job runs at Scenario: poll when it should be done
+    DOWNLOAD = "download"  # download (again)
+    RATE_LIMITED = "rate_limited"  # 429: pause every submission
+    AUTH = "auth"  # credentials refused: stop submitting until they work again
+    REFILE = "refile"  # finished, but the file could not be moved yet: try again later
+    FINISHED = "finished"  # nothing left to do
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The facts a task reports; the scheduler turns them into the time of the next step."""
+
+    step: Step
+    attempt: int = 0  # failed attempts so far (0: go on at once)
+    retry_after: float | None = None  # the API's Retry-After, seconds
+    delay: float | None = None  # a fixed wait that is right whatever the attempt (a full disk)
+    duration: float | None = None  # a finished job's generation time by the API's clock
+    reason: str = ""
+
+    @classmethod
+    def ended(cls, filed: bool) -> Outcome:
+        """A prompt that finished: nothing more, or (the move to done/failed failed) a refile later."""
+        return cls(Step.FINISHED) if filed else cls(Step.REFILE, delay=REFILE_DELAY)
+
+
+@dataclass
+class _Job:
+    """What the scheduler knows about one job at Scenario."""
+
+    started: float  # when the submission returned (monotonic)
+    interval: float  # the next poll delay while the generation time is unknown or past
+    polled_at: float | None = None  # when the current poll was handed out
+    running_at: float | None = None  # the latest poll that found it still running (since start)
+
+
+class Scheduler:
+    """Timers, the queue for free slots at Scenario, 429 and credential pauses, learned poll times."""
+
+    def __init__(self, jobs: JobSettings, rng: random.Random | None = None) -> None:
+        self.jobs = jobs
+        self.limit = jobs.max_in_flight  # jobs at Scenario at once
+        self._rng = rng or random.Random()
+        self._timers: list[tuple[float, int, int, Task]] = []  # (due, tie-break, prompt id, task)
+        self._order = itertools.count()
+        self.waiting: deque[int] = deque()  # ready to submit, in order, for a free slot
+        self.slots: set[int] = set()  # prompts holding one of `limit`
+        self.busy: set[int] = set()  # prompts with a task in a worker
+        self.paused_until = 0.0  # 429: no submission before this
+        self.auth_blocked = False
+        self._auth_retry_at: float | None = None
+        self.typical: float | None = None  # how long a generation takes, learned
+        self._running: dict[int, _Job] = {}
+
+    # -- what the loop feeds in ------------------------------------------------------------------------
+
+    def enqueue(self, prompt_id: int, *, first: bool = False) -> None:
+        """Queue a prompt for a free slot (`first`: ahead of the others, e.g. a retry)."""
+        if first:
+            self.waiting.appendleft(prompt_id)
+        else:
+            self.waiting.append(prompt_id)
+
+    def at(self, when: float, prompt_id: int, task: Task) -> None:
+        """Run `task` for a prompt at `when`."""
+        heapq.heappush(self._timers, (when, next(self._order), prompt_id, task))
+
+    def resume_job(self, prompt_id: int, now: float) -> None:
+        """A job already at Scenario (found at start): it holds a slot and is polled at once."""
+        self.slots.add(prompt_id)
+        self._running[prompt_id] = _Job(started=now, interval=self.jobs.poll_interval)
+        self.at(now, prompt_id, Task.POLL)
+
+    # -- what is due -----------------------------------------------------------------------------------
+
+    def due(self, now: float, *, submit: bool = True) -> list[tuple[int, Task]]:
+        """Everything due at `now`, in order; worker tasks are marked busy (`submit`: hand out slots)."""
+        out: list[tuple[int, Task]] = []
+        if self._auth_retry_at is not None and now >= self._auth_retry_at:
+            self.auth_blocked, self._auth_retry_at = False, None  # try the credentials again
+        while self._timers and self._timers[0][0] <= now:
+            _, _, prompt_id, task = heapq.heappop(self._timers)
+            if task == Task.SUBMIT:
+                self.waiting.appendleft(prompt_id)  # its turn came before: it goes first
+            else:
+                out.append((prompt_id, task))
+        if submit and now >= self.paused_until and not self.auth_blocked:
+            while self.waiting and len(self.slots) < self.limit:
+                prompt_id = self.waiting.popleft()
+                self.slots.add(prompt_id)
+                out.append((prompt_id, Task.SUBMIT))
+        for prompt_id, task in out:
+            if task in WORKER_TASKS:
+                self.busy.add(prompt_id)
+            job = self._running.get(prompt_id)
+            if task == Task.POLL and job is not None:
+                job.polled_at = now
+        return out
+
+    def next_due(self) -> float | None:
+        """The earliest moment something may become due (monotonic), or None."""
+        times = [self._timers[0][0]] if self._timers else []
+        if self.waiting and not self.auth_blocked and self.paused_until:
+            times.append(self.paused_until)
+        if self._auth_retry_at is not None:
+            times.append(self._auth_retry_at)
+        return min(times, default=None)
+
+    def idle(self) -> bool:
+        """Nothing queued, timed or running."""
+        return not (self.waiting or self._timers or self.busy)
+
+    # -- facts into times ------------------------------------------------------------------------------
+
+    def done(self, prompt_id: int, task: Task, outcome: Outcome, now: float) -> bool:
+        """Take a finished task's outcome; True when it newly blocked submission (auth: log it once)."""
+        self.busy.discard(prompt_id)
+        step = outcome.step
+        if step != Step.POLL:  # the job is over at Scenario, or a retry waits for a free slot again
+            self.slots.discard(prompt_id)
+        if step == Step.DOWNLOAD:
+            if task == Task.POLL:
+                self._learn(prompt_id, outcome, now)
+            self._running.pop(prompt_id, None)
+            self.at(now + self._delay(outcome), prompt_id, Task.DOWNLOAD)
+        elif step == Step.POLL:
+            self._poll_later(prompt_id, task, outcome, now)
+        elif step == Step.SUBMIT and task == Task.ACCEPT:
+            self.waiting.append(prompt_id)
+        elif step == Step.SUBMIT:
+            self.at(now + self._delay(outcome), prompt_id, Task.SUBMIT)
+        elif step == Step.ACCEPT:
+            self.at(now + self._delay(outcome), prompt_id, Task.ACCEPT)
+        elif step == Step.RATE_LIMITED:
+            pause = outcome.retry_after if outcome.retry_after is not None else self._delay(outcome)
+            self.paused_until = max(self.paused_until, now + pause)
+            self.waiting.appendleft(prompt_id)
+        elif step == Step.AUTH:
+            newly = not self.auth_blocked
+            self.auth_blocked = True
+            self._auth_retry_at = now + AUTH_RETRY
+            self.waiting.appendleft(prompt_id)
+            return newly
+        elif step == Step.REFILE:
+            self.forget(prompt_id)
+            self.at(now + (outcome.delay or 0.0), prompt_id, Task.REFILE)
+        else:
+            self.forget(prompt_id)
+        return False
+
+    def forget(self, prompt_id: int) -> None:
+        """Drop what is kept about a prompt whose job is over."""
+        self._running.pop(prompt_id, None)
+        self.slots.discard(prompt_id)
+
+    def _poll_later(self, prompt_id: int, task: Task, outcome: Outcome, now: float) -> None:
+        job = self._running.get(prompt_id)
+        if job is None or task == Task.SUBMIT:  # just submitted (or adopted after a lost answer)
+            job = self._running[prompt_id] = _Job(started=now, interval=self.jobs.poll_interval)
+        elif job.polled_at is not None and outcome.retry_after is None and outcome.attempt == 0:
+            job.running_at = job.polled_at - job.started  # it was still running then
+        delay = outcome.delay if outcome.delay is not None else self._interval(job, now)
+        self.at(now + max(delay, outcome.retry_after or 0.0), prompt_id, Task.POLL)
+
+    def _interval(self, job: _Job, now: float) -> float:
+        """The delay before the next poll of a running job.
+
+        It starts at poll_interval and grows x1.5 towards poll_max_interval (jittered), which bounds
+        the request rate. Once finished jobs have shown how long a generation takes, a job younger
+        than that is polled when it should be done instead: fewer polls, and results seen sooner.
+        """
+        if self.typical is not None and (due := job.started + self.typical + EXPECTED_MARGIN - now) > 0:
+            return min(due, self.jobs.poll_max_interval)
+        current = job.interval
+        job.interval = min(self.jobs.poll_max_interval, current * POLL_GROWTH)
+        return current * self._rng.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)
+
+    def _learn(self, prompt_id: int, outcome: Outcome, now: float) -> None:
+        """Learn the generation time from a job that just finished.
+
+        The API's own timestamps are best. Without them, what the polls saw bounds it: still running
+        at one poll, done at the next (the middle is the estimate); done at the first poll says only
+        "at most this", so the estimate is lowered a little, probing for the true time.
+        """
+        sample = outcome.duration
+        job = self._running.get(prompt_id)
+        if sample is None and job is not None and job.polled_at is not None:
+            done_at = job.polled_at - job.started
+            if job.running_at is not None:
+                sample = (job.running_at + done_at) / 2
+            else:
+                sample = max(0.0, min(done_at, self.typical or done_at) - PROBE_DOWN)
+        if sample is None:
+            return
+        if self.typical is None:
+            self.typical = sample
+        else:
+            self.typical = (1 - LEARNING_WEIGHT) * self.typical + LEARNING_WEIGHT * sample
+
+    def _delay(self, outcome: Outcome) -> float:
+        if outcome.delay is not None:
+            return outcome.delay
+        return 0.0 if outcome.attempt == 0 else self.backoff(outcome.attempt)
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter after transient faults: poll_interval x 2^n, at most 60 s."""
+        base = self.jobs.poll_interval * 2.0 ** min(attempt, BACKOFF_EXPONENT_CAP)
+        return self._rng.uniform(0.5, 1.0) * min(BACKOFF_MAX, base)

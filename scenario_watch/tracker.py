@@ -1,0 +1,138 @@
+"""The tracker: poll a job at Scenario, give up on one that takes too long, download what it made.
+
+A job that succeeded is paid for: its download is retried for a long time (it is never resubmitted),
+and a prompt whose outputs cannot be written yet (a full disk) simply waits.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from . import logs
+from .client import Job, ScenarioClient
+from .config import JobSettings
+from .errors import ApiError, AuthError, NotFound, RateLimited, ScenarioWatchError, TransientError
+from .outbox import Outbox
+from .scheduler import Outcome, Step
+from .store import Row, State, Store
+
+log = logs.get()
+
+# A paid job's download gives up only after this many attempts spread over at least [jobs] timeout.
+MAX_DOWNLOAD_ATTEMPTS = 8
+# A download that failed on rejected credentials waits like the 6th failed attempt (about a minute).
+AUTH_WAIT_ATTEMPT = 6
+# An outbox that cannot be written (full disk, permissions) is tried again after at most this long.
+WRITE_RETRY_MAX = 30.0
+
+
+class Tracker:
+    """Poll and download tasks; it remembers since when each prompt's downloads have been failing."""
+
+    def __init__(
+        self,
+        jobs: JobSettings,
+        client: ScenarioClient,
+        store: Store,
+        outbox: Outbox,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.jobs = jobs
+        self.client = client
+        self.store = store
+        self.outbox = outbox
+        self.clock = clock
+        self._failing_since: dict[int, float] = {}  # prompt id → first failed download (monotonic)
+        self._lock = threading.Lock()  # workers share the dict
+
+    def poll(self, prompt_id: int) -> Outcome:
+        """Ask Scenario how the job is doing; on success, the download is next (the slot frees)."""
+        row = self.store.get(prompt_id)
+        logs.bind(file=row.file, job_id=row.job_id)
+        if row.state != State.SUBMITTED or row.job_id is None:
+            return Outcome(Step.DOWNLOAD if row.state == State.DOWNLOADING else Step.FINISHED)
+        try:
+            job = self.client.get_job(row.job_id)
+        except NotFound:
+            error = f"Scenario does not know job {row.job_id}"
+            hint = "the job is gone (the sandbox forgets its jobs when it stops); retry the prompt"
+            return Outcome.ended(self.outbox.fail(row, "poll", error, hint))
+        except (ScenarioWatchError, OSError) as exc:  # transient, 429, 401/403, odd answers: ask again
+            if self._expired(row):
+                return self._time_out(row, "unknown")
+            log.warning("job.poll_failed", error=str(exc))
+            retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+            return Outcome(Step.POLL, attempt=1, retry_after=retry_after)
+        self.store.polled(row.id, job.progress)
+        if job.status == "success":
+            cost = row.cost if row.cost is not None else job.cost
+            self.store.downloading(row.id, list(job.asset_ids), cost)
+            log.info("job.succeeded", assets=len(job.asset_ids))
+            return Outcome(Step.DOWNLOAD, duration=job.duration)
+        if job.final:
+            error = f"generation {job.status}: {job.error or f'the job ended with status {job.status}'}"
+            return Outcome.ended(self.outbox.fail(row, "generation", error, job.hint))
+        if self._expired(row):
+            return self._time_out(row, job.status)
+        log.debug("job.status", status=job.status, progress=job.progress)
+        return Outcome(Step.POLL)
+
+    def _expired(self, row: Row) -> bool:
+        """The job is older than [jobs] timeout (wall clock: the journal's times survive a restart)."""
+        return row.submitted_at is not None and time.time() - row.submitted_at > self.jobs.timeout
+
+    def _time_out(self, row: Row, status: str) -> Outcome:
+        error = f"the job did not finish within {self.jobs.timeout:g} s (last status {status})"
+        hint = (
+            f"raise [jobs] timeout if generations are slow today; job {row.job_id} may still finish at "
+            "Scenario (check it there before retrying: a retry generates and pays again)"
+        )
+        return Outcome.ended(self.outbox.fail(row, "timeout", error, hint))
+
+    def download(self, prompt_id: int) -> Outcome:
+        """Write the job's outputs and manifest, then file the prompt under done/."""
+        row = self.store.get(prompt_id)
+        logs.bind(file=row.file, job_id=row.job_id)
+        if row.state != State.DOWNLOADING or row.job_id is None:
+            return Outcome(Step.FINISHED)
+        job = Job(job_id=row.job_id, status="success", asset_ids=tuple(row.asset_ids), cost=row.cost)
+        try:
+            outputs = self.outbox.deliver(row, job)
+        except AuthError as exc:  # not the download's fault: wait for the credentials to be fixed
+            log.error("output.auth_failed", error=str(exc))
+            return Outcome(Step.DOWNLOAD, attempt=AUTH_WAIT_ATTEMPT)
+        except (TransientError, ApiError) as exc:
+            return self._download_failed(row, exc)
+        except OSError as exc:
+            # A full disk or an unwritable outbox: nothing is dropped, the prompt waits and retries.
+            hint = "free disk space or fix the outbox permissions"
+            log.error("output.write_failed", error=str(exc), hint=hint)
+            return Outcome(Step.DOWNLOAD, delay=min(WRITE_RETRY_MAX, 2 * self.jobs.poll_max_interval))
+        with self._lock:
+            self._failing_since.pop(row.id, None)
+        self.store.done(row.id, outputs)
+        done = self.store.get(row.id)
+        filed = self.outbox.file(done)
+        self.outbox.release_references(done)
+        log.info("prompt.done", outputs=outputs)
+        return Outcome.ended(filed)
+
+    def _download_failed(self, row: Row, exc: ScenarioWatchError) -> Outcome:
+        attempts = self.store.download_failed(row.id)
+        now = self.clock()
+        with self._lock:
+            failing_for = now - self._failing_since.setdefault(row.id, now)
+        # The job is paid for: give up only after many attempts spread over [jobs] timeout.
+        if attempts < MAX_DOWNLOAD_ATTEMPTS or failing_for < self.jobs.timeout:
+            log.warning("output.download_failed", error=str(exc), attempt=attempts)
+            return Outcome(Step.DOWNLOAD, attempt=attempts)
+        with self._lock:
+            self._failing_since.pop(row.id, None)
+        error = f"downloading the outputs failed {attempts} times: {exc}"
+        hint = (
+            f"job {row.job_id} succeeded (and was paid for): fetch its assets "
+            f"{', '.join(row.asset_ids)} from Scenario; a retry would generate and pay again"
+        )
+        return Outcome.ended(self.outbox.fail(row, "download", error, hint))

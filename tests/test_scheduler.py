@@ -1,0 +1,220 @@
+"""The scheduler alone: a float clock passed in, no threads, no sleeps, no I/O."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scenario_watch.config import JobSettings
+from scenario_watch.scheduler import (
+    AUTH_RETRY,
+    BACKOFF_MAX,
+    EXPECTED_MARGIN,
+    REFILE_DELAY,
+    Outcome,
+    Scheduler,
+    Step,
+    Task,
+)
+
+
+def make(max_in_flight: int = 2, poll_interval: float = 1.0, poll_max_interval: float = 8.0) -> Scheduler:
+    jobs = JobSettings(
+        max_in_flight=max_in_flight, poll_interval=poll_interval, poll_max_interval=poll_max_interval
+    )
+    return Scheduler(jobs, rng=random.Random(7))
+
+
+def submit_all(s: Scheduler, now: float, *ids: int) -> None:
+    for prompt_id in ids:
+        s.enqueue(prompt_id)
+    assert s.due(now) == [(prompt_id, Task.SUBMIT) for prompt_id in ids[: s.limit]]
+
+
+def downloaded(s: Scheduler, prompt_id: int, now: float) -> None:
+    """Hand out the download a finished job is due for, and finish it."""
+    assert s.due(now) == [(prompt_id, Task.DOWNLOAD)]
+    s.done(prompt_id, Task.DOWNLOAD, Outcome(Step.FINISHED), now)
+
+
+def poll_times(s: Scheduler, prompt_id: int, start: float, end: float, step: float = 0.01) -> list[float]:
+    """Walk the clock from start to end; the moments a poll of `prompt_id` came due (left running)."""
+    times, now = [], start
+    while now <= end:
+        for pid, task in s.due(now):
+            assert (pid, task) == (prompt_id, Task.POLL)
+            times.append(round(now, 2))
+            s.done(pid, task, Outcome(Step.POLL), now)
+        now += step
+    return times
+
+
+def test_slots_bound_the_jobs_at_scenario_and_free_when_a_job_ends() -> None:
+    s = make(max_in_flight=2)
+    submit_all(s, 0.0, 1, 2, 3)
+    assert s.busy == {1, 2} and s.slots == {1, 2} and list(s.waiting) == [3]
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.1)  # submitted: polled later, still holds its slot
+    assert s.due(0.2) == [] and s.slots == {1, 2}
+    s.done(2, Task.SUBMIT, Outcome(Step.FINISHED), 0.3)  # failed at submit: the slot frees
+    assert s.due(0.3) == [(3, Task.SUBMIT)]
+    assert s.slots == {1, 3}
+    assert s.due(2.0) == [(1, Task.POLL)]
+    # A job that succeeded frees its slot at once: its download does not hold one.
+    s.done(1, Task.POLL, Outcome(Step.DOWNLOAD), 2.0)
+    assert 1 not in s.slots and s.due(2.0) == [(1, Task.DOWNLOAD)]
+
+
+def test_a_retried_submission_waits_its_backoff_then_goes_first() -> None:
+    s = make(max_in_flight=1, poll_interval=1.0)
+    submit_all(s, 0.0, 1)
+    s.enqueue(2)
+    s.done(1, Task.SUBMIT, Outcome(Step.SUBMIT, attempt=1), 0.0)  # transient fault
+    assert s.due(0.0) == [(2, Task.SUBMIT)]  # the free slot goes to the next prompt meanwhile
+    s.done(2, Task.SUBMIT, Outcome(Step.FINISHED), 0.1)
+    retry_at = s.next_due()
+    assert retry_at is not None and 0.5 * 2.0 <= retry_at <= 2.0  # poll_interval x 2^1, jittered
+    assert s.due(retry_at - 0.01) == []
+    assert s.due(retry_at) == [(1, Task.SUBMIT)]
+
+
+def test_backoff_grows_exponentially_and_is_capped() -> None:
+    s = make(poll_interval=1.0)
+    for attempt in range(1, 6):
+        delay = s.backoff(attempt)
+        assert 0.5 * 2**attempt <= delay <= 2**attempt
+    assert all(0.5 * BACKOFF_MAX <= s.backoff(n) <= BACKOFF_MAX for n in (7, 10, 50, 10_000))
+
+
+def test_polls_start_at_poll_interval_and_slow_down_to_the_cap() -> None:
+    s = make(poll_interval=1.0, poll_max_interval=4.0)
+    submit_all(s, 0.0, 1)
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.0)
+    times = poll_times(s, 1, 0.0, 30.0)
+    gaps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+    assert 0.9 <= gaps[0] <= 1.1 and 1.35 <= gaps[1] <= 1.65  # x1.5 each time, +-10 % jitter
+    assert max(gaps) <= 4.0 * 1.1 + 0.02 and gaps[-1] >= 4.0 * 0.9 - 0.02  # then at the cap
+
+
+def test_learned_generation_time_from_the_api_schedules_the_first_poll() -> None:
+    s = make(max_in_flight=4, poll_interval=1.0, poll_max_interval=8.0)
+    submit_all(s, 0.0, 1)
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.0)
+    [(pid, task)] = s.due(1.2)
+    s.done(pid, task, Outcome(Step.DOWNLOAD, duration=3.0), 1.2)
+    downloaded(s, 1, 1.2)
+    assert s.typical == 3.0
+    submit_all(s, 10.0, 2)
+    s.done(2, Task.SUBMIT, Outcome(Step.POLL), 10.0)
+    assert s.next_due() == pytest.approx(13.0 + EXPECTED_MARGIN)  # when it should be done
+    # A new observation moves the estimate by a weighted average, not all the way.
+    [(pid, task)] = s.due(13.1)
+    s.done(pid, task, Outcome(Step.DOWNLOAD, duration=4.0), 13.1)
+    assert s.typical == pytest.approx(0.7 * 3.0 + 0.3 * 4.0)
+
+
+def test_without_api_timestamps_the_polls_themselves_bound_the_generation_time() -> None:
+    s = make(max_in_flight=4, poll_interval=1.0, poll_max_interval=8.0)
+    submit_all(s, 0.0, 1)
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.0)
+    [(_, task)] = s.due(1.0)  # poll at 1.0: still running
+    s.done(1, task, Outcome(Step.POLL), 1.0)
+    due = s.next_due()
+    assert due is not None
+    s.due(due)  # poll at ~2.5: done, with no terminal statusHistory entry
+    s.done(1, Task.POLL, Outcome(Step.DOWNLOAD), due)
+    downloaded(s, 1, due)
+    assert s.typical == pytest.approx((1.0 + due) / 2)  # between "still running" and "done"
+    # A job whose first poll already finds it done lowers the estimate a little (probing down).
+    before = s.typical
+    submit_all(s, 100.0, 2)
+    s.done(2, Task.SUBMIT, Outcome(Step.POLL), 100.0)
+    first = s.next_due()
+    assert first is not None and first == pytest.approx(100.0 + before + EXPECTED_MARGIN)
+    s.due(first)
+    s.done(2, Task.POLL, Outcome(Step.DOWNLOAD), first)
+    assert s.typical is not None and before - 0.1 < s.typical < before
+
+
+def test_a_failed_poll_is_not_taken_as_running_and_honours_retry_after() -> None:
+    s = make(poll_interval=1.0)
+    submit_all(s, 0.0, 1)
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.0)
+    s.due(1.0)
+    s.done(1, Task.POLL, Outcome(Step.POLL, attempt=1, retry_after=20.0), 1.0)
+    assert s.next_due() == pytest.approx(21.0)
+
+
+def test_rate_limit_pauses_submissions_until_retry_after_but_not_polls() -> None:
+    s = make(max_in_flight=4)
+    submit_all(s, 0.0, 1, 2)
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.0)
+    s.done(2, Task.SUBMIT, Outcome(Step.RATE_LIMITED, attempt=1, retry_after=5.0), 0.0)
+    s.enqueue(3)
+    assert list(s.waiting) == [2, 3]  # the refused prompt keeps its place at the head
+    assert s.due(1.0) == [(1, Task.POLL)]  # polling goes on during the pause
+    s.done(1, Task.POLL, Outcome(Step.POLL), 1.0)
+    assert s.next_due() is not None and s.next_due() <= 5.0  # type: ignore[operator]
+    assert all(task != Task.SUBMIT for _, task in s.due(4.99))
+    assert [(p, t) for p, t in s.due(5.0) if t == Task.SUBMIT] == [(2, Task.SUBMIT), (3, Task.SUBMIT)]
+
+
+def test_rate_limit_without_retry_after_backs_off() -> None:
+    s = make(poll_interval=1.0)
+    submit_all(s, 0.0, 1)
+    s.done(1, Task.SUBMIT, Outcome(Step.RATE_LIMITED, attempt=2), 0.0)
+    assert 2.0 <= s.paused_until <= 4.0
+
+
+def test_rejected_credentials_block_submission_once_and_are_tried_again_later() -> None:
+    s = make(max_in_flight=4)
+    submit_all(s, 0.0, 1, 2)
+    assert s.done(1, Task.SUBMIT, Outcome(Step.AUTH, reason="HTTP 401"), 0.0) is True  # log this one
+    assert s.done(2, Task.SUBMIT, Outcome(Step.AUTH, reason="HTTP 401"), 0.0) is False  # not again
+    assert s.auth_blocked and set(s.waiting) == {1, 2}
+    assert s.due(AUTH_RETRY - 1) == []
+    assert s.next_due() == pytest.approx(AUTH_RETRY)
+    assert sorted(s.due(AUTH_RETRY)) == [(1, Task.SUBMIT), (2, Task.SUBMIT)]
+    assert not s.auth_blocked
+
+
+def test_stopping_hands_out_no_submission_but_keeps_polling() -> None:
+    s = make()
+    submit_all(s, 0.0, 1)
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.0)
+    s.enqueue(2)
+    assert s.due(5.0, submit=False) == [(1, Task.POLL)]
+    assert list(s.waiting) == [2]
+
+
+def test_accept_outcomes_queue_recheck_or_refile() -> None:
+    s = make(max_in_flight=1)
+    s.done(1, Task.ACCEPT, Outcome(Step.ACCEPT, delay=0.5), 0.0)  # a reference not there yet
+    s.done(2, Task.ACCEPT, Outcome(Step.SUBMIT), 0.0)  # valid: queued behind the others
+    s.done(3, Task.ACCEPT, Outcome.ended(False), 0.0)  # failed, and failed/ could not be written
+    assert s.due(0.0) == [(2, Task.SUBMIT)]
+    assert s.due(0.5) == [(1, Task.ACCEPT)]
+    assert s.due(REFILE_DELAY) == [(3, Task.REFILE)]
+    assert Outcome.ended(True).step == Step.FINISHED
+
+
+def test_idle_only_when_nothing_is_queued_timed_or_running() -> None:
+    s = make()
+    assert s.idle()
+    s.enqueue(1)
+    assert not s.idle()
+    s.due(0.0)
+    assert not s.idle()  # busy in a worker
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.0)
+    assert not s.idle()  # a poll is timed
+    s.due(100.0)
+    s.done(1, Task.POLL, Outcome(Step.FINISHED), 100.0)
+    assert s.idle() and not s.slots
+
+
+def test_a_job_found_at_start_holds_a_slot_and_is_polled_at_once() -> None:
+    s = make(max_in_flight=1)
+    s.resume_job(1, 50.0)
+    s.enqueue(2)
+    assert s.due(50.0) == [(1, Task.POLL)]
+    assert s.slots == {1}
