@@ -15,7 +15,7 @@ from . import __version__, logs
 from .client import ScenarioClient
 from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
-from .outbox import move_no_clobber
+from .files import move_no_clobber
 from .prompt import load_prompt, read_prompt_bytes
 from .store import State, Store
 

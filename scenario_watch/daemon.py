@@ -23,9 +23,10 @@ from .client import ScenarioClient
 from .config import Settings
 from .dispatcher import Dispatcher
 from .errors import ConfigError
+from .files import remove_temp_files
 from .intake import Intake
 from .notify import Notifier, status_line
-from .outbox import Outbox, remove_temp_files
+from .outbox import Outbox
 from .scheduler import Outcome, Scheduler, Step, Task
 from .store import ACTIVE, State, Store
 from .tracker import Tracker

@@ -24,6 +24,17 @@ class MissingReference(PromptError):
     """A reference image is not there (yet): the prompt may wait for it to arrive."""
 
 
+class UnsafeFile(PromptError):
+    """Not a regular file (a symlink, FIFO, folder, device or socket): refused without reading it."""
+
+    def __init__(self, name: str, kind: str) -> None:
+        super().__init__(
+            [f"{name} is {kind}: refused (the inbox only takes regular files)"],
+            hint="drop the file itself (copy it in, or write it elsewhere and rename it in)",
+        )
+        self.kind = kind
+
+
 class ApiError(ScenarioWatchError):
     """The Scenario API answered with an error status."""
 

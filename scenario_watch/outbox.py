@@ -1,27 +1,23 @@
-"""Outputs and filing: downloads, atomic writes, manifests, moves to done/ and failed/."""
+"""Outputs and filing: downloads, manifests, moves to done/ and failed/ (atomic file operations: files.py)."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import secrets
-import shutil
 import threading
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from . import logs
 from .client import Job, ScenarioClient
 from .config import FolderSettings
 from .errors import UrlExpired
+from .files import free_name, move_no_clobber, write_atomic
 from .store import Row, State, Store
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
-TEMP_SUFFIX = ".part"
 
 log = logs.get()
 
@@ -29,96 +25,6 @@ log = logs.get()
 def iso(ts: float | None) -> str | None:
     """A Unix time as ISO 8601 UTC, for files people read."""
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_path(dest: Path) -> Path:
-    """A hidden temp name beside `dest`: same filesystem, ignored by anyone watching the folder."""
-    return dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-
-
-def publish(temp: Path, dest: Path) -> bool:
-    """Rename a finished temp file to `dest` without ever overwriting; False if `dest` exists."""
-    try:
-        os.link(temp, dest)
-    except FileExistsError:
-        temp.unlink(missing_ok=True)
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        # Filesystems without hard links (some SMB/FUSE mounts): check, then rename.
-        if dest.exists():
-            temp.unlink(missing_ok=True)
-            return False
-        os.replace(temp, dest)
-    else:
-        temp.unlink()
-    fsync_dir(dest.parent)
-    return True
-
-
-def write_atomic(dest: Path, fill: Callable[[IO[bytes]], object]) -> bool:
-    """Write via a temp name, fsync, then publish; False (nothing written) if `dest` already exists."""
-    temp = temp_path(dest)
-    try:
-        with temp.open("xb") as handle:
-            fill(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return publish(temp, dest)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def free_name(folder: Path, name: str) -> Path:
-    """`name` in `folder`, or `stem-2.ext`, `stem-3.ext` ... if it is taken."""
-    candidate = folder / name
-    plain = Path(name)
-    n = 2
-    while candidate.exists():
-        candidate = folder / f"{plain.stem}-{n}{plain.suffix}"
-        n += 1
-    return candidate
-
-
-def move_no_clobber(src: Path, folder: Path, name: str) -> Path:
-    """Move a file into `folder` under a free name; copy + fsync + rename across filesystems."""
-    folder.mkdir(parents=True, exist_ok=True)
-    while True:
-        dest = free_name(folder, name)
-        try:
-            os.link(src, dest)
-        except FileExistsError:
-            continue  # somebody took the name between the check and the link
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-            with src.open("rb") as source:
-                if not write_atomic(dest, lambda out: shutil.copyfileobj(source, out)):
-                    continue
-        else:
-            fsync_dir(folder)
-        src.unlink()
-        return dest
-
-
-def remove_temp_files(folder: Path) -> int:
-    """Delete temp files a crash left behind (subfolders included); how many."""
-    removed = 0
-    for path in folder.rglob(f".*{TEMP_SUFFIX}"):
-        if path.is_file():
-            path.unlink()
-            removed += 1
-    return removed
 
 
 class Outbox:
@@ -239,7 +145,7 @@ class Outbox:
     def file(self, row: Row) -> bool:
         """Move a finished prompt to done/ or failed/ and record where; False: try again later."""
         claimed = Path(row.claimed)
-        if not claimed.exists():
+        if not os.path.lexists(claimed):  # lexists: a dangling symlink is still there to file
             self.store.filed(row.id, claimed)
             return True
         try:

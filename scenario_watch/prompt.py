@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from .config import AspectRatio, GenerateDefaults, NumOutputs, Resolution, Seed, StrictBool
-from .errors import MissingReference, PromptError
+from .errors import MissingReference, PromptError, UnsafeFile
+from .files import open_regular, read_regular
 
 MAX_PROMPT_BYTES = 1024 * 1024
 MAX_REFERENCES = 14
@@ -88,8 +89,7 @@ class Prompt:
 
 def read_prompt_bytes(path: Path) -> bytes:
     """The file's bytes, refusing early anything too big to be a prompt."""
-    with path.open("rb") as handle:
-        data = handle.read(MAX_PROMPT_BYTES + 1)
+    data = read_regular(path, MAX_PROMPT_BYTES)  # a symlink, FIFO or folder: UnsafeFile, unread
     if len(data) > MAX_PROMPT_BYTES:
         raise PromptError([f"the file is larger than {MAX_PROMPT_BYTES // 1024} KiB: not a prompt file"])
     return data
@@ -161,10 +161,17 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
     problem = _reference_path_problem(Path(entry), path, [base_dir, *roots])
     if problem:
         raise PromptError([f"referenceImages: {entry!r} {problem}"])
+    # In the inbox a reference is the file itself, never a symlink; under a reference root a symlink
+    # is fine once it resolves inside the roots (checked above): open what it resolves to.
+    in_inbox = _inside(Path(os.path.abspath(path)), [Path(os.path.abspath(base_dir))])
+    target = path if in_inbox else path.resolve()
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
+        with open_regular(target) as handle:
+            size = os.fstat(handle.fileno()).st_size
             head = handle.read(16)
+    except UnsafeFile as exc:
+        problem = f"referenceImages: {entry!r} is {exc.kind}: refused (name an image file)"
+        raise PromptError([problem]) from None
     except FileNotFoundError:
         raise MissingReference(
             [f"referenceImages: {entry!r} does not exist in {path.parent}"],
@@ -207,15 +214,15 @@ def _reference_path_problem(entry: Path, path: Path, roots: list[Path]) -> str |
     if ".." in entry.parts:
         return "leaves the inbox (..); name a file inside the inbox"
     resolved_roots = [root.resolve() for root in roots]
-
-    def inside(candidate: Path) -> bool:
-        return any(candidate == root or root in candidate.parents for root in resolved_roots)
-
-    if entry.is_absolute() and not inside(Path(os.path.abspath(path))):
+    if entry.is_absolute() and not _inside(Path(os.path.abspath(path)), resolved_roots):
         return "is an absolute path outside the inbox and [watch] reference_roots"
-    if not inside(path.resolve()):
+    if not _inside(path.resolve(), resolved_roots):
         return "is a symlink that points outside the inbox and [watch] reference_roots"
     return None
+
+
+def _inside(candidate: Path, roots: Sequence[Path]) -> bool:
+    return any(candidate == root or root in candidate.parents for root in roots)
 
 
 def _explain(err: ErrorDetails) -> str:

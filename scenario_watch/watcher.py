@@ -6,11 +6,14 @@ import errno
 import fnmatch
 import json
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileModifiedEvent,
@@ -23,6 +26,8 @@ from watchdog.observers.polling import PollingObserver
 
 from . import logs
 from .config import WatchSettings
+from .errors import UnsafeFile
+from .files import read_regular, rename_into
 
 PROCESSING = ".processing"
 DEFAULT_IGNORE = (
@@ -81,9 +86,11 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            if isinstance(event, FileMovedEvent):
+            if event.is_directory and self.settings.recursive:
+                return  # a subfolder to watch (without recursion, a folder named *.json is claimed: it fails)
+            if isinstance(event, FileMovedEvent | DirMovedEvent):
                 path, moved = os.fsdecode(event.dest_path), True
-            elif isinstance(event, FileCreatedEvent | FileModifiedEvent | FileClosedEvent):
+            elif isinstance(event, FileCreatedEvent | FileModifiedEvent | FileClosedEvent | DirCreatedEvent):
                 path, moved = os.fsdecode(event.src_path), False
             else:
                 return
@@ -107,6 +114,7 @@ class Arrivals:
     A file moved in is complete at once. A file written in place is complete when it parses as a
     JSON object, or when its size and mtime have not changed for `settle` seconds (then it is
     claimed even if it is bad, so that it fails with a clear error instead of waiting forever).
+    Anything but a regular file (a symlink, FIFO, folder ...) is claimed at once, never opened.
     """
 
     def __init__(self, settle: float) -> None:
@@ -147,12 +155,12 @@ class Arrivals:
 
     def _check(self, path: str, seen: _Seen, now: float) -> str:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except OSError:
             return "gone"
-        if not os.path.isfile(path):
-            return "gone"
-        if seen.moved:
+        if seen.moved or not stat.S_ISREG(st.st_mode):
+            # Nothing to wait for in a symlink or a FIFO (and opening one could follow or block): the
+            # claim renames it unread and validation files it in failed/ with the reason.
             return "ready"
         if (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns):
             seen.size, seen.mtime_ns, seen.since = st.st_size, st.st_mtime_ns, now
@@ -164,9 +172,8 @@ class Arrivals:
 
 def _complete_json(path: str) -> bool:
     try:
-        with open(path, "rb") as handle:
-            return isinstance(json.loads(handle.read(PEEK_LIMIT + 1)), dict)
-    except (OSError, ValueError, RecursionError):
+        return isinstance(json.loads(read_regular(path, PEEK_LIMIT)), dict)
+    except (OSError, ValueError, RecursionError, UnsafeFile):
         return False
 
 
@@ -174,19 +181,14 @@ def claim(path: str, inbox: Path, processing: Path) -> Path | None:
     """Take a file by renaming it into `processing` (this daemon's own folder under <inbox>/.processing/,
     so the rename is atomic and never replaces another daemon's claim); None if another got it first."""
     rel = Path(os.path.relpath(path, inbox))
-    dest = processing / rel
-    n = 2
-    while dest.exists():
-        dest = dest.with_name(f"{rel.stem}-{n}.json")
-        n += 1
+    folder = processing / rel.parent
     for _ in range(2):
         try:
-            os.rename(path, dest)
-            return dest
+            return rename_into(path, folder, rel.name)  # the entry itself: a symlink is not followed
         except FileNotFoundError:
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 return None  # claimed by another daemon sharing the inbox, or removed by its writer
-            dest.parent.mkdir(parents=True, exist_ok=True)  # a new subfolder, or a replaced inbox
+            folder.mkdir(parents=True, exist_ok=True)  # a new subfolder, or a replaced inbox
     return None
 
 
@@ -307,14 +309,13 @@ class Watcher:
                 log.warning("watch.scan_failed", error=str(exc))
                 continue
             for entry in entries:
-                if entry.is_file(follow_symlinks=False) and is_candidate(entry.name, ignore):
+                if self.settings.recursive and entry.is_dir(follow_symlinks=False):
+                    if not _ignored(entry.name, ignore):
+                        folders.append(entry.path)
+                elif is_candidate(entry.name, ignore):
+                    # Any kind of entry, not only regular files: a symlink, FIFO or folder named *.json
+                    # is claimed too, so it ends in failed/ with the reason instead of lying here unexplained.
                     found.append(entry.path)
-                elif (
-                    self.settings.recursive
-                    and entry.is_dir(follow_symlinks=False)
-                    and not _ignored(entry.name, ignore)
-                ):
-                    folders.append(entry.path)
         return sorted(found)
 
     def stop(self) -> None:

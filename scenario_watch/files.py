@@ -1,0 +1,238 @@
+"""Atomic, no-clobber file operations and safe reads of files an untrusted party may place.
+
+Every file this package publishes arrives under its final name by a rename, never a hard link:
+a rename is the one event (inotify `IN_MOVED_TO`) that every folder watcher understands, and
+the file is complete when its name appears. Nothing is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, BinaryIO, TypeAlias
+
+from .errors import UnsafeFile
+
+TEMP_SUFFIX = ".part"
+StrPath: TypeAlias = str | os.PathLike[str]
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+# How a filesystem says it does not do renameat2's flags (as opposed to the rename itself failing).
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def _find_renameat2() -> Callable[..., int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2  # Linux, glibc 2.28+
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _find_renameat2()
+# Whether rename_noreplace asks the kernel first; False takes the portable fallback (tests set it).
+use_renameat2 = _renameat2 is not None
+# Filesystems (st_dev) that refused RENAME_NOREPLACE: go straight to the fallback there.
+_refused_devices: set[int] = set()
+
+
+def _parent_device(path: StrPath) -> int:
+    return os.stat(os.path.dirname(os.path.abspath(path))).st_dev
+
+
+def rename_noreplace(src: StrPath, dst: StrPath) -> None:
+    """Rename `src` (any kind of entry, never followed) to `dst`; FileExistsError if `dst` exists.
+
+    On Linux this is one `renameat2(RENAME_NOREPLACE)`. Without it (another OS, glibc before 2.28,
+    a filesystem that refuses the flag) the name is first reserved exclusively, then renamed over:
+    still atomic for readers and still no clobbering, but the reservation is visible as an empty
+    file (an empty folder when moving a folder) for an instant, with an `IN_CREATE` before the
+    `IN_MOVED_TO`.
+    """
+    refused = bool(_refused_devices) and _parent_device(dst) in _refused_devices
+    if not use_renameat2 or _renameat2 is None or refused:
+        _rename_over_reservation(src, dst)
+        return
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in _UNSUPPORTED:
+        raise OSError(err, os.strerror(err), os.fspath(src), None, os.fspath(dst))
+    _rename_over_reservation(src, dst)
+    # Only now is it sure the flag was refused (EINVAL also means "a folder into itself").
+    _refused_devices.add(_parent_device(dst))
+
+
+def _rename_over_reservation(src: StrPath, dst: StrPath) -> None:
+    is_dir = stat.S_ISDIR(os.lstat(src).st_mode)
+    if is_dir:
+        os.mkdir(dst, 0o700)  # a folder may only be renamed over an empty folder
+    else:
+        # O_RDONLY: closing it makes no IN_CLOSE_WRITE, so close_write readers never see it.
+        os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_RDONLY | os.O_CLOEXEC, 0o600))
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        (os.rmdir if is_dir else os.unlink)(dst)
+        raise
+
+
+def fsync_dir(path: StrPath) -> None:
+    """Make a folder's entries (a rename, a new name) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path(dest: Path) -> Path:
+    """A hidden temp name beside `dest`: same filesystem, ignored by anyone watching the folder."""
+    return dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def write_atomic(dest: Path, fill: Callable[[IO[bytes]], object]) -> bool:
+    """Write via a temp name, fsync, then rename into place; False (nothing written) if `dest` exists."""
+    temp = temp_path(dest)
+    handle = temp.open("xb")  # a fresh random name: if it exists it is not ours to remove
+    try:
+        with handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            rename_noreplace(temp, dest)
+        except FileExistsError:
+            temp.unlink()
+            return False
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+    return True
+
+
+def free_name(folder: Path, name: str) -> Path:
+    """`name` in `folder`, or `stem-2.ext`, `stem-3.ext` ... if it is taken."""
+    candidate = folder / name
+    plain = Path(name)
+    n = 2
+    while os.path.lexists(candidate):  # a dangling symlink takes a name too
+        candidate = folder / f"{plain.stem}-{n}{plain.suffix}"
+        n += 1
+    return candidate
+
+
+def rename_into(src: StrPath, folder: Path, name: str) -> Path:
+    """Rename `src` into `folder` as `name`, or the next free `stem-N` name; never replaces anything."""
+    while True:
+        dest = free_name(folder, name)
+        try:
+            rename_noreplace(src, dest)
+            return dest
+        except FileExistsError:
+            continue  # somebody took the name between the check and the rename
+
+
+def move_no_clobber(src: Path, folder: Path, name: str) -> Path:
+    """Move `src` into `folder` under a free name, arriving by rename; across filesystems, copy first.
+
+    On one filesystem any entry moves as itself (a symlink stays a link, a folder moves whole).
+    Across filesystems only a regular file is copied (to a temp in `folder`, fsynced, renamed into
+    place, then the source unlinked); anything else raises OSError(EXDEV) and stays where it is.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        dest = rename_into(src, folder, name)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return _copy_across(src, folder, name)
+    fsync_dir(folder)
+    return dest
+
+
+def _copy_across(src: Path, folder: Path, name: str) -> Path:
+    try:
+        source = open_regular(src)
+    except UnsafeFile as exc:
+        # Copying would read a symlink's target or block on a FIFO: leave it for a person.
+        problem = f"{src.name} is {exc.kind}: not copied to another filesystem (move it by hand)"
+        raise OSError(errno.EXDEV, problem, str(src)) from None
+    with source:
+
+        def copy(out: IO[bytes]) -> None:
+            source.seek(0)
+            shutil.copyfileobj(source, out, 1 << 20)
+
+        while not write_atomic(dest := free_name(folder, name), copy):
+            pass  # the name was taken meanwhile: the next free one
+    os.unlink(src)
+    return dest
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete temp files a crash left behind (subfolders included); how many."""
+    removed = 0
+    for path in folder.rglob(f".*{TEMP_SUFFIX}"):
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def open_regular(path: StrPath) -> BinaryIO:
+    """Open a regular file for reading; UnsafeFile for anything else, which is never opened or followed."""
+    name = os.path.basename(path)
+    # lstat first, so that a FIFO, device or socket is refused without even being opened.
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise UnsafeFile(name, _kind(mode))
+    try:
+        # O_NOFOLLOW and O_NONBLOCK: if the entry was swapped since the lstat, a symlink fails
+        # (ELOOP) instead of being followed and a FIFO opens at once instead of blocking.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(name, "a symbolic link") from None
+        if exc.errno == errno.ENXIO:
+            raise UnsafeFile(name, "a socket") from None
+        raise
+    try:
+        # The descriptor is what gets read, so this check cannot be fooled by another swap.
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeFile(name, _kind(mode))
+        return os.fdopen(fd, "rb")  # O_NONBLOCK changes nothing for a regular file
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: StrPath, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of a regular file (more than `limit` means too big); UnsafeFile otherwise."""
+    with open_regular(path) as handle:
+        return handle.read(limit + 1)

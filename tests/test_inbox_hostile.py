@@ -1,0 +1,128 @@
+"""Entries in the inbox that are not regular files: claimed, never read, filed in failed/ with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import Folders, StartDaemon, generate_posts, wait_for
+
+from scenario_watch.config import WatchSettings
+from scenario_watch.errors import PromptError, UnsafeFile
+from scenario_watch.prompt import check_reference, read_prompt_bytes
+from scenario_watch.sandbox import Sandbox
+from scenario_watch.watcher import Arrivals, Watcher
+
+SECRET = "SECRET-do-not-leak-7f3a9c"
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+# name stem -> what its error file must say
+KINDS = {"leak": "is a symbolic link: refused", "pipe": "is a FIFO", "dir": "is a directory"}
+
+
+def plant(inbox: Path, suffix: str, secret: Path) -> None:
+    """A symlink to a prompt outside the inbox, a FIFO and a folder, all named *.json."""
+    (inbox / f"leak{suffix}.json").symlink_to(secret)
+    os.mkfifo(inbox / f"pipe{suffix}.json")
+    (inbox / f"dir{suffix}.json").mkdir()
+    (inbox / f"dir{suffix}.json" / "inner.json").write_text(json.dumps({"prompt": "inside a folder"}))
+
+
+def test_symlinks_fifos_and_folders_fail_unread_and_the_daemon_goes_on(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, tmp_path: Path
+) -> None:
+    secret = tmp_path / "private" / "secret.json"
+    secret.parent.mkdir()
+    secret.write_text(json.dumps({"prompt": f"publish {SECRET}", "numOutputs": 1}))
+    plant(folders.inbox, "0", secret)  # found by the startup scan
+    proc = daemon()
+    plant(folders.inbox, "1", secret)  # found by watch events
+    folders.drop("after.json", {"prompt": "an ordinary prompt after them"})
+    folders.drop("later.json", {"prompt": "and another"})
+
+    wait_for(lambda: folders.names(folders.done) == ["after.json", "later.json"], what="the good prompts")
+    reports = [f"{kind}{n}.error.json" for kind in KINDS for n in "01"]
+    wait_for(lambda: set(reports) <= set(folders.names(folders.failed)), what="every bad entry in failed/")
+
+    for kind, message in KINDS.items():
+        for n in "01":
+            report = json.loads((folders.failed / f"{kind}{n}.error.json").read_text())
+            assert message in report["error"] and f"{kind}{n}.json" in report["error"], report
+            assert report["stage"] == "validate"
+    # Each was moved as itself: the link (still pointing where it did), the FIFO, the whole folder.
+    for n in "01":
+        assert os.readlink(folders.failed / f"leak{n}.json") == str(secret)
+        assert stat.S_ISFIFO(os.lstat(folders.failed / f"pipe{n}.json").st_mode)
+        assert (folders.failed / f"dir{n}.json" / "inner.json").is_file()
+    assert secret.read_text().startswith('{"prompt": "publish')
+
+    # The secret went nowhere: not in a request, not in a written file, not in the log.
+    assert SECRET not in repr([(r.path, r.query, r.body) for r in sandbox.requests])
+    prompts = sorted(p.body["prompt"] for p in generate_posts(sandbox))
+    assert prompts == ["an ordinary prompt after them", "and another"]
+    for folder in (folders.outbox, folders.done, folders.failed, folders.inbox):
+        for root, _, names in os.walk(folder):  # os.walk does not follow symlinks
+            for name in names:
+                path = Path(root) / name
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in proc.output()
+    assert folders.names(folders.inbox) == []
+    assert folders.claimed() == []
+    assert proc.proc.poll() is None  # the FIFO did not hang it
+    crashes = ("watch.handler_error", "worker.task_failed", "daemon.tick_failed", "prompt.claim_failed")
+    assert [e for e in proc.events() if e.get("event") in crashes] == []
+
+
+def test_scan_and_arrivals_take_any_entry_named_json_but_never_open_it(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    plant(inbox, "", tmp_path / "nowhere.json")  # a dangling link takes the name as well
+    (inbox / "plain.json").write_text('{"prompt": ')  # still being written
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "deep.json").write_text("{}")
+    flat = Watcher(inbox, WatchSettings(polling=False), lambda *_: None)
+    names = ["dir.json", "leak.json", "pipe.json", "plain.json"]
+    assert [os.path.basename(p) for p in flat.scan()] == names
+    # Recursive: a folder is a subfolder to look into, whatever its name.
+    deep = Watcher(inbox, WatchSettings(polling=False, recursive=True), lambda *_: None)
+    assert [os.path.relpath(p, inbox) for p in deep.scan()] == [
+        "dir.json/inner.json", "leak.json", "pipe.json", "plain.json", "sub/deep.json"
+    ]  # fmt: skip
+    arrivals = Arrivals(settle=60)
+    for path in flat.scan():
+        arrivals.note(path, moved=False)
+    # Written in place and not settled: only the regular file waits; the FIFO is not opened (no hang).
+    assert sorted(os.path.basename(p) for p in arrivals.ready(0.0, limit=10)) == names[:3]
+
+
+def test_prompt_reads_and_references_refuse_links_and_fifos(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "photo.png").write_bytes(PNG)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "real.png").write_bytes(PNG)
+    (inbox / "alias.png").symlink_to(inbox / "real.png")  # inside the inbox, but still a link
+    os.mkfifo(inbox / "pipe.png")
+    os.mkfifo(inbox / "p.json")
+    with pytest.raises(UnsafeFile, match=re.escape("p.json is a FIFO")):
+        read_prompt_bytes(inbox / "p.json")
+    assert check_reference("real.png", inbox).mime_type == "image/png"
+    with pytest.raises(PromptError, match=re.escape("'alias.png' is a symbolic link: refused")):
+        check_reference("alias.png", inbox)
+    with pytest.raises(PromptError, match=re.escape("'pipe.png' is a FIFO")):
+        check_reference("pipe.png", inbox)
+    # Under a reference root a symlink may be used as long as it resolves inside the roots.
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "linked.png").symlink_to(outside / "photo.png")
+    (library / "escape.png").symlink_to(outside / "photo.png")
+    roots = [library, outside]
+    assert check_reference(str(library / "linked.png"), inbox, roots).mime_type == "image/png"
+    with pytest.raises(PromptError, match="points outside the inbox"):
+        check_reference(str(library / "escape.png"), inbox, [library])
