@@ -43,7 +43,8 @@ def test_python_dash_m_and_console_script_agree() -> None:
         (b'{"prompt": 5}', "prompt: must be a non-empty string (got 5)"),
         (
             b'{"prompt": "x", "promt": "y"}',
-            "'promt' is not an input of model model_google-gemini-pro-image-editing (built-in schema): did you mean 'prompt'?",
+            "'promt' is not an input of model model_google-gemini-pro-image-editing (built-in schema): "
+            "did you mean 'prompt'?",
         ),
         (b'{"prompt": "x", "numOutput": 2}', "did you mean 'numOutputs'?"),
         (b'{"prompt": "x", "numOutputs": 5}', "numOutputs: must be a whole number from 1 to 4 (got 5)"),
