@@ -114,7 +114,7 @@ def test_generate_poll_asset_and_cdn_bytes(sb: Sandbox, api: requests.Session, c
     order = ["pending", "queued", "warming-up", "in-progress", "finalizing", "success"]
     assert seen == sorted(seen, key=order.index)
     assert [h["status"] for h in job["statusHistory"]] == order
-    assert job["progress"] == 1 and job["jobType"] == "custom-generation"
+    assert job["progress"] == 1 and job["jobType"] == "custom"
     assert job["createdAt"].endswith("Z") and len(job["createdAt"]) == len("2025-01-01T00:00:00.000Z")
     assert job["billing"] == {"cuCost": 10, "cuDiscount": 0}
     assert job["metadata"]["input"] == body
