@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from conftest import KEY, SECRET, wait_for
@@ -18,8 +19,10 @@ from scenario_watch.client import (
     parse_job,
 )
 from scenario_watch.config import MODEL_ID
-from scenario_watch.errors import AuthError, PlanError, RateLimited
+from scenario_watch.errors import AuthError, NotFound, PlanError, PromptError, RateLimited
+from scenario_watch.prompt import PromptRules, parse_prompt
 from scenario_watch.sandbox import Fault, Sandbox
+from scenario_watch.schema import check_value, parse_model
 
 
 @pytest.fixture
@@ -85,10 +88,48 @@ def test_costs_are_numbers(sandbox: Sandbox, client: ScenarioClient) -> None:
     assert cost == 10.0 and isinstance(cost, float)
     done = wait_for(lambda: (j := client.get_job(job.job_id)).final and j, what="job final")
     assert done.cost == 10.0
-    assert isinstance(done.job_type, str)
+    assert done.job_type == "custom"
     assert 0.0 <= done.progress <= 1.0
     assert client.estimate({"prompt": "x", "resolution": "4K"}) == 10.0
     assert [format_cost(c) for c in (10.0, 5.5, 0.1 + 0.2, None)] == ["10", "5.5", "0.3", "?"]
+
+
+def test_fractional_costs(sandbox: Sandbox, client: ScenarioClient) -> None:
+    sandbox.cost_per_output = 5.5
+    assert client.estimate({"prompt": "x"}) == 5.5
+    job, cost = client.generate({"prompt": "x", "numOutputs": 3})
+    assert cost == 16.5
+    done = wait_for(lambda: (j := client.get_job(job.job_id)).final and j, what="job final")
+    assert done.cost == 16.5 and format_cost(done.cost) == "16.5"
+
+
+def test_plan_required_is_a_plan_error(sandbox: Sandbox, client: ScenarioClient) -> None:
+    sandbox.plan_required = "This model is available on the Pro plan and above: upgrade to use it"
+    with pytest.raises(PlanError, match="Pro plan"):
+        client.generate({"prompt": "x"})
+    assert client.get_model()["model"]["id"] == MODEL_ID  # the credentials still work
+
+
+def test_get_model_is_the_live_schema(sandbox: Sandbox, client: ScenarioClient) -> None:
+    live = parse_model(client.get_model(), "live", 1.0)
+    assert live.model_id == MODEL_ID and "seed" in live.inputs
+    assert check_value(live, "numOutputs", 5) == "numOutputs: must be a whole number from 1 to 4 (got 5)"
+    sandbox.seed_input = False
+    without = parse_model(client.get_model(), "live", 2.0)
+    assert "seed" not in without.inputs
+    with pytest.raises(PromptError, match="'seed' is not an input of model"):
+        parse_prompt(
+            b'{"prompt": "x", "seed": 7}', name="p.json", base_dir=Path("."), rules=PromptRules(without)
+        )
+    with pytest.raises(NotFound):
+        client.get_model("model_nope")
+
+
+def test_job_model_id_when_the_listing_echoes_it(sandbox: Sandbox, client: ScenarioClient) -> None:
+    sandbox.echo_model_id = True
+    job, _ = client.generate({"prompt": "x"})
+    assert client.get_job(job.job_id).model_id == MODEL_ID
+    assert client.get_job(job.job_id).job_type == "custom"
 
 
 def test_job_parsing_is_tolerant() -> None:
