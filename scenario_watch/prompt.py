@@ -192,19 +192,17 @@ def _references(entries: list[Any], base_dir: Path, roots: Sequence[Path]) -> li
     """Check every reference; MissingReference only when a missing file is all that is wrong."""
     references: list[Reference] = []
     problems: list[str] = []
-    missing: MissingReference | None = None
+    hint: str | None = None
+    only_missing = True
     for entry in entries:
         try:
             references.append(check_reference(entry, base_dir, roots))
-        except MissingReference as exc:
-            missing = missing or exc
-            problems.extend(exc.problems)
         except PromptError as exc:
+            only_missing = only_missing and isinstance(exc, MissingReference)
+            hint = hint or exc.hint
             problems.extend(exc.problems)
-    if missing is not None and len(problems) == len(missing.problems):
-        raise missing
     if problems:
-        raise PromptError(problems)
+        raise (MissingReference if only_missing else PromptError)(problems, hint=hint)
     return references
 
 

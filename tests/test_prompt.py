@@ -114,8 +114,9 @@ def test_json_errors_say_where(tmp_path: Path) -> None:
 
 
 def test_a_missing_reference_alone_can_be_waited_for(tmp_path: Path) -> None:
-    with pytest.raises(MissingReference):
-        parse({"prompt": "x", "referenceImages": ["later.png"]}, tmp_path)
+    with pytest.raises(MissingReference) as waiting:
+        parse({"prompt": "x", "referenceImages": ["later.png", "asset_1", "later2.png"]}, tmp_path)
+    assert len(waiting.value.problems) == 2 and waiting.value.hint
     with pytest.raises(PromptError) as caught:  # with another problem it is just invalid
         parse({"prompt": "x", "referenceImages": ["later.png", "../up.png"]}, tmp_path)
     assert not isinstance(caught.value, MissingReference)
