@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, logs
-from .client import ScenarioClient
+from .client import ScenarioClient, format_cost
 from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
 from .files import move_no_clobber
-from .prompt import load_prompt, read_prompt_bytes
+from .prompt import prepare_prompt, rules_from_settings
+from .schema import BUILTIN, ModelSchema
 from .store import State, Store
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
@@ -152,20 +153,13 @@ def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
 # -- validate / estimate ------------------------------------------------------------------------------
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    settings = _settings_or_none(args.config)
-    defaults = settings.defaults if settings else None
-    roots = settings.watch.reference_roots if settings else []
+def cmd_validate(args: argparse.Namespace, schema: ModelSchema = BUILTIN) -> int:
+    """Check prompt files offline against `schema` (the built-in one until a cached live one is passed)."""
+    rules = rules_from_settings(_settings_or_none(args.config), schema)
     bad = 0
     for path in args.files:
         try:
-            prompt = load_prompt(
-                read_prompt_bytes(path),
-                file_name=path.name,
-                base_dir=path.parent,
-                defaults=defaults,
-                roots=roots,
-            )
+            prompt = prepare_prompt(path, name=path.name, base_dir=path.parent, rules=rules)
         except PromptError as exc:
             bad += 1
             for problem in exc.problems:
@@ -192,8 +186,10 @@ def _settings_or_none(config: Path | None) -> Settings | None:
         return None
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
+def cmd_estimate(args: argparse.Namespace, schema: ModelSchema = BUILTIN) -> int:
+    """Price prompt files with a dry run, after the same checks as validate against `schema`."""
     loaded = load_settings(args.config, sandbox=args.sandbox)
+    rules = rules_from_settings(loaded.settings, schema)
     sandbox = None
     base_url = loaded.settings.api.base_url
     if args.sandbox:
@@ -202,16 +198,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         sandbox = Sandbox().start()
         base_url = sandbox.base_url
     client = _client(loaded, base_url)
-    total, bad = 0, 0
+    total, bad = 0.0, 0
     try:
         for path in args.files:
             try:
-                prompt = load_prompt(
-                    read_prompt_bytes(path),
-                    file_name=path.name,
-                    base_dir=path.parent,
-                    defaults=loaded.settings.defaults,
-                )
+                prompt = prepare_prompt(path, name=path.name, base_dir=path.parent, rules=rules)
                 inputs = dict(prompt.inputs)
                 assets = [ref.asset_id for ref in prompt.references if ref.asset_id]
                 if assets:
@@ -225,12 +216,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                 print(f"{path}: cannot estimate: {exc}")
             else:
                 total += cost
-                print(f"{path}: {cost} creative units")
+                print(f"{path}: {format_cost(cost)} creative units")
     finally:
         client.close()
         if sandbox is not None:
             sandbox.stop()
-    print(f"total: {total} creative units")
+    print(f"total: {format_cost(total)} creative units")
     return EXIT_INPUT if bad else EXIT_OK
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
+import math
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from .errors import (
     BadRequest,
     NotFound,
     OutcomeUnknown,
+    PlanError,
     RateLimited,
     TransientError,
     UrlExpired,
@@ -27,8 +31,19 @@ from .errors import (
 
 FINAL_STATUSES = frozenset({"success", "failure", "canceled"})
 CHUNK = 256 * 1024
-DIRECT_UPLOAD_LIMIT = 6 * 1024 * 1024
+# POST /v1/assets takes base64 "under 6 MB"; the limit may apply to the whole request body, so the body
+# (base64, name and JSON punctuation) must stay a margin below it. Anything bigger goes multipart.
+DIRECT_UPLOAD_LIMIT = 6_000_000
+DIRECT_UPLOAD_MARGIN = 64 * 1024
 PART_SIZE = 5 * 1024 * 1024
+DRY_RUN = "api"  # dryRun=api: the estimate at the API tier (dryRun=true prices the web app's tier)
+
+# 403 has two meanings (SCENARIO_API.md): credentials without the scope, or a model that needs a higher
+# plan. Only the first is fixed by new credentials; the second fails that prompt and never clears by
+# retrying. A reason that speaks of the plan, or of permission or access to the model, is the second.
+PLAN_REASON = re.compile(
+    r"\b(plans?|upgrade|subscri(be|ption)s?|tiers?)\b|\b(permission|access)\b.*\bmodels?\b", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +58,10 @@ class Job:
     hint: str | None = None
     input: dict[str, Any] = field(default_factory=dict)
     created_at: str | None = None
-    cost: int | None = None
+    cost: float | None = None  # creative units: may be fractional
     duration: float | None = None  # seconds from creation to the final status, by the API's clock
+    job_type: str | None = None  # "custom" for generations, "upload" for uploads, ...
+    model_id: str | None = None  # where the listing says it (see _model_of): None when it does not
 
     @property
     def final(self) -> bool:
@@ -122,7 +139,7 @@ class ScenarioClient:
 
     # -- generate -------------------------------------------------------------------------------------
 
-    def generate(self, inputs: dict[str, Any]) -> tuple[Job, int | None]:
+    def generate(self, inputs: dict[str, Any]) -> tuple[Job, float | None]:
         """Submit one generation; the job and its creative-unit cost.
 
         Raises OutcomeUnknown when the request may have created a job (timeout or reset after
@@ -135,18 +152,27 @@ class ScenarioClient:
         parsed = parse_job(job)
         if parsed is None:
             raise OutcomeUnknown("generate answered with a job that has no id")
-        cost = body.get("creativeUnitsCost")
-        return parsed, cost if isinstance(cost, int) else None
+        return parsed, _number(body.get("creativeUnitsCost"))
 
-    def estimate(self, inputs: dict[str, Any]) -> int:
-        """The creative-unit cost of a generation, without running it (dryRun: HTTP 269)."""
+    def estimate(self, inputs: dict[str, Any]) -> float:
+        """The creative-unit cost of a generation, without running it (dryRun=api: HTTP 269, or 200)."""
         body = self._call(
-            "POST", f"/generate/custom/{self.model_id}", json=inputs, params={"dryRun": "true"}, post=True
+            "POST", f"/generate/custom/{self.model_id}", json=inputs, params={"dryRun": DRY_RUN}, post=True
         )
-        cost = body.get("creativeUnitsCost")
-        if not isinstance(cost, int | float):
+        if isinstance(body.get("job"), dict):
+            # A server that ignores dryRun runs (and bills) the generation: say so loudly, never "estimate".
+            job = parse_job(body["job"])
+            raise BadRequest(200, f"the API ignored dryRun={DRY_RUN} and created job {job and job.job_id}")
+        cost = _number(body.get("creativeUnitsCost"))
+        if cost is None:
             raise TransientError("the estimate answer has no creativeUnitsCost")
-        return int(cost)
+        return cost
+
+    # -- models ---------------------------------------------------------------------------------------
+
+    def get_model(self, model_id: str | None = None) -> dict[str, Any]:
+        """GET /v1/models/{id} (default: the configured model), the raw body for schema.parse_model."""
+        return self._call("GET", f"/models/{model_id or self.model_id}")
 
     # -- jobs -----------------------------------------------------------------------------------------
 
@@ -158,9 +184,13 @@ class ScenarioClient:
         return job
 
     def list_jobs(self, created_after: str, page_size: int = 100) -> Iterator[Job]:
-        """Every job created after an ISO 8601 instant, following pagination tokens to the end."""
+        """Every job created after an ISO 8601 instant, following pagination tokens to the end.
+
+        Empty pages may still carry a token: they are followed. A token seen before is a loop: TransientError.
+        """
         token: str | None = None
-        for _ in range(10_000):  # a bound, in case the server hands out tokens forever
+        seen: set[str] = set()
+        for _ in range(10_000):  # a bound, in case the server hands out new tokens forever
             params: dict[str, Any] = {"createdAfter": created_after, "pageSize": page_size}
             if token:
                 params["paginationToken"] = token
@@ -172,9 +202,13 @@ class ScenarioClient:
                 job = parse_job(raw)
                 if job is not None:
                     yield job
-            token = body.get("nextPaginationToken") or None
-            if token is None:
+            found = body.get("nextPaginationToken")
+            if not isinstance(found, str) or not found:
                 return
+            if found in seen:
+                raise TransientError("the job listing repeated a pagination token")
+            seen.add(found)
+            token = found
         raise TransientError("job listing did not end after 10000 pages")
 
     # -- assets ---------------------------------------------------------------------------------------
@@ -188,9 +222,8 @@ class ScenarioClient:
         return Asset(asset_id, asset["url"], mime if isinstance(mime, str) else "image/png")
 
     def upload_image(self, data: bytes, name: str, mime_type: str) -> str:
-        """Upload a reference image; its new asset id (base64 under 6 MB, multipart at 6 MB and over)."""
-        # The 6 MB bound is read on the base64 body, the stricter reading of the docs.
-        if len(data) * 4 // 3 < DIRECT_UPLOAD_LIMIT:
+        """Upload a reference image; its new asset id (base64 while the body is under 6 MB, else parts)."""
+        if direct_body_size(len(data), name) < DIRECT_UPLOAD_LIMIT - DIRECT_UPLOAD_MARGIN:
             encoded = base64.b64encode(data).decode("ascii")
             body = self._call("POST", "/assets", json={"image": encoded, "name": name}, post=True)
             asset = body.get("asset")
@@ -295,13 +328,17 @@ def _answer(resp: requests.Response, *, post: bool) -> dict[str, Any]:
             error = OutcomeUnknown if post else TransientError
             raise error(f"HTTP {status} with a body that is not a JSON object")
         return body
-    reason = _reason(resp)
+    reason, details = _error(resp)
+    if status == 403 and is_plan_refusal(reason):
+        raise PlanError(status, reason)
     if status in (401, 403):
         raise AuthError(status, reason)
     if status == 404:
         raise NotFound(status, reason)
     if status == 429:
-        raise RateLimited(status, reason, _retry_after(resp))
+        limit = details.get("actionLimit")
+        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+        raise RateLimited(status, reason, _retry_after(resp), limit=limit)
     if 400 <= status < 500:
         raise BadRequest(status, reason)
     error = OutcomeUnknown if post else TransientError
@@ -321,19 +358,60 @@ def parse_job(raw: Any) -> Job | None:
     assert isinstance(asset_ids, list)
     billing = raw.get("billing") if isinstance(raw.get("billing"), dict) else {}
     assert isinstance(billing, dict)
-    progress = raw.get("progress")
+    progress = _number(raw.get("progress")) or 0.0
     return Job(
         job_id=job_id,
         status=str(raw.get("status") or "unknown"),
-        progress=float(progress) if isinstance(progress, int | float) else 0.0,
+        progress=min(1.0, max(0.0, progress)),
         asset_ids=tuple(a for a in asset_ids if isinstance(a, str)),
         error=_text(meta.get("error")),
         hint=_text(meta.get("hint")),
         input=meta["input"] if isinstance(meta.get("input"), dict) else {},
         created_at=_text(raw.get("createdAt")),
-        cost=billing["cuCost"] if isinstance(billing.get("cuCost"), int) else None,
+        cost=_number(billing.get("cuCost")),
         duration=_duration(raw),
+        job_type=_text(raw.get("jobType")),
+        model_id=_model_of(raw, meta),
     )
+
+
+def _model_of(raw: dict[str, Any], meta: dict[str, Any]) -> str | None:
+    """The job's model: top-level `modelId`, else `metadata.input.modelId`, else `metadata.modelId`.
+
+    GUESS (SCENARIO_API.md "The job's model"): the SDK's Job has no model id; the echo may carry it.
+    """
+    found = raw.get("modelId")
+    echoed = meta.get("input")
+    if not _text(found) and isinstance(echoed, dict):
+        found = echoed.get("modelId")
+    if not _text(found):
+        found = meta.get("modelId")
+    return _text(found)
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as float (true and false are not numbers, nor NaN and infinities); else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def format_cost(cost: float | None) -> str:
+    """Creative units for people: "5" rather than "5.0", "5.5", at most four decimals; "?" when unknown."""
+    if cost is None:
+        return "?"
+    rounded = round(cost, 4)
+    return str(int(rounded)) if rounded.is_integer() else str(rounded)
+
+
+def is_plan_refusal(reason: str) -> bool:
+    """Whether a 403's reason says the plan does not include the model (not a credentials problem)."""
+    return PLAN_REASON.search(reason) is not None
+
+
+def direct_body_size(size: int, name: str) -> int:
+    """Bytes of the JSON body of a base64 upload of `size` bytes named `name` (as requests encodes it)."""
+    return 4 * -(-size // 3) + len(json.dumps({"image": "", "name": name}).encode())
 
 
 def _duration(raw: dict[str, Any]) -> float | None:
@@ -357,14 +435,21 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _reason(resp: requests.Response) -> str:
+def _error(resp: requests.Response) -> tuple[str, dict[str, Any]]:
+    """An error answer's `reason` (else the HTTP reason phrase) and `details` (else empty)."""
+    fallback = resp.reason or f"HTTP {resp.status_code}"
     try:
         body = resp.json()
     except ValueError:
-        return resp.reason or f"HTTP {resp.status_code}"
-    if isinstance(body, dict) and isinstance(body.get("reason"), str):
-        return str(body["reason"])
-    return resp.reason or f"HTTP {resp.status_code}"
+        return fallback, {}
+    if not isinstance(body, dict):
+        return fallback, {}
+    reason = body.get("reason")
+    details = body.get("details")
+    return (
+        reason if isinstance(reason, str) and reason else fallback,
+        details if isinstance(details, dict) else {},
+    )
 
 
 def _retry_after(resp: requests.Response) -> float | None:
@@ -385,4 +470,4 @@ def _never_sent(exc: requests.RequestException) -> bool:
     )
 
 
-__all__ = ["Asset", "Job", "ScenarioClient", "parse_job"]
+__all__ = ["Asset", "Job", "ScenarioClient", "format_cost", "is_plan_refusal", "parse_job"]

@@ -27,6 +27,7 @@ from .files import remove_temp_files
 from .intake import Intake
 from .notify import Notifier, status_line
 from .outbox import Outbox
+from .prompt import rules_from_settings
 from .scheduler import Outcome, Scheduler, Step, Task
 from .store import ACTIVE, State, Store
 from .tracker import Tracker
@@ -92,7 +93,7 @@ class Daemon:
                 raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
         self.store = Store(folders.state / journal)
         self.outbox = Outbox(folders, client, self.store, move_references=settings.watch.move_references)
-        self.dispatcher = Dispatcher(settings, client, self.store, self.outbox)
+        self.dispatcher = Dispatcher(settings, client, self.store, self.outbox, rules_from_settings(settings))
         self.tracker = Tracker(settings.jobs, client, self.store, self.outbox, clock)
         self.scheduler = Scheduler(settings.jobs)
         self.intake = Intake(folders.inbox, folders.state, settings.watch, self._arrived)

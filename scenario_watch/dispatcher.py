@@ -8,7 +8,6 @@ lost is reconciled (list the jobs created since, match the input) before anythin
 from __future__ import annotations
 
 import hashlib
-import secrets
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,19 +16,20 @@ from typing import Any
 
 from . import logs
 from .client import Job, ScenarioClient
-from .config import SEED_MAX, Settings
+from .config import Settings
 from .errors import (
     Ambiguous,
     ApiError,
     AuthError,
     MissingReference,
     OutcomeUnknown,
+    PlanError,
     PromptError,
     RateLimited,
     TransientError,
 )
 from .outbox import Outbox
-from .prompt import check_reference, load_prompt, read_prompt_bytes
+from .prompt import PromptRules, check_reference, prepare_prompt
 from .scheduler import Outcome, Step
 from .store import Row, State, Store
 
@@ -44,8 +44,11 @@ REFERENCE_RECHECK = 0.5
 class Dispatcher:
     """Turns claimed prompt files into jobs at Scenario; each method is one task."""
 
-    def __init__(self, settings: Settings, client: ScenarioClient, store: Store, outbox: Outbox) -> None:
+    def __init__(
+        self, settings: Settings, client: ScenarioClient, store: Store, outbox: Outbox, rules: PromptRules
+    ) -> None:
         self.settings = settings
+        self.rules = rules  # the model's schema, [defaults], reference roots
         self.client = client
         self.store = store
         self.outbox = outbox
@@ -62,13 +65,8 @@ class Dispatcher:
         logs.bind(file=row.file)
         watch = self.settings.watch
         try:
-            data = read_prompt_bytes(Path(row.claimed))
-            prompt = load_prompt(
-                data,
-                file_name=row.file,
-                base_dir=row.folder(self.inbox),
-                defaults=self.settings.defaults,
-                roots=watch.reference_roots,
+            prompt = prepare_prompt(
+                Path(row.claimed), name=row.file, base_dir=row.folder(self.inbox), rules=self.rules
             )
         except MissingReference as exc:
             waited = time.time() - row.claimed_at
@@ -92,10 +90,6 @@ class Dispatcher:
             return Outcome.ended(self.outbox.fail(row, "validate", error))
         self._awaiting_references.discard(prompt_id)
         inputs = dict(prompt.inputs)
-        # The API picks a random seed when none is given; picking it here instead changes nothing for
-        # the image but makes every submission unique: a lost answer is then matched to its own job,
-        # never to a twin prompt's, and the manifest records the seed.
-        inputs.setdefault("seed", secrets.randbelow(SEED_MAX + 1))
         if prompt.references:
             inputs["referenceImages"] = [ref.entry for ref in prompt.references]
         self.store.set_prompt(prompt_id, inputs, prompt.stem)
@@ -157,6 +151,10 @@ class Dispatcher:
         except AuthError as exc:
             self.store.back_to_claimed(row.id)
             return Outcome(Step.AUTH, reason=f"HTTP {exc.status}: {exc.reason}")
+        except PlanError as exc:  # this model needs another plan: no retry clears it, other prompts go on
+            hint = "this model is not available on the account's plan: upgrade it or set [api] model_id"
+            error = f"the API refused this model: {exc.reason}"
+            return Outcome.ended(self.outbox.fail(row, "submit", error, hint))
         except ApiError as exc:  # 400 (and 404: an unknown model_id) will not change by resending
             hint = "fix the prompt file and retry it"
             if exc.status != 400:
@@ -173,7 +171,7 @@ class Dispatcher:
             return Outcome(Step.SUBMIT, attempt=attempt)
         return self._submitted(row, job, cost, "job.submitted")
 
-    def _submitted(self, row: Row, job: Job, cost: int | None, event: str) -> Outcome:
+    def _submitted(self, row: Row, job: Job, cost: float | None, event: str) -> Outcome:
         """Record the job id (from now on the prompt is polled, never resent)."""
         self.store.submitted(row.id, job.job_id, cost)
         logs.bind(job_id=job.job_id)

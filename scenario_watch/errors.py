@@ -45,7 +45,11 @@ class ApiError(ScenarioWatchError):
 
 
 class AuthError(ApiError):
-    """401/403: the credentials are wrong or lack the plan or scope."""
+    """401, or a 403 that is not about the plan: the credentials are wrong or lack the scope."""
+
+
+class PlanError(ApiError):
+    """403 because the plan does not include the model: not a credentials problem, and retrying won't help."""
 
 
 class BadRequest(ApiError):
@@ -57,11 +61,12 @@ class NotFound(ApiError):
 
 
 class RateLimited(ApiError):
-    """429: too many parallel jobs; ``retry_after`` in seconds when the API said."""
+    """429: too many parallel jobs; ``retry_after`` in seconds and the team's parallel ``limit`` when said."""
 
-    def __init__(self, status: int, reason: str, retry_after: float | None) -> None:
+    def __init__(self, status: int, reason: str, retry_after: float | None, limit: int | None = None) -> None:
         super().__init__(status, reason)
         self.retry_after = retry_after
+        self.limit = limit
 
 
 class TransientError(ScenarioWatchError):

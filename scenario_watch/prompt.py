@@ -1,41 +1,27 @@
-"""The prompt-file model: read bounded bytes, parse strictly, validate, apply [defaults]."""
+"""The prompt-file model: read bounded bytes, parse strictly, validate against the model's schema."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import ErrorDetails
-
-from .config import AspectRatio, GenerateDefaults, NumOutputs, Resolution, Seed, StrictBool
+from .config import Settings
 from .errors import MissingReference, PromptError, UnsafeFile
 from .files import open_regular, read_regular
+from .schema import BUILTIN, ModelSchema, check_value, show, unknown_input
 
 MAX_PROMPT_BYTES = 1024 * 1024
-MAX_REFERENCES = 14
 MAX_REFERENCE_BYTES = 50 * 1024 * 1024
 MAX_NAME_LENGTH = 120
+NAME_RULE = "a plain file name without / or \\ (it names the outputs)"
+REFERENCES = "referenceImages"  # the input whose entries may be local files, uploaded before generate
 
-# What each key allows, in words, for error messages a person can act on.
-RULES = {
-    "prompt": "a non-empty string",
-    "referenceImages": f"a list of up to {MAX_REFERENCES} image file names or asset ids",
-    "aspectRatio": "one of " + ", ".join(get_args(AspectRatio)),
-    "resolution": "one of 1K, 2K, 4K",
-    "numOutputs": "a whole number from 1 to 4",
-    "useGoogleSearch": "true or false",
-    "seed": "a whole number from 0 to 2147483647",
-    "name": "a plain file name without / or \\ (it names the outputs)",
-}
-
-# Magic bytes of the image types Scenario accepts as references.
+# Magic bytes of the image types Scenario accepts as references (AVIF and HEIC: see _iso_bmff).
 IMAGE_SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"\xff\xd8\xff", "image/jpeg"),
@@ -44,28 +30,29 @@ IMAGE_SIGNATURES = (
     (b"II*\x00", "image/tiff"),
     (b"MM\x00*", "image/tiff"),
 )
+IMAGE_KINDS = "a PNG, JPEG, GIF, WebP, TIFF, AVIF or HEIC image"
+AVIF_BRANDS = frozenset({b"avif", b"avis"})
+HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"heim", b"heis", b"hevx"})
+HEIF_BRANDS = frozenset({b"mif1", b"msf1"})  # the generic HEIF brands: AVIF or HEIC by what else is listed
+HEAD_BYTES = 64
 
 
-class PromptFile(BaseModel):
-    """The JSON object a person drops into the inbox; only `prompt` is required."""
+@dataclass(frozen=True)
+class PromptRules:
+    """What a prompt is checked against: the model's schema, [defaults], and where references may live."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    schema: ModelSchema = BUILTIN
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    roots: Sequence[Path] = ()
 
-    prompt: str = Field(min_length=1)
-    referenceImages: list[Any] | None = Field(None, max_length=MAX_REFERENCES)
-    aspectRatio: AspectRatio | None = None
-    resolution: Resolution | None = None
-    numOutputs: NumOutputs | None = None
-    useGoogleSearch: StrictBool | None = None
-    seed: Seed | None = None
-    name: str | None = Field(None, min_length=1)
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("blank")
-        return value
+def rules_from_settings(settings: Settings | None, schema: ModelSchema = BUILTIN) -> PromptRules:
+    """The PromptRules of a configuration ([defaults], [watch] reference_roots); none: the bare schema."""
+    if settings is None:
+        return PromptRules(schema)
+    return PromptRules(
+        schema, settings.defaults.model_dump(exclude_none=True), tuple(settings.watch.reference_roots)
+    )
 
 
 @dataclass(frozen=True)
@@ -109,7 +96,10 @@ def parse_json(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
-        raise PromptError([f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]) from None
+        # Some messages already end in "at" ("Unterminated string starting at"): not "at at line 1".
+        where = f"line {exc.lineno} column {exc.colno}"
+        message = f"{exc.msg} {where}" if exc.msg.endswith(" at") else f"{exc.msg} at {where}"
+        raise PromptError([f"not valid JSON: {message}"]) from None
     except RecursionError:
         raise PromptError(["not a prompt: the JSON is nested too deeply"]) from None
     except ValueError as exc:
@@ -125,34 +115,88 @@ def parse_json(data: bytes) -> dict[str, Any]:
     return value
 
 
-def load_prompt(
-    data: bytes,
-    *,
-    file_name: str,
-    base_dir: Path,
-    defaults: GenerateDefaults | None = None,
-    roots: Sequence[Path] = (),
-) -> Prompt:
-    """Parse and validate a prompt file's bytes; raise PromptError listing every problem."""
+def prepare_prompt(path: Path, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
+    """Read (bounded), parse and validate one prompt file; raise PromptError listing every problem.
+
+    `name` is the file's name (relative to the inbox for the daemon): its stem is the default output stem.
+    `base_dir` is the folder relative reference files are looked up in. OSError when it cannot be read.
+    """
+    return parse_prompt(read_prompt_bytes(path), name=name, base_dir=base_dir, rules=rules)
+
+
+def parse_prompt(data: bytes, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
+    """Validate a prompt file's bytes against the rules (prepare_prompt without the reading)."""
     raw = parse_json(data)
-    try:
-        model = PromptFile.model_validate(raw)
-    except ValidationError as exc:
-        problems = [_explain(err) for err in exc.errors()]
-        raise PromptError(problems) from None
-    references = [check_reference(entry, base_dir, roots) for entry in (model.referenceImages or [])]
-    stem = safe_stem(model.name) if model.name is not None else _sanitise(Path(file_name).stem)
-    inputs: dict[str, Any] = {}
-    if defaults is not None:
-        inputs.update(defaults.model_dump(exclude_none=True))
-    inputs.update(model.model_dump(exclude_none=True, exclude={"name", "referenceImages"}))
+    schema = rules.schema
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "name":
+            continue
+        problem = (
+            check_value(schema, key, value) if key in schema.inputs else unknown_input(schema, key, ["name"])
+        )
+        if problem:
+            problems.append(problem)
+        elif value is not None:
+            values[key] = value
+    for key, value in rules.defaults.items():
+        if raw.get(key) is not None or value is None:
+            continue  # the prompt file has its say first
+        problem = check_value(schema, key, value)
+        if problem:
+            problems.append(f"{problem} (from [defaults])")
+        else:
+            values[key] = value
+    for key in schema.inputs:
+        if key not in values and (problem := check_value(schema, key, None)):
+            problems.append(problem)
+    stem = _stem(raw, name, problems)
+    if problems:
+        raise PromptError(problems)
+    references = _references(values.pop(REFERENCES, None) or [], base_dir, rules.roots)
+    # Only what the schema lists reaches the API, in the schema's order.
+    inputs = {key: values[key] for key in schema.inputs if key in values}
     return Prompt(inputs=inputs, stem=stem, references=references)
+
+
+def _stem(raw: dict[str, Any], file_name: str, problems: list[str]) -> str:
+    """The output stem: `name` from the file (checked), else the file's own stem."""
+    name = raw.get("name")
+    if name is None:
+        return _sanitise(Path(file_name).stem)
+    if not isinstance(name, str) or not name:
+        problems.append(f"name: must be {NAME_RULE} (got {show(name)})")
+        return "prompt"
+    try:
+        return safe_stem(name)
+    except PromptError as exc:
+        problems.extend(exc.problems)
+        return "prompt"
+
+
+def _references(entries: list[Any], base_dir: Path, roots: Sequence[Path]) -> list[Reference]:
+    """Check every reference; MissingReference only when a missing file is all that is wrong."""
+    references: list[Reference] = []
+    problems: list[str] = []
+    hint: str | None = None
+    only_missing = True
+    for entry in entries:
+        try:
+            references.append(check_reference(entry, base_dir, roots))
+        except PromptError as exc:
+            only_missing = only_missing and isinstance(exc, MissingReference)
+            hint = hint or exc.hint
+            problems.extend(exc.problems)
+    if problems:
+        raise (MissingReference if only_missing else PromptError)(problems, hint=hint)
+    return references
 
 
 def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> Reference:
     """Check one referenceImages entry offline: an asset id, or an image file in base_dir or a root."""
     if not isinstance(entry, str) or not entry:
-        raise PromptError([f"referenceImages: each entry must be a non-empty string (got {_show(entry)})"])
+        raise PromptError([f"referenceImages: each entry must be a non-empty string (got {show(entry)})"])
     if "\x00" in entry:  # the OS refuses such paths with ValueError, not OSError
         raise PromptError([f"referenceImages: {entry!r} contains a NUL character"])
     if re.fullmatch(r"asset_[A-Za-z0-9_-]+", entry):
@@ -168,7 +212,7 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
     try:
         with open_regular(target) as handle:
             size = os.fstat(handle.fileno()).st_size
-            head = handle.read(16)
+            head = handle.read(HEAD_BYTES)
     except UnsafeFile as exc:
         problem = f"referenceImages: {entry!r} is {exc.kind}: refused (name an image file)"
         raise PromptError([problem]) from None
@@ -181,7 +225,7 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
         raise PromptError([f"referenceImages: {entry!r} cannot be read: {exc.strerror}"]) from None
     mime = image_type(head)
     if mime is None:
-        raise PromptError([f"referenceImages: {entry!r} is not a PNG, JPEG, GIF, WebP or TIFF image"])
+        raise PromptError([f"referenceImages: {entry!r} is not {IMAGE_KINDS}"])
     if size > MAX_REFERENCE_BYTES:
         raise PromptError([f"referenceImages: {entry!r} is larger than {MAX_REFERENCE_BYTES >> 20} MiB"])
     return Reference(entry, path=path, mime_type=mime)
@@ -191,16 +235,33 @@ def image_type(head: bytes) -> str | None:
     """The MIME type of an image judged by its first bytes, or None."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
+    if head[4:8] == b"ftyp":
+        return _iso_bmff(head)
     for signature, mime in IMAGE_SIGNATURES:
         if head.startswith(signature):
             return mime
     return None
 
 
+def _iso_bmff(head: bytes) -> str | None:
+    """AVIF or HEIC/HEIF from an ISO-BMFF `ftyp` box: its major brand, then its compatible brands."""
+    size = int.from_bytes(head[:4], "big")
+    end = min(len(head), size) if size >= 16 else 16
+    # major brand at 8, minor version at 12, compatible brands from 16 to the end of the box
+    brands = [head[8:12]] + [head[i : i + 4] for i in range(16, end - 3, 4)]
+    if any(brand in AVIF_BRANDS for brand in brands):
+        return "image/avif"
+    if any(brand in HEIC_BRANDS for brand in brands):
+        return "image/heic"
+    if any(brand in HEIF_BRANDS for brand in brands):
+        return "image/heif"
+    return None  # MP4, QuickTime and the other ISO-BMFF files are not images
+
+
 def safe_stem(name: str) -> str:
     """A `name` from a prompt file as an output stem; refuses anything that would leave the outbox."""
     if "/" in name or "\\" in name or "\x00" in name or name.strip() in (".", ".."):
-        raise PromptError([f"name: {name!r} must be {RULES['name']}"])
+        raise PromptError([f"name: {name!r} must be {NAME_RULE}"])
     return _sanitise(name)
 
 
@@ -223,27 +284,6 @@ def _reference_path_problem(entry: Path, path: Path, roots: list[Path]) -> str |
 
 def _inside(candidate: Path, roots: Sequence[Path]) -> bool:
     return any(candidate == root or root in candidate.parents for root in roots)
-
-
-def _explain(err: ErrorDetails) -> str:
-    loc = [str(part) for part in err["loc"]]
-    key = loc[0] if loc else "?"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, list(RULES), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(RULES)})"
-        return f"unknown key {key!r}{hint}"
-    if err["type"] == "missing":
-        return f"{key!r} is required: {RULES.get(key, '')}".rstrip(": ")
-    if key == "referenceImages" and err["type"] == "list_type" and isinstance(err["input"], str):
-        return f'referenceImages must be a list, even for one image: ["{err["input"]}"]'
-    if key == "referenceImages" and err["type"] == "too_long":
-        return f"referenceImages has more than {MAX_REFERENCES} entries"
-    return f"{key}: must be {RULES.get(key, err['msg'])} (got {_show(err['input'])})"
-
-
-def _show(value: Any) -> str:
-    shown = json.dumps(value, ensure_ascii=False, default=str)
-    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def _no_constant(name: str) -> Any:

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS prompts (
     job_id TEXT UNIQUE,
     submit_started TEXT,             -- ISO 8601 UTC: createdAfter for reconciling a lost answer
     submit_attempts INTEGER NOT NULL DEFAULT 0,
-    cost INTEGER,
+    cost REAL,                       -- creative units (may be fractional)
     asset_ids TEXT,                  -- JSON list
     outputs TEXT,                    -- JSON list of outbox file names
     refs TEXT,                       -- JSON list: each reference's file, sha256 and asset id
@@ -77,7 +77,7 @@ class Row:
     job_id: str | None
     submit_started: str | None
     submit_attempts: int
-    cost: int | None
+    cost: float | None
     asset_ids: list[str]
     outputs: list[str]
     references: list[dict[str, Any]]
@@ -155,7 +155,7 @@ class Store:
                 (State.SUBMITTING, json.dumps(inputs, sort_keys=True), started, time.time(), prompt_id),
             )
 
-    def submitted(self, prompt_id: int, job_id: str, cost: int | None) -> None:
+    def submitted(self, prompt_id: int, job_id: str, cost: float | None) -> None:
         self._update(prompt_id, state=State.SUBMITTED, job_id=job_id, cost=cost, submitted_at=time.time())
 
     def back_to_claimed(self, prompt_id: int) -> None:
@@ -169,7 +169,7 @@ class Store:
         """The job's progress at the latest poll (for `status`)."""
         self._write("UPDATE prompts SET progress = ? WHERE id = ?", progress, prompt_id)
 
-    def downloading(self, prompt_id: int, asset_ids: list[str], cost: int | None) -> None:
+    def downloading(self, prompt_id: int, asset_ids: list[str], cost: float | None) -> None:
         self._update(prompt_id, state=State.DOWNLOADING, asset_ids=json.dumps(asset_ids), cost=cost)
 
     def reserve_out_stem(self, prompt_id: int, out_stem: str) -> None:

@@ -200,5 +200,5 @@ def generate_posts(sb: Sandbox) -> list[Any]:
         if r.server == "api"
         and r.method == "POST"
         and "/generate/" in r.path
-        and r.query.get("dryRun") != "true"
+        and r.query.get("dryRun") not in ("true", "api")
     ]

@@ -41,7 +41,11 @@ def test_python_dash_m_and_console_script_agree() -> None:
         (b'{"prompt": ""}', "prompt: must be a non-empty string"),
         (b'{"prompt": "   "}', "prompt: must be a non-empty string"),
         (b'{"prompt": 5}', "prompt: must be a non-empty string (got 5)"),
-        (b'{"prompt": "x", "promt": "y"}', "unknown key 'promt' (did you mean 'prompt'?)"),
+        (
+            b'{"prompt": "x", "promt": "y"}',
+            "'promt' is not an input of model model_google-gemini-pro-image-editing (built-in schema): "
+            "did you mean 'prompt'?",
+        ),
         (b'{"prompt": "x", "numOutput": 2}', "did you mean 'numOutputs'?"),
         (b'{"prompt": "x", "numOutputs": 5}', "numOutputs: must be a whole number from 1 to 4 (got 5)"),
         (b'{"prompt": "x", "numOutputs": 0}', "numOutputs: must be a whole number from 1 to 4"),
@@ -100,7 +104,7 @@ def test_validate_reference_checks(tmp_path: Path) -> None:
     (tmp_path / "sneaky.png").symlink_to(outside)
     cases = {
         "ok.json": (["beach.png", "asset_abc123"], 0, "ok -> ok_N"),
-        "wrongtype.json": (["notes.png"], 1, "is not a PNG, JPEG, GIF, WebP or TIFF image"),
+        "wrongtype.json": (["notes.png"], 1, "is not a PNG, JPEG, GIF, WebP, TIFF, AVIF or HEIC image"),
         "symlink.json": (["sneaky.png"], 1, "points outside the inbox"),
     }
     for name, (refs, code, expected) in cases.items():

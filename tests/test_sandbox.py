@@ -12,6 +12,8 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,7 +116,7 @@ def test_generate_poll_asset_and_cdn_bytes(sb: Sandbox, api: requests.Session, c
     order = ["pending", "queued", "warming-up", "in-progress", "finalizing", "success"]
     assert seen == sorted(seen, key=order.index)
     assert [h["status"] for h in job["statusHistory"]] == order
-    assert job["progress"] == 1 and job["jobType"] == "custom-generation"
+    assert job["progress"] == 1 and job["jobType"] == "custom"
     assert job["createdAt"].endswith("Z") and len(job["createdAt"]) == len("2025-01-01T00:00:00.000Z")
     assert job["billing"] == {"cuCost": 10, "cuDiscount": 0}
     assert job["metadata"]["input"] == body
@@ -596,3 +598,270 @@ def test_request_records_have_bodies_and_queries(sb: Sandbox, api: requests.Sess
     }
     assert record.body == {"prompt": "recorded"} and record.has_auth and record.time <= time.monotonic()
     assert json.dumps(record.body)
+
+
+# -- the live contract: model schema and knobs --------------------------------------------------------
+
+
+def test_model_schema_lists_the_inputs_and_the_seed_knob_removes_seed(
+    sb: Sandbox, api: requests.Session
+) -> None:
+    answer = api.get(f"{sb.base_url}/models/{MODEL}", timeout=5).json()["model"]
+    assert (answer["id"], answer["type"], answer["status"]) == (MODEL, "custom", "trained") and answer["name"]
+    inputs = {item["name"]: item for item in answer["inputs"]}
+    assert list(inputs) == [
+        "prompt",
+        "referenceImages",
+        "aspectRatio",
+        "resolution",
+        "useGoogleSearch",
+        "numOutputs",
+        "seed",
+    ]
+    assert inputs["prompt"]["type"] == "string" and inputs["prompt"]["required"] == {"always": True}
+    assert inputs["referenceImages"]["type"] == "file_array" and inputs["referenceImages"]["max"] == 14
+    assert inputs["aspectRatio"]["default"] == "auto" and "21:9" in inputs["aspectRatio"]["allowedValues"]
+    assert inputs["resolution"] == {
+        "name": "resolution",
+        "type": "string",
+        "allowedValues": ["1K", "2K", "4K"],
+        "default": "2K",
+        "costImpact": True,
+    }
+    assert inputs["useGoogleSearch"]["type"] == "boolean" and inputs["useGoogleSearch"]["default"] is False
+    assert {k: inputs["numOutputs"][k] for k in ("type", "min", "max", "step", "default", "costImpact")} == {
+        "type": "number",
+        "min": 1,
+        "max": 4,
+        "step": 1,
+        "default": 1,
+        "costImpact": True,
+    }
+    assert (inputs["seed"]["min"], inputs["seed"]["max"], inputs["seed"]["step"]) == (0, 2147483647, 1)
+    other = api.get(f"{sb.base_url}/models/model_other", timeout=5)
+    assert other.status_code == 404 and isinstance(other.json()["reason"], str)
+
+    sb.seed_input = False
+    names = [
+        item["name"] for item in api.get(f"{sb.base_url}/models/{MODEL}", timeout=5).json()["model"]["inputs"]
+    ]
+    assert "seed" not in names and len(names) == 6
+    refused = generate(sb, api, {"prompt": "x", "seed": 7})
+    assert refused.status_code == 400
+    assert refused.json() == {"reason": "Unknown parameter(s) for this model: seed"}
+    assert generate(sb, api, {"prompt": "x"}).status_code == 200 and len(sb.generate_jobs) == 1
+
+
+def test_fractional_cost_per_output_in_answers_estimates_and_billing(
+    sb: Sandbox, api: requests.Session
+) -> None:
+    sb.cost_per_output = 5.5
+    for body, cost in [
+        ({"prompt": "x"}, 5.5),
+        ({"prompt": "x", "resolution": "4K"}, 11),
+        ({"prompt": "x", "numOutputs": 3, "useGoogleSearch": True}, 18.5),
+    ]:
+        estimate = generate(sb, api, body, dryRun="api").json()
+        assert estimate["creativeUnitsCost"] == cost and estimate["costDetails"] == {
+            "custom-generation": cost
+        }
+        answer = generate(sb, api, body).json()
+        assert answer["creativeUnitsCost"] == cost and answer["job"]["billing"]["cuCost"] == cost
+        listed = api.get(f"{sb.base_url}/jobs/{answer['job']['jobId']}", timeout=5).json()["job"]
+        assert listed["billing"]["cuCost"] == cost
+    assert type(generate(sb, api, {"prompt": "x", "resolution": "4K"}).json()["creativeUnitsCost"]) is int
+
+
+def test_echo_strings_turns_numbers_into_strings_in_metadata_input(
+    sb: Sandbox, api: requests.Session
+) -> None:
+    sb.echo_strings = True
+    job = generate(sb, api, {"prompt": "x", "seed": 7, "numOutputs": 2, "useGoogleSearch": True}).json()[
+        "job"
+    ]
+    expected = {"prompt": "x", "seed": "7", "numOutputs": "2", "useGoogleSearch": True}
+    assert job["metadata"]["input"] == expected
+    listed = api.get(f"{sb.base_url}/jobs", timeout=5).json()["jobs"]
+    assert [j["metadata"]["input"] for j in listed] == [expected]
+    assert len(finished_job(sb, api, job["jobId"])["metadata"]["assetIds"]) == 2
+
+
+def listing(sb: Sandbox, api: requests.Session) -> list[dict[str, Any]]:
+    jobs: list[dict[str, Any]] = api.get(f"{sb.base_url}/jobs", params={"pageSize": 100}, timeout=5).json()[
+        "jobs"
+    ]
+    return jobs
+
+
+def test_team_noise_adds_a_teammates_job_and_an_upload_repeatably(api: requests.Session) -> None:
+    def noisy_run() -> list[dict[str, Any]]:
+        with Sandbox(generation_seconds=0.2, rng_seed=42) as sandbox:
+            sandbox.team_noise = 1.0
+            assert generate(sandbox, api, {"prompt": "ours", "numOutputs": 2}).status_code == 200
+            return listing(sandbox, api)
+
+    jobs = noisy_run()
+    assert sorted(job["jobType"] for job in jobs) == ["custom", "custom", "upload"]
+    ours = [job for job in jobs if job["metadata"].get("input", {}).get("prompt") == "ours"]
+    theirs = [job for job in jobs if job["jobType"] == "custom" and job not in ours]
+    upload = next(job for job in jobs if job["jobType"] == "upload")
+    assert len(ours) == len(theirs) == 1
+    assert theirs[0]["metadata"]["input"]["prompt"] != "ours" and theirs[0]["authorId"] != ours[0]["authorId"]
+    assert "input" not in upload["metadata"]
+    again = noisy_run()
+    assert [job["metadata"].get("input") for job in again] == [job["metadata"].get("input") for job in jobs]
+
+
+def test_no_team_noise_by_default_and_planted_foreign_jobs(sb: Sandbox, api: requests.Session) -> None:
+    body = {"prompt": "same", "aspectRatio": "1:1"}
+    ours = generate(sb, api, body).json()["job"]["jobId"]
+    assert [job["jobId"] for job in listing(sb, api)] == [ours]
+    twin = sb.add_foreign_job(dict(body))
+    upload = sb.add_foreign_job({}, job_type="upload")
+    jobs = listing(sb, api)
+    assert [job["jobId"] for job in jobs] == [upload, twin, ours] and sb.generate_jobs == [ours]
+    assert jobs[1]["metadata"]["input"] == body and jobs[1]["jobType"] == "custom"
+    assert jobs[0]["jobType"] == "upload" and "input" not in jobs[0]["metadata"]
+    sb.echo_model_id = True
+    other = sb.add_foreign_job({"prompt": "elsewhere"}, model_id="model_other")
+    assert sb.job(other)["metadata"]["input"] == {"prompt": "elsewhere", "modelId": "model_other"}
+
+
+def test_plan_required_refuses_generate_only(sb: Sandbox, api: requests.Session) -> None:
+    sb.plan_required = "This model requires the Pro plan"
+    for params in ({}, {"dryRun": "true"}):
+        refused = generate(sb, api, {"prompt": "x"}, **params)
+        assert refused.status_code == 403 and refused.json() == {"reason": "This model requires the Pro plan"}
+    assert api.get(f"{sb.base_url}/jobs", timeout=5).status_code == 200
+    assert api.get(f"{sb.base_url}/models/{MODEL}", timeout=5).status_code == 200
+    assert sb.generate_jobs == []
+    sb.plan_required = None
+    assert generate(sb, api, {"prompt": "x"}).status_code == 200
+
+
+def test_lost_answers_create_the_job(sb: Sandbox, api: requests.Session) -> None:
+    sb.lost_answer_rate = 1.0
+    with pytest.raises(requests.ConnectionError):
+        generate(sb, api, {"prompt": "lost"})
+    assert [job["metadata"]["input"] for job in listing(sb, api)] == [{"prompt": "lost"}]
+    assert generate(sb, api, {"prompt": "estimate"}, dryRun="true").status_code == 269
+    assert generate(sb, api, {"promt": "invalid"}).status_code == 400  # nothing created: nothing to lose
+    assert len(sb.generate_jobs) == 1
+
+
+def test_lost_answer_rate_is_a_repeatable_probability(api: requests.Session) -> None:
+    def outcomes() -> list[bool]:
+        with Sandbox(generation_seconds=0.05, rng_seed=7) as sandbox:
+            sandbox.lost_answer_rate = 0.5
+            answered = []
+            for n in range(12):
+                try:
+                    answered.append(generate(sandbox, api, {"prompt": str(n)}).status_code == 200)
+                except requests.ConnectionError:
+                    answered.append(False)
+            assert len(sandbox.generate_jobs) == 12
+            return answered
+
+    first = outcomes()
+    assert first == outcomes() and 0 < sum(first) < 12
+
+
+def test_late_answers_create_the_job_only_after_the_delay(sb: Sandbox, api: requests.Session) -> None:
+    sb.set_knobs(late_answer_rate=1.0, late_answer_delay=0.6)
+    started = time.time()
+    with pytest.raises(requests.Timeout):
+        generate_timeout(sb, api, {"prompt": "slow"}, 0.2)
+    assert listing(sb, api) == [] and sb.generate_jobs == []  # the slow gateway has not passed it on yet
+    job = wait_until(lambda: listing(sb, api))[0]
+    assert job["metadata"]["input"] == {"prompt": "slow"}
+    created = datetime.fromisoformat(job["createdAt"].replace("Z", "+00:00")).timestamp()
+    assert created >= started + 0.6 - 0.01
+    assert generate(sb, api, {"prompt": "x"}, dryRun="true").status_code == 269  # estimates are not late
+
+
+def generate_timeout(sb: Sandbox, api: requests.Session, body: Any, timeout: float) -> requests.Response:
+    return api.post(f"{sb.base_url}/generate/custom/{MODEL}", json=body, timeout=timeout)
+
+
+def test_knobs_over_http_and_their_checks(sb: Sandbox, api: requests.Session) -> None:
+    control = sb.base_url.removesuffix("/v1") + "/_sandbox/knobs"
+    defaults = requests.get(control, timeout=5).json()
+    assert defaults["seed_input"] is True and defaults["cost_per_output"] == 5 and defaults["team_noise"] == 0
+    resp = requests.post(control, json={"plan_required": "Pro only", "cost_per_output": 2.5}, timeout=5)
+    assert resp.status_code == 200 and resp.json()["plan_required"] == "Pro only"
+    assert sb.plan_required == "Pro only" and sb.cost_per_output == 2.5
+    assert generate(sb, api, {"prompt": "x"}).status_code == 403
+    for bad, word in [
+        ({"no_such_knob": 1}, "no_such_knob"),
+        ({"seed_input": "no"}, "seed_input"),
+        ({"team_noise": 2}, "team_noise"),
+        ({"cost_per_output": True}, "cost_per_output"),
+        ({"plan_required": 3, "echo_strings": True}, "plan_required"),
+        ([1, 2], "object"),
+    ]:
+        refused = requests.post(control, json=bad, timeout=5)
+        assert refused.status_code == 400 and word in refused.json()["reason"]
+    assert sb.echo_strings is False  # a refused request changes nothing
+    with pytest.raises(ValueError, match="late_answer_delay"):
+        sb.late_answer_delay = -1
+
+
+def test_uploads_make_upload_jobs_in_the_listing(
+    sb: Sandbox, api: requests.Session, cdn: requests.Session
+) -> None:
+    data = make_png("listed")
+    asset = api.post(
+        f"{sb.base_url}/assets", json={"image": base64.b64encode(data).decode(), "name": "a.png"}, timeout=5
+    ).json()["asset"]
+    final = multipart(sb, api, cdn, data, parts=2, file_size=len(data))
+    jobs = listing(sb, api)
+    assert [job["jobType"] for job in jobs] == ["upload", "upload"] and sb.generate_jobs == []
+    assert [job["metadata"]["assetIds"] for job in jobs] == [[final["entityId"]], [asset["id"]]]
+    assert all("input" not in job["metadata"] for job in jobs)
+    assert final["jobId"] == jobs[0]["jobId"]
+
+
+# -- the state file -----------------------------------------------------------------------------------
+
+
+def test_state_file_keeps_jobs_and_assets_across_a_restart(
+    tmp_path: Path, api: requests.Session, cdn: requests.Session
+) -> None:
+    state = tmp_path / "sandbox.json"
+    data = make_png("kept")
+    with Sandbox(generation_seconds=1.0, state_file=state) as first:
+        asset_id = api.post(
+            f"{first.base_url}/assets", json={"image": base64.b64encode(data).decode()}, timeout=5
+        ).json()["asset"]["id"]
+        job = generate(first, api, {"prompt": "survives", "referenceImages": [asset_id]}).json()["job"]
+        url = api.get(f"{first.base_url}/assets/{asset_id}", timeout=5).json()["asset"]["url"]
+    assert state.exists() and not list(tmp_path.glob(".*.tmp"))
+    with Sandbox(generation_seconds=0.1, state_file=state) as second:
+        assert second.generate_jobs == [job["jobId"]]
+        again = api.get(f"{second.base_url}/jobs/{job['jobId']}", timeout=5).json()["job"]
+        assert again["createdAt"] == job["createdAt"] and again["status"] != "success"  # still running
+        done = finished_job(second, api, job["jobId"])  # its own 1 s timeline, not the new 0.1 s
+        assert done["status"] == "success" and done["metadata"]["input"]["referenceImages"] == [asset_id]
+        fresh = api.get(f"{second.base_url}/assets/{asset_id}", timeout=5).json()["asset"]["url"]
+        assert cdn.get(fresh, timeout=5).content == data
+        # The signing key is kept too: a URL signed before the restart still works on the new CDN port.
+        assert cdn.get(second.cdn_url + "/" + url.split("/", 3)[3], timeout=5).content == data
+        generated = done["metadata"]["assetIds"][0]
+        image = second.asset_bytes(generated)
+    with Sandbox(state_file=state) as third:
+        assert third.asset_bytes(generated) == image
+        assert [j["jobType"] for j in listing(third, api)] == ["custom", "upload"]
+
+
+def test_a_corrupt_state_file_starts_empty_with_one_warning(
+    tmp_path: Path, api: requests.Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "sandbox.json"
+    state.write_text('{"version": 1, "jobs": [')
+    with Sandbox(state_file=state) as sandbox:
+        assert listing(sandbox, api) == []
+        generate(sandbox, api, {"prompt": "fresh"})
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and "corrupt" in warnings[0] and str(state) in warnings[0]
+    with Sandbox(state_file=state) as sandbox:
+        assert len(sandbox.generate_jobs) == 1

@@ -5,7 +5,7 @@ It imports nothing from the rest of scenario_watch: the product never depends on
 
 from .faults import Fault
 from .handlers import RequestRecord
+from .models import ApiError
 from .server import Sandbox, main_serve
-from .state import ApiError
 
 __all__ = ["ApiError", "Fault", "RequestRecord", "Sandbox", "main_serve"]

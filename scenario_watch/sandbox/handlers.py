@@ -18,7 +18,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .faults import REPLACING, Fault, FaultQueue, route_of
-from .state import MODEL_ID, ApiError, CdnError, World
+from .models import MODEL_ID, ApiError, model_answer
+from .records import CdnError
+from .state import World
 
 CHUNK = 64 * 1024
 INVALID = object()  # a request body that is not JSON
@@ -69,17 +71,19 @@ class Context:
     recorder: Recorder
     key: str
     secret: str
+    stopping: threading.Event
 
 
 @dataclass
 class Reply:
-    """An answer to send: a JSON payload, or raw bytes of some content type."""
+    """An answer to send: a JSON payload, or raw bytes of some content type; `lost`: reset instead."""
 
     status: int
     payload: Any = None
     raw: bytes | None = None
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    lost: bool = False
 
     def body(self) -> bytes:
         if self.raw is not None:
@@ -257,14 +261,21 @@ class Handler(BaseHTTPRequestHandler):
         elif fault.kind == "status":
             headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
             self._send(Reply(fault.status, {"reason": fault.reason}, headers=headers))
-        else:  # reset: SO_LINGER 0 turns the close into an RST
-            self.close_connection = True
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            # The descriptor really closes (sending the RST) when finish() drops the reader and writer,
-            # right after this request; nothing is written in between.
-            self.connection.close()
+        else:
+            self._reset()
+
+    def _reset(self) -> None:
+        """Hang up with an RST instead of answering (SO_LINGER 0 turns the close into one)."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The descriptor really closes (sending the RST) when finish() drops the reader and writer,
+        # right after this request; nothing is written in between.
+        self.connection.close()
 
     def _send(self, reply: Reply, *, truncate: bool = False) -> None:
+        if reply.lost:
+            self._reset()
+            return
         if self._record_index is not None:  # logged before the client can see the answer
             self.server.context.recorder.set_status(self._record_index, reply.status)
         data = reply.body()
@@ -312,8 +323,9 @@ class Handler(BaseHTTPRequestHandler):
             case "POST", ["v1", "generate", "custom", model]:
                 if model != MODEL_ID:
                     raise ApiError(404, f"Model not found: {model}")
-                status, payload = world.generate(body, dry_run=query.get("dryRun", "").lower() == "true")
-                return Reply(status, payload)
+                return self._generate(world, query, body)
+            case "GET", ["v1", "models", model]:
+                return Reply(200, model_answer(model, world.seed_input))
             case "GET", ["v1", "jobs"]:
                 return Reply(
                     200,
@@ -339,6 +351,16 @@ class Handler(BaseHTTPRequestHandler):
             case "POST", ["v1", "uploads", upload_id, "action"]:
                 return Reply(200, world.upload_action(upload_id, body))
         raise ApiError(404, f"No route for {self.command} {path}")
+
+    def _generate(self, world: World, query: dict[str, str], body: Any) -> Reply:
+        """A generate POST, answered late or lost as the knobs draw it (dry runs never are)."""
+        dry_run = query.get("dryRun", "").lower() in ("true", "api")
+        delay, lost = (0.0, False) if dry_run else world.generate_fate()
+        # A slow gateway: the request is handled only after the delay, so no job exists before then.
+        if delay and self.server.context.stopping.wait(delay):
+            return Reply(0, lost=True)  # the sandbox stopped meanwhile: hang up, create nothing
+        status, payload = world.generate(body, dry_run)
+        return Reply(status, payload, lost=lost and status == 200)
 
     # -- the CDN server ---------------------------------------------------------------------------
 
@@ -393,6 +415,11 @@ def control(ctx: Context, method: str, path: str, raw: bytes) -> Reply:
                 return Reply(
                     200, {"generate_jobs": list(ctx.world.generate_jobs), "jobs": ctx.world.statuses()}
                 )
+            case "GET", "/_sandbox/knobs":
+                return Reply(200, ctx.world.knobs())
+            case "POST", "/_sandbox/knobs":
+                ctx.world.set_knobs(body)
+                return Reply(200, ctx.world.knobs())
             case "POST", "/_sandbox/fail-next-jobs":
                 if not isinstance(body, dict):
                     raise ValueError("expected a JSON object {n, error, hint, status}")

@@ -8,12 +8,36 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar, cast, overload
 
+from . import persist
 from .faults import Fault, FaultQueue
 from .handlers import Context, Recorder, RequestRecord, SandboxServer
+from .models import MODEL_ID
 from .state import World
+
+T = TypeVar("T")
+
+
+class Knob(Generic[T]):
+    """A Sandbox attribute that reads and sets one World knob; setting checks the value (ValueError)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> Knob[T]: ...
+    @overload
+    def __get__(self, obj: Sandbox, owner: type) -> T: ...
+    def __get__(self, obj: Sandbox | None, owner: type) -> Knob[T] | T:
+        if obj is None:
+            return self
+        return cast(T, getattr(obj.world, self.name))
+
+    def __set__(self, obj: Sandbox, value: T) -> None:
+        obj.world.set_knobs({self.name: value})
 
 
 class Sandbox:
@@ -29,40 +53,51 @@ class Sandbox:
         secret: str = "sandbox-secret",
         parallel_limit: int = 50,
         url_ttl: float = 86400.0,
+        rng_seed: int = 0,
+        state_file: Path | None = None,
     ) -> None:
+        """`state_file`: keep jobs, assets, uploads and the signing key there, across restarts."""
         self.host, self.port, self.cdn_port = host, port, cdn_port
         self.key, self.secret = key, secret
-        self.world = World(generation_seconds, parallel_limit, url_ttl)
+        self.state_file = state_file
+        knobs = {
+            "generation_seconds": generation_seconds,
+            "parallel_limit": parallel_limit,
+            "url_ttl": url_ttl,
+            "rng_seed": rng_seed,
+        }
+        self.world = World(knobs, persist.load(state_file) if state_file else None)
         self.faults = FaultQueue()
         self.recorder = Recorder()
-        self._context = Context(self.world, self.faults, self.recorder, key, secret)
+        self._stopping = threading.Event()
+        self._context = Context(self.world, self.faults, self.recorder, key, secret, self._stopping)
         self._servers: list[SandboxServer] = []
         self._threads: list[threading.Thread] = []
+        self._saver: persist.Saver | None = None
 
-    # Knobs a test may turn while the sandbox runs; new jobs and new URLs pick the new value.
+    # Knobs a test may turn while the sandbox runs (see knobs.py); new requests see the new value.
+    generation_seconds: Knob[float] = Knob()
+    parallel_limit: Knob[int] = Knob()
+    url_ttl: Knob[float] = Knob()
+    seed_input: Knob[bool] = Knob()
+    cost_per_output: Knob[float] = Knob()
+    echo_strings: Knob[bool] = Knob()
+    echo_model_id: Knob[bool] = Knob()
+    team_noise: Knob[float] = Knob()
+    plan_required: Knob[str | None] = Knob()
+    lost_answer_rate: Knob[float] = Knob()
+    late_answer_rate: Knob[float] = Knob()
+    late_answer_delay: Knob[float] = Knob()
+    rng_seed: Knob[int] = Knob()
+
+    def set_knobs(self, **values: Any) -> None:
+        """Set several knobs at once, as POST /_sandbox/knobs does (ValueError: none is set)."""
+        self.world.set_knobs(values)
+
     @property
-    def generation_seconds(self) -> float:
-        return self.world.generation_seconds
-
-    @generation_seconds.setter
-    def generation_seconds(self, value: float) -> None:
-        self.world.generation_seconds = value
-
-    @property
-    def parallel_limit(self) -> int:
-        return self.world.parallel_limit
-
-    @parallel_limit.setter
-    def parallel_limit(self, value: int) -> None:
-        self.world.parallel_limit = value
-
-    @property
-    def url_ttl(self) -> float:
-        return self.world.url_ttl
-
-    @url_ttl.setter
-    def url_ttl(self, value: float) -> None:
-        self.world.url_ttl = value
+    def knobs(self) -> dict[str, Any]:
+        """Every knob's current value."""
+        return self.world.knobs()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -70,6 +105,7 @@ class Sandbox:
         """Bind both ports and serve in daemon threads; returns self."""
         if self._servers:
             return self
+        self._stopping.clear()
         api = SandboxServer((self.host, self.port), "api", self._context)
         cdn = SandboxServer((self.host, self.cdn_port), "cdn", self._context)
         self.port, self.cdn_port = api.server_address[1], cdn.server_address[1]
@@ -79,11 +115,14 @@ class Sandbox:
             thread.start()
             self._servers.append(server)
             self._threads.append(thread)
+        if self.state_file is not None:
+            self._saver = persist.Saver(self.world, self.state_file)
         return self
 
     def stop(self) -> None:
         """Stop both servers and cut their connections; safe to call twice."""
         servers, self._servers = self._servers, []
+        self._stopping.set()  # late answers still waiting give up instead of creating jobs
         stoppers = [threading.Thread(target=server.shutdown, daemon=True) for server in servers]
         for stopper in stoppers:
             stopper.start()
@@ -103,6 +142,9 @@ class Sandbox:
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads = []
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            saver.close()
 
     def __enter__(self) -> Sandbox:
         return self.start()
@@ -150,6 +192,12 @@ class Sandbox:
         """The bytes the CDN serves for an asset (KeyError if unknown)."""
         return self.world.asset_bytes(asset_id)
 
+    def add_foreign_job(
+        self, input: dict[str, Any], model_id: str = MODEL_ID, job_type: str = "custom"
+    ) -> str:
+        """Plant a teammate's job (a generation with this input, or an "upload") in the listing; its id."""
+        return self.world.add_foreign_job(input, model_id, job_type)
+
     def fail_next_jobs(
         self, n: int, error: str = "Generation failed", hint: str = "", status: str = "failure"
     ) -> None:
@@ -166,7 +214,9 @@ class Sandbox:
         return True
 
 
-def main_serve(port: int, cdn_port: int = 0, generation_seconds: float = 1.0) -> None:
+def main_serve(
+    port: int, cdn_port: int = 0, generation_seconds: float = 1.0, state_file: Path | None = None
+) -> None:
     """Run a sandbox in the foreground until SIGINT or SIGTERM (`scenario-watch sandbox`)."""
     stop = threading.Event()
 
@@ -174,7 +224,9 @@ def main_serve(port: int, cdn_port: int = 0, generation_seconds: float = 1.0) ->
         stop.set()  # only a flag: the main thread does the shutting down
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    sandbox = Sandbox(port=port, cdn_port=cdn_port, generation_seconds=generation_seconds).start()
+    sandbox = Sandbox(
+        port=port, cdn_port=cdn_port, generation_seconds=generation_seconds, state_file=state_file
+    ).start()
     try:
         print(
             f"sandbox: API {sandbox.base_url} key={sandbox.key} secret={sandbox.secret} "

@@ -1,4 +1,4 @@
-"""The simulated Scenario account: jobs, assets, uploads, validation, pricing and URL signing (no HTTP)."""
+"""The simulated Scenario account: jobs, assets, uploads and URL signing (no HTTP)."""
 
 from __future__ import annotations
 
@@ -6,33 +6,34 @@ import base64
 import binascii
 import copy
 import hashlib
-import hmac
-import json
+import random
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeGuard
+from typing import Any
 
 from .images import dimensions, make_png, sniff_mime
-
-MODEL_ID = "model_google-gemini-pro-image-editing"
-ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "5:4", "1:1", "4:5", "3:4", "2:3", "9:16", "auto")
-RESOLUTIONS = ("1K", "2K", "4K")
-INPUT_KEYS = (
-    "prompt",
-    "referenceImages",
-    "aspectRatio",
-    "resolution",
-    "useGoogleSearch",
-    "numOutputs",
-    "seed",
+from .knobs import KNOBS, check_knobs
+from .models import ASPECT_RATIOS, MODEL_ID, RESOLUTIONS, ApiError, cost_of, echoed, estimate, validate_inputs
+from .records import (
+    ME,
+    OWNER,
+    TEAMMATE,
+    AssetRecord,
+    CdnError,
+    JobRecord,
+    Signer,
+    Snapshot,
+    UploadRecord,
+    is_int,
+    iso,
+    make_token,
+    ms,
+    parse_instant,
+    read_token,
 )
-MAX_REFERENCES = 14
-SEED_MAX = 2_147_483_647
+
 DIRECT_UPLOAD_LIMIT = 6 * 1024 * 1024
 # The share of the generation time at which a job enters each running status.
 TIMELINE = (
@@ -51,195 +52,181 @@ EXTENSIONS = {
     "image/webp": "webp",
     "image/tiff": "tiff",
 }
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class ApiError(Exception):
-    """An API answer other than success: HTTP status, the `reason` and optional `details`."""
-
-    def __init__(self, status: int, reason: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(reason)
-        self.status, self.reason, self.details = status, reason, details
-
-
-class CdnError(ApiError):
-    """A CDN refusal; rendered as the XML error document CloudFront and S3 send."""
-
-
-def iso(ms: int) -> str:
-    """Milliseconds since the epoch as ISO 8601 UTC with milliseconds and a Z."""
-    return (EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-@dataclass
-class JobRecord:
-    job_id: str
-    seq: int
-    input: dict[str, Any]
-    created_ms: int
-    created_mono: float
-    duration: float
-    cost: int
-    final_status: str = "success"
-    error: str | None = None
-    hint: str | None = None
-    asset_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class AssetRecord:
-    asset_id: str
-    mime: str
-    data: bytes | None  # None: a generated image, drawn on first use from `seed`
-    seed: str
-    created_ms: int
-
-
-@dataclass
-class UploadRecord:
-    upload_id: str
-    body: dict[str, Any]
-    created_ms: int
-    parts: dict[int, bytes] = field(default_factory=dict)
-    completed_mono: float | None = None
-    asset_id: str | None = None
-    error: str | None = None
-
-
-class Signer:
-    """Signs CDN paths with an expiry (HMAC-SHA256, a random key per sandbox) and checks them."""
-
-    def __init__(self) -> None:
-        self._key = secrets.token_bytes(32)
-
-    def _mac(self, path: str, expires: str) -> str:
-        return hmac.new(self._key, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
-
-    def sign(self, base: str, path: str, ttl: float) -> tuple[str, int]:
-        expires = int(time.time() + ttl)
-        query = f"Expires={expires}&Key-Pair-Id=sandbox&Signature={self._mac(path, str(expires))}"
-        return f"{base}{path}?{query}", expires
-
-    def check(self, path: str, query: dict[str, str]) -> None:
-        expires, signature = query.get("Expires", ""), query.get("Signature", "")
-        if not expires or not signature or query.get("Key-Pair-Id") != "sandbox":
-            raise CdnError(403, "Missing Key-Pair-Id, Expires or Signature query parameter")
-        if not hmac.compare_digest(self._mac(path, expires), signature):
-            raise CdnError(403, "Invalid signature")
-        if not expires.isdigit() or time.time() > int(expires):
-            raise CdnError(403, "Request has expired")
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_inputs(body: Any, known_asset: Callable[[str], bool]) -> None:
-    """Check generate inputs like the API table; ApiError(400) names the first bad field."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object of model inputs")
-    unknown = sorted(set(body) - set(INPUT_KEYS))
-    if unknown:
-        raise ApiError(400, f"Unknown parameter(s) for this model: {', '.join(unknown)}")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ApiError(400, "prompt is required and must be a non-empty string")
-    refs = body.get("referenceImages", [])
-    if not isinstance(refs, list):
-        raise ApiError(400, "referenceImages must be an array of asset ids")
-    if len(refs) > MAX_REFERENCES:
-        raise ApiError(400, f"referenceImages accepts at most {MAX_REFERENCES} images, got {len(refs)}")
-    for index, ref in enumerate(refs):
-        if not isinstance(ref, str) or not known_asset(ref):
-            raise ApiError(400, f"referenceImages[{index}]: asset {ref!r} not found")
-    if body.get("aspectRatio", "auto") not in ASPECT_RATIOS:
-        raise ApiError(400, f"aspectRatio must be one of {', '.join(ASPECT_RATIOS)}")
-    if body.get("resolution", "2K") not in RESOLUTIONS:
-        raise ApiError(400, f"resolution must be one of {', '.join(RESOLUTIONS)}")
-    outputs = body.get("numOutputs", 1)
-    if not _is_int(outputs) or not 1 <= outputs <= 4:
-        raise ApiError(400, "numOutputs must be an integer from 1 to 4")
-    seed = body.get("seed", 0)
-    if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
-        raise ApiError(400, f"seed must be an integer from 0 to {SEED_MAX}")
-    if not isinstance(body.get("useGoogleSearch", False), bool):
-        raise ApiError(400, "useGoogleSearch must be a boolean")
-
-
-def cost_of(body: dict[str, Any]) -> int:
-    """Creative units: 5 per output (10 at 4K), plus 2 with Google search."""
-    per_output = 10 if body.get("resolution") == "4K" else 5
-    return per_output * int(body.get("numOutputs", 1)) + (2 if body.get("useGoogleSearch") else 0)
-
-
-def estimate(body: dict[str, Any]) -> dict[str, Any]:
-    cost = cost_of(body)
-    return {"creativeUnitsCost": cost, "creativeUnitsDiscount": 0, "costDetails": {"custom-generation": cost}}
+RNG_STREAMS = ("late", "lost", "noise", "team")
 
 
 class World:
     """Everything the sandbox remembers; every public method is thread-safe."""
 
-    def __init__(self, generation_seconds: float, parallel_limit: int, url_ttl: float) -> None:
-        self.generation_seconds = generation_seconds
-        self.parallel_limit = parallel_limit
-        self.url_ttl = url_ttl
-        self.cdn_url = ""
-        self.signer = Signer()
+    # The knobs (see knobs.py), as plain attributes: read without the lock, set through set_knobs.
+    generation_seconds: float
+    parallel_limit: int
+    url_ttl: float
+    seed_input: bool
+    cost_per_output: float
+    echo_strings: bool
+    echo_model_id: bool
+    team_noise: float
+    plan_required: str | None
+    lost_answer_rate: float
+    late_answer_rate: float
+    late_answer_delay: float
+    rng_seed: int
+
+    def __init__(self, knobs: dict[str, Any], snapshot: Snapshot | None = None) -> None:
         self._lock = threading.RLock()
-        self._jobs: dict[str, JobRecord] = {}
-        self._unfinished: set[str] = set()
-        self._assets: dict[str, AssetRecord] = {}
-        self._uploads: dict[str, UploadRecord] = {}
+        self.cdn_url = ""
+        self.changed = threading.Event()  # set on every change a state file should keep
+        for name, (_, default) in KNOBS.items():
+            setattr(self, name, default)
+        self._rngs: dict[str, random.Random] = {}
+        self.set_knobs({"rng_seed": 0, **knobs})
         self._failures: deque[tuple[str, str, str | None]] = deque()  # (status, error, hint)
         self._images: dict[str, bytes] = {}
-        self.generate_jobs: list[str] = []
+        snap = snapshot or Snapshot(secrets.token_bytes(32), 0, [], [], [], [])
+        self.signer = Signer(snap.key)
+        self._next_seq = snap.next_seq
+        self.generate_jobs: list[str] = list(snap.generate_jobs)
+        self._jobs = {job.job_id: job for job in sorted(snap.jobs, key=lambda job: job.seq)}
+        self._unfinished = set(self.generate_jobs)  # _running() prunes the finished ones
+        self._assets = {asset.asset_id: asset for asset in snap.assets}
+        self._uploads = {upload.upload_id: upload for upload in snap.uploads}
+
+    def set_knobs(self, values: dict[str, Any]) -> None:
+        """Check every value, then apply them all (ValueError names the first bad one)."""
+        checked = check_knobs(values)
+        with self._lock:
+            for name, value in checked.items():
+                setattr(self, name, value)
+            if "rng_seed" in checked:  # one stream per purpose: turning one knob never shifts another's draws
+                self._rngs = {name: random.Random(f"{self.rng_seed}:{name}") for name in RNG_STREAMS}
+
+    def knobs(self) -> dict[str, Any]:
+        """The current value of every knob."""
+        with self._lock:
+            return {name: getattr(self, name) for name in KNOBS}
+
+    def export(self) -> Snapshot:
+        """A copy of everything a state file keeps, taken atomically."""
+        with self._lock:
+            return Snapshot(
+                self.signer.key,
+                self._next_seq,
+                list(self.generate_jobs),
+                copy.deepcopy(list(self._jobs.values())),
+                copy.deepcopy(list(self._assets.values())),
+                copy.deepcopy(list(self._uploads.values())),
+            )
+
+    def _touch(self) -> None:
+        self.changed.set()
 
     # -- jobs ---------------------------------------------------------------------------------------
 
     def fail_next_jobs(self, n: int, error: str, hint: str, status: str) -> None:
+        """The next n generations end in `status` with this error and hint."""
         if status not in ("failure", "canceled"):
             raise ValueError("status must be 'failure' or 'canceled'")
         with self._lock:
             self._failures.extend([(status, error, hint or None)] * n)
 
-    def generate(self, body: Any, dry_run: bool) -> tuple[int, dict[str, Any]]:
-        """Validate, price and (unless a dry run) create a job; the HTTP status and answer."""
+    def generate_fate(self) -> tuple[float, bool]:
+        """Draw what happens to one real generate: seconds to handle it late (0: on time), answer lost."""
         with self._lock:
-            validate_inputs(body, self._assets.__contains__)
+            late = self._rngs["late"].random() < self.late_answer_rate
+            lost = self._rngs["lost"].random() < self.lost_answer_rate
+            return (self.late_answer_delay if late else 0.0), lost
+
+    def generate(self, body: Any, dry_run: bool) -> tuple[int, dict[str, Any]]:
+        """Check the plan, validate, price and (unless a dry run) create a job; the HTTP status and answer."""
+        with self._lock:
+            if self.plan_required is not None:  # the credentials are fine: only this model is off-plan
+                raise ApiError(403, self.plan_required)
+            validate_inputs(body, self._assets.__contains__, self.seed_input)
             if dry_run:
-                return 269, estimate(body)
+                return 269, estimate(body, self.cost_per_output)
             running = self._running()
             if running >= self.parallel_limit:
                 details = {"actionName": "custom-generation", "actionLimit": self.parallel_limit}
                 raise ApiError(429, "Too many parallel jobs", details)
-            job = JobRecord(
-                job_id="job_" + secrets.token_hex(12),
-                seq=len(self._jobs),
-                input=copy.deepcopy(body),
-                created_ms=now_ms(),
-                created_mono=time.monotonic(),
-                duration=self.generation_seconds,
-                cost=cost_of(body),
-            )
+            job = self._new_job("custom", MODEL_ID, ME, body, self.generation_seconds)
             if self._failures:
                 job.final_status, job.error, job.hint = self._failures.popleft()
-            self._jobs[job.job_id] = job
             self._unfinished.add(job.job_id)
             self.generate_jobs.append(job.job_id)
-            return 200, {"job": self._render(job), **estimate(body)}
+            if self._rngs["noise"].random() < self.team_noise:
+                self._team_noise(str(body.get("prompt")))
+            return 200, {"job": self._render(job), **estimate(body, self.cost_per_output)}
+
+    def _new_job(
+        self,
+        job_type: str,
+        model_id: str | None,
+        author: str,
+        body: dict[str, Any] | None,
+        duration: float,
+        asset_ids: list[str] | None = None,
+    ) -> JobRecord:
+        """Create and list a job; a generation's input is stored as the API echoes it."""
+        stored = None
+        if body is not None:
+            stored = echoed(body, self.echo_strings)
+            if self.echo_model_id:
+                stored["modelId"] = model_id
+        job = JobRecord(
+            job_id="job_" + secrets.token_hex(12),
+            seq=self._next_seq,
+            job_type=job_type,
+            model_id=model_id,
+            author=author,
+            input=stored,
+            created=time.time(),
+            duration=duration,
+            cost=cost_of(body, self.cost_per_output) if body is not None else 0,
+            asset_ids=asset_ids or [],
+        )
+        self._next_seq += 1
+        self._jobs[job.job_id] = job
+        self._touch()
+        return job
+
+    def _team_noise(self, our_prompt: str) -> None:
+        """A teammate's generation (same model, another prompt) and a teammate's upload."""
+        rng = self._rngs["team"]
+        n = rng.randrange(1_000_000)
+        prompt = f"teammate's idea #{n}"
+        theirs = {
+            "prompt": prompt if prompt != our_prompt else prompt + " (again)",
+            "aspectRatio": rng.choice(ASPECT_RATIOS),
+            "resolution": rng.choice(RESOLUTIONS),
+            "numOutputs": rng.randint(1, 4),
+        }
+        self._new_job("custom", MODEL_ID, TEAMMATE, theirs, self.generation_seconds)
+        self._upload_job(self._add_asset(None, "image/png", f"teammate upload {n}", TEAMMATE), TEAMMATE)
+
+    def _upload_job(self, asset_id: str, author: str) -> JobRecord:
+        return self._new_job("upload", None, author, None, 0.0, [asset_id])
+
+    def add_foreign_job(
+        self, input: dict[str, Any], model_id: str = MODEL_ID, job_type: str = "custom"
+    ) -> str:
+        """Plant a teammate's job in the listing: a generation with this input, or an upload; its id."""
+        if job_type not in ("custom", "upload"):
+            raise ValueError("job_type must be 'custom' or 'upload'")
+        with self._lock:
+            if job_type == "upload":
+                asset_id = self._add_asset(None, "image/png", f"foreign upload {self._next_seq}", TEAMMATE)
+                return self._upload_job(asset_id, TEAMMATE).job_id
+            return self._new_job("custom", model_id, TEAMMATE, input, self.generation_seconds).job_id
 
     def _running(self) -> int:
-        now = time.monotonic()
-        done = {j for j in self._unfinished if now - self._jobs[j].created_mono >= self._jobs[j].duration}
+        now = time.time()
+        done = {j for j in self._unfinished if now - self._jobs[j].created >= self._jobs[j].duration}
         self._unfinished -= done  # each job leaves the set once, so this stays cheap with many jobs
         return len(self._unfinished)
 
     def job(self, job_id: str) -> dict[str, Any]:
+        """GET /v1/jobs/{id}: the job as it is now."""
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
@@ -247,13 +234,15 @@ class World:
             return self._render(job)
 
     def statuses(self) -> dict[str, str]:
+        """Every job's current status."""
         with self._lock:
             return {job_id: self._render(job)["status"] for job_id, job in self._jobs.items()}
 
     def _render(self, job: JobRecord) -> dict[str, Any]:
         """The job as the API shows it now: status, progress and history follow the elapsed time."""
-        elapsed, d = time.monotonic() - job.created_mono, job.duration
-        history = [(status, share * d) for status, share in TIMELINE if share * d <= elapsed or share == 0]
+        elapsed, d = time.time() - job.created, job.duration
+        steps = TIMELINE if job.job_type == "custom" else TIMELINE[:1]  # an upload job just runs, then ends
+        history = [(status, share * d) for status, share in steps if share * d <= elapsed or share == 0]
         if elapsed >= d:
             history.append((job.final_status, d))
         status = history[-1][0]
@@ -263,26 +252,30 @@ class World:
             progress = round(0.9 * (elapsed - 0.25 * d) / (0.6 * d), 3)
         else:
             progress = 0.95 if status == "finalizing" else 0.0
-        if status == "success" and not job.asset_ids:
+        if status == "success" and not job.asset_ids and job.input is not None:
             job.asset_ids = [
                 self._generated_asset(job, n) for n in range(int(job.input.get("numOutputs", 1)))
             ]
-        metadata: dict[str, Any] = {"assetIds": list(job.asset_ids), "input": copy.deepcopy(job.input)}
+        metadata: dict[str, Any] = {"assetIds": list(job.asset_ids) if status == "success" else []}
+        if job.input is not None:
+            metadata["input"] = copy.deepcopy(job.input)
         if status in ("failure", "canceled"):
             metadata["error"] = job.error or "Generation failed"
             if job.hint:
                 metadata["hint"] = job.hint
-        stamps = [job.created_ms + int(offset * 1000) for _, offset in history]
+        stamps = [ms(job.created + offset) for _, offset in history]
         return {
             "jobId": job.job_id,
-            "jobType": "custom-generation",
+            "jobType": job.job_type,
             "status": status,
             "progress": progress,
             "statusHistory": [
-                {"status": s, "date": iso(ms)} for (s, _), ms in zip(history, stamps, strict=True)
+                {"status": s, "date": iso(stamp)} for (s, _), stamp in zip(history, stamps, strict=True)
             ],
-            "createdAt": iso(job.created_ms),
+            "createdAt": iso(ms(job.created)),
             "updatedAt": iso(stamps[-1]),
+            "authorId": job.author,
+            "ownerId": OWNER,
             "billing": {"cuCost": job.cost, "cuDiscount": 0},
             "metadata": metadata,
         }
@@ -291,39 +284,50 @@ class World:
         self, created_after: str | None, page_size: str | None, token: str | None
     ) -> dict[str, Any]:
         """Jobs newest first. Before the last page comes one empty page with a token, as a real API may."""
-        after_us = _parse_instant(created_after) if created_after else None
+        after_us = parse_instant(created_after) if created_after else None
         try:
             size = int(page_size) if page_size is not None else 10
         except ValueError:
             size = 0
         if not 1 <= size <= 100:
             raise ApiError(400, "pageSize must be an integer from 1 to 100")
-        before, padded = _read_token(token) if token else (None, False)
+        before, padded = read_token(token) if token else (None, False)
         with self._lock:
             jobs = [
                 job
                 for job in reversed(self._jobs.values())
-                if (after_us is None or job.created_ms * 1000 > after_us)
+                if (after_us is None or ms(job.created) * 1000 > after_us)
                 and (before is None or job.seq < before)
             ]
             if before is not None and not padded and len(jobs) <= size:
-                return {"jobs": [], "nextPaginationToken": _make_token(before, padded=True)}
+                return {"jobs": [], "nextPaginationToken": make_token(before, padded=True)}
             page = jobs[:size]
             answer: dict[str, Any] = {"jobs": [self._render(job) for job in page]}
             if len(jobs) > size:
-                answer["nextPaginationToken"] = _make_token(page[-1].seq, padded=False)
+                answer["nextPaginationToken"] = make_token(page[-1].seq, padded=False)
             return answer
 
     # -- assets -------------------------------------------------------------------------------------
 
     def _generated_asset(self, job: JobRecord, n: int) -> str:
         asset_id = "asset_" + hashlib.sha256(f"{job.job_id}:{n}".encode()).hexdigest()[:24]
-        seed = f"{asset_id}\n{job.input.get('prompt', '')}"
-        self._assets[asset_id] = AssetRecord(asset_id, "image/png", None, seed, now_ms())
+        assert job.input is not None
+        prompt = str(job.input.get("prompt", ""))
+        self._assets[asset_id] = AssetRecord(
+            asset_id,
+            "image/png",
+            None,
+            f"{asset_id}\n{prompt}",
+            job.created + job.duration,
+            source="img2img" if job.input.get("referenceImages") else "txt2img",
+            author=job.author,
+            metadata={"modelId": job.model_id, "prompt": prompt, "parentJobId": job.job_id},
+        )
+        self._touch()
         return asset_id
 
     def asset_bytes(self, asset_id: str) -> bytes:
-        """The bytes the CDN serves for an asset (KeyError if unknown); generated images are cached."""
+        """The bytes the CDN serves for an asset (KeyError if unknown); drawn images are cached."""
         with self._lock:
             asset = self._assets[asset_id]
             if asset.data is not None:
@@ -334,6 +338,7 @@ class World:
             return image
 
     def asset(self, asset_id: str) -> dict[str, Any]:
+        """GET /v1/assets/{id}: the asset with a freshly signed CDN URL."""
         with self._lock:
             record = self._assets.get(asset_id)
             if record is None:
@@ -348,9 +353,17 @@ class World:
                 "mimeType": record.mime,
                 "kind": "image",
                 "status": "success",
+                "source": record.source,
+                "privacy": "private",
+                "authorId": record.author,
+                "ownerId": OWNER,
+                "collectionIds": [],
+                "tags": [],
+                "editCapabilities": [],
                 "properties": {"width": width, "height": height, "size": len(data)},
-                "metadata": {},
-                "createdAt": iso(record.created_ms),
+                "metadata": {"kind": "image", "type": record.source, **record.metadata},
+                "createdAt": iso(ms(record.created)),
+                "updatedAt": iso(ms(record.created)),
             }
         }
 
@@ -373,10 +386,11 @@ class World:
             return {"url": url, "mimeType": record.mime}
 
     def upload_asset(self, body: Any) -> dict[str, Any]:
-        """POST /assets: a small image as bare base64 becomes an asset."""
+        """POST /assets: a small image as bare base64 becomes an asset (and an upload job)."""
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
             raise ApiError(400, "image is required: the file as a bare base64 string")
-        if not isinstance(body.get("name", ""), str):
+        name = body.get("name", "")
+        if not isinstance(name, str):
             raise ApiError(400, "name must be a string")
         if body["image"].startswith("data:"):
             raise ApiError(400, "image must be bare base64, without a data: URL prefix")
@@ -390,12 +404,18 @@ class World:
         if mime is None:
             raise ApiError(400, "image is not a supported format (jpeg, png, gif, webp, tiff)")
         with self._lock:
-            asset_id = self._add_asset(data, mime)
+            asset_id = self._add_asset(data, mime, "", ME, name)
+            self._upload_job(asset_id, ME)
         return self.asset(asset_id)
 
-    def _add_asset(self, data: bytes, mime: str) -> str:
+    def _add_asset(self, data: bytes | None, mime: str, seed: str, author: str, name: str = "") -> str:
+        """A new uploaded asset: these bytes, or (None) an image drawn from the seed."""
         asset_id = "asset_" + secrets.token_hex(12)
-        self._assets[asset_id] = AssetRecord(asset_id, mime, data, asset_id, now_ms())
+        metadata = {"name": name} if name else {}
+        self._assets[asset_id] = AssetRecord(
+            asset_id, mime, data, seed or asset_id, time.time(), author=author, metadata=metadata
+        )
+        self._touch()
         return asset_id
 
     def cdn_asset(self, path: str, query: dict[str, str]) -> tuple[str, bytes]:
@@ -411,6 +431,7 @@ class World:
     # -- multipart uploads ------------------------------------------------------------------------
 
     def create_upload(self, body: Any) -> dict[str, Any]:
+        """POST /uploads: a pending upload with a signed PUT URL per part."""
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object")
         for key in ("fileName", "contentType"):
@@ -419,16 +440,18 @@ class World:
         if body.get("kind") != "image":
             raise ApiError(400, "kind must be 'image'")
         parts, size = body.get("parts"), body.get("fileSize")
-        if not _is_int(parts) or not 1 <= parts <= 10_000:
+        if not is_int(parts) or not 1 <= parts <= 10_000:
             raise ApiError(400, "parts must be an integer from 1 to 10000")
-        if not _is_int(size) or size < 1:
+        if not is_int(size) or size < 1:
             raise ApiError(400, "fileSize must be a positive integer")
-        upload = UploadRecord("upload_" + secrets.token_hex(12), copy.deepcopy(body), now_ms())
+        upload = UploadRecord("upload_" + secrets.token_hex(12), copy.deepcopy(body), time.time())
         with self._lock:
             self._uploads[upload.upload_id] = upload
+            self._touch()
             return {"upload": self._render_upload(upload, None)}
 
     def upload(self, upload_id: str) -> dict[str, Any]:
+        """GET /uploads/{id}: the upload as it is now."""
         with self._lock:
             return {"upload": self._render_upload(self._upload(upload_id), None)}
 
@@ -445,7 +468,7 @@ class World:
             raise ApiError(400, "action must be 'complete'")
         with self._lock:
             upload = self._upload(upload_id)
-            if upload.completed_mono is not None:
+            if upload.completed is not None:
                 raise ApiError(400, "This upload is already complete")
             missing = [n for n in range(1, upload.body["parts"] + 1) if n not in upload.parts]
             if missing:
@@ -459,8 +482,13 @@ class World:
             elif mime is None:
                 upload.error = "The file is not a supported image format"
             else:
-                upload.asset_id = self._add_asset(data, mime)
-            upload.completed_mono = time.monotonic()
+                upload.asset_id = self._add_asset(data, mime, "", ME, upload.body["fileName"])
+            assets = [upload.asset_id] if upload.asset_id else []
+            job = self._new_job("upload", None, ME, None, UPLOAD_DONE_AT, assets)
+            if upload.error:
+                job.final_status, job.error = "failure", upload.error
+            upload.parts.clear()  # assembled into the asset: the parts need not be kept twice
+            upload.completed, upload.job_id = job.created, job.job_id
             return {"upload": self._render_upload(upload, "complete")}
 
     def _render_upload(self, upload: UploadRecord, status: str | None) -> dict[str, Any]:
@@ -469,21 +497,29 @@ class World:
             "fileName": upload.body["fileName"],
             "contentType": upload.body["contentType"],
             "kind": "image",
+            "source": "multipart",
             "fileSize": upload.body["fileSize"],
-            "createdAt": iso(upload.created_ms),
+            "partsCount": upload.body["parts"],
+            "authorId": ME,
+            "ownerId": OWNER,
+            "createdAt": iso(ms(upload.created)),
         }
-        if upload.completed_mono is None:
+        if upload.completed is None:
             answer["status"] = "pending"
+            answer["updatedAt"] = answer["createdAt"]
             answer["parts"] = [self._part(upload, n) for n in range(1, upload.body["parts"] + 1)]
             return answer
-        age = time.monotonic() - upload.completed_mono
+        age, changed = time.time() - upload.completed, 0.0
         if status is None:
-            status = (
-                "validating" if age < UPLOAD_VALIDATED_AT else "validated" if age < UPLOAD_DONE_AT else ""
-            )
-        if not status:
-            status = "failed" if upload.error else "imported"
+            if age < UPLOAD_VALIDATED_AT:
+                status = "validating"
+            elif age < UPLOAD_DONE_AT:
+                status, changed = "validated", UPLOAD_VALIDATED_AT
+            else:
+                status, changed = ("failed" if upload.error else "imported"), UPLOAD_DONE_AT
         answer["status"] = status
+        answer["updatedAt"] = iso(ms(upload.completed + changed))
+        answer["jobId"] = upload.job_id
         if status == "failed":
             answer["errorMessage"] = upload.error
         if status == "imported":
@@ -502,34 +538,8 @@ class World:
             upload = self._uploads.get(upload_id)
             if upload is None or not number.isdigit() or not 1 <= int(number) <= upload.body["parts"]:
                 raise CdnError(404, "The specified upload or part does not exist.")
-            if upload.completed_mono is not None:
+            if upload.completed is not None:
                 raise CdnError(400, "The upload is already complete.")
             upload.parts[int(number)] = data
+            self._touch()
         return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
-
-
-def _parse_instant(value: str) -> int:
-    """An ISO 8601 instant as integer microseconds since the epoch (naive means UTC)."""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ApiError(400, f"createdAfter is not an ISO 8601 date: {value!r}") from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - EPOCH) // timedelta(microseconds=1)
-
-
-def _make_token(before: int, *, padded: bool) -> str:
-    raw = json.dumps({"before": before, "padded": padded}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _read_token(token: str) -> tuple[int, bool]:
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        before, padded = raw["before"], raw["padded"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ApiError(400, "Invalid paginationToken") from exc
-    if not _is_int(before) or not isinstance(padded, bool):
-        raise ApiError(400, "Invalid paginationToken")
-    return before, padded
