@@ -56,6 +56,11 @@ CREATE TABLE IF NOT EXISTS uploads (
     asset_id TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (     -- small named values the daemon keeps (e.g. the model's schema)
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 
@@ -211,6 +216,20 @@ class Store:
             sha256,
             asset_id,
             time.time(),
+        )
+
+    # -- named values ---------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> tuple[str, float] | None:
+        """A named value and when it was written (unix time), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value, updated_at FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (str(row[0]), float(row[1]))
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Keep a named value (replacing the old one)."""
+        self._write(
+            "INSERT OR REPLACE INTO meta (key, value, updated_at) VALUES (?, ?, ?)", key, value, time.time()
         )
 
     # -- queries --------------------------------------------------------------------------------------
