@@ -101,6 +101,27 @@ class WatchSettings(_Section):
         return [Path(os.path.abspath(root.expanduser())) for root in value]
 
 
+class PresetSettings(BaseModel):
+    """[presets.NAME]: any prompt-file key (checked by presets.py against the schema) plus `folder`."""
+
+    model_config = ConfigDict(extra="allow")  # the prompt keys: the model's schema decides, not this class
+
+    folder: Path | None = None  # default: <inbox>/NAME/
+
+    @field_validator("folder")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.abspath(value.expanduser()))
+
+
+class HookSettings(_Section):
+    """Commands run after a prompt is filed (argv lists, no shell)."""
+
+    on_done: list[str] = Field(default_factory=list)
+    on_failed: list[str] = Field(default_factory=list)
+    timeout: float = Field(60.0, gt=0, le=86400)
+
+
 class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -119,6 +140,8 @@ class Settings(BaseSettings):
     jobs: JobSettings = Field(default_factory=JobSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    presets: dict[str, PresetSettings] = Field(default_factory=dict)
+    hooks: HookSettings = Field(default_factory=HookSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -285,7 +308,9 @@ def _check_keys(data: Mapping[str, Any], path: Path | None) -> None:
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of keys")
         fields = Settings.model_fields[section].annotation
-        known = fields.model_fields if isinstance(fields, type) and issubclass(fields, BaseModel) else {}
+        if not (isinstance(fields, type) and issubclass(fields, BaseModel)):
+            continue  # [presets.NAME]: each preset's keys are checked against the schema (presets.py)
+        known = fields.model_fields
         for key in values:
             if key not in known:
                 raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, known)}")

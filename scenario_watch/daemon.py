@@ -23,11 +23,13 @@ from .client import ScenarioClient
 from .config import Settings
 from .dispatcher import Dispatcher
 from .errors import ConfigError
-from .files import remove_temp_files
+from .hooks import HookRunner
 from .intake import Intake
 from .notify import Notifier, status_line
 from .outbox import Outbox
+from .presets import load_presets
 from .prompt import rules_from_settings
+from .recovery import recover
 from .scheduler import Outcome, Scheduler, Step, Task
 from .store import ACTIVE, State, Store
 from .tracker import Tracker
@@ -91,15 +93,25 @@ class Daemon:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
-        self.store = Store(folders.state / journal)
-        self.outbox = Outbox(folders, client, self.store, move_references=settings.watch.move_references)
-        self.dispatcher = Dispatcher(settings, client, self.store, self.outbox, rules_from_settings(settings))
-        self.tracker = Tracker(settings.jobs, client, self.store, self.outbox, clock)
-        self.scheduler = Scheduler(settings.jobs)
-        self.intake = Intake(folders.inbox, folders.state, settings.watch, self._arrived)
-        self.notifier = Notifier(dict(os.environ) if env is None else env)
+        env = dict(os.environ) if env is None else env
+        presets = load_presets(settings)  # a bad preset or hook command stops the start (exit 2)
         # SimpleQueue: put() is safe from a signal handler (Queue's lock is not reentrant).
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.store = Store(folders.state / journal)
+        self.hooks = HookRunner(
+            settings.hooks, self.store, folders.outbox, env, lambda: self.events.put(Wake())
+        )
+        self.outbox = Outbox(
+            folders, client, self.store, move_references=settings.watch.move_references, hook=self.hooks
+        )
+        self.dispatcher = Dispatcher(
+            settings, client, self.store, self.outbox, rules_from_settings(settings), presets
+        )
+        self.tracker = Tracker(settings.jobs, client, self.store, self.outbox, clock)
+        self.scheduler = Scheduler(settings.jobs)
+        folders_of = {name: preset.folder for name, preset in presets.items()}
+        self.intake = Intake(folders.inbox, folders.state, settings.watch, self._arrived, folders_of)
+        self.notifier = Notifier(env)
         self.tasks: queue.Queue[tuple[int, Task] | None] = queue.Queue()
         self.runners: dict[Task, Callable[[int], Outcome]] = {
             Task.SUBMIT: self.dispatcher.submit,
@@ -133,7 +145,16 @@ class Daemon:
             worker = threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
             worker.start()
             self.workers.append(worker)
-        self._recover()
+        recover(
+            folders=self.folders,
+            store=self.store,
+            outbox=self.outbox,
+            scheduler=self.scheduler,
+            intake=self.intake,
+            hooks=self.hooks,
+            accept=self._accept,
+            now=self.clock(),
+        )
         self.intake.start(self.clock(), watch=not self.once)
         self.notifier.send("READY=1")
         log.info(
@@ -171,6 +192,7 @@ class Daemon:
         deadline = time.monotonic() + grace
         for worker in self.workers:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.hooks.close(grace=max(0.0, deadline - time.monotonic()))  # unfinished ones: next start
         # A worker still in a request is abandoned: its prompt's state is in the journal, and the
         # next start resumes it (a lost generate answer is reconciled, never resent blindly).
         self.client.close()
@@ -179,15 +201,17 @@ class Daemon:
 
     def idle(self) -> bool:
         """Nothing left to do (for --once), or nothing possible until the credentials are fixed."""
-        return self.scheduler.auth_blocked or (self.scheduler.idle() and not self.intake.pending())
+        if self.scheduler.auth_blocked:
+            return True
+        return self.scheduler.idle() and not self.intake.pending() and not self.hooks.busy()
 
     # -- the loop -------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         """One iteration: claim what is ready, start what is due, keep the observer alive."""
         try:
-            for name, claimed in self.intake.claim_ready(now):
-                self._accept(self.store.add(name, claimed))
+            for claim in self.intake.claim_ready(now):
+                self._accept(self.store.add(claim.name, claim.path, claim.preset))
             if not self.stopping.is_set():
                 self.intake.tick(now)
             for prompt_id, task in self.scheduler.due(now, submit=not self.stopping.is_set()):
@@ -268,35 +292,3 @@ class Daemon:
         return status_line(
             len(self.scheduler.waiting), len(self.scheduler.slots), counts[State.DONE], counts[State.FAILED]
         )
-
-    # -- recovery -------------------------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Resume what a previous run left: finish filings, requeue, re-poll, reconcile, redo."""
-        for folder in (self.folders.outbox, self.folders.done, self.folders.failed):
-            removed = remove_temp_files(folder)
-            if removed:
-                log.info("recover.temp_removed", folder=str(folder), count=removed)
-        now = self.clock()
-        known = set()
-        for row in self.store.unfiled():
-            known.add(row.claimed)
-            self.scheduler.done(row.id, Task.REFILE, Outcome.ended(self.outbox.file(row)), now)
-        for row in self.store.active():
-            known.add(row.claimed)
-            logs.bind(file=row.file, job_id=row.job_id)
-            log.info("recover.resume", state=str(row.state))
-            if row.state == State.CLAIMED and row.inputs is None:
-                self._accept(row.id)
-            elif row.state == State.CLAIMED:
-                self.scheduler.enqueue(row.id)
-            elif row.state == State.SUBMITTING:
-                self.scheduler.enqueue(row.id, first=True)  # submit reconciles before it sends anything
-            elif row.state == State.SUBMITTED:
-                self.scheduler.resume_job(row.id, now)
-            else:
-                self.scheduler.at(now, row.id, Task.DOWNLOAD)
-            structlog.contextvars.clear_contextvars()
-        # A crash between the claim (rename) and the journal entry leaves an unknown file there.
-        for name, path in self.intake.unknown_claims(known):
-            self._accept(self.store.add(name, path))

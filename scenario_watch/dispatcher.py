@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from .errors import (
     TransientError,
 )
 from .outbox import Outbox
-from .prompt import PromptRules, check_reference, prepare_prompt
+from .presets import Preset, find_preset, prepare, prompt_folder
+from .prompt import PromptRules, check_reference
 from .scheduler import Outcome, Step
 from .store import Row, State, Store
 
@@ -45,10 +47,17 @@ class Dispatcher:
     """Turns claimed prompt files into jobs at Scenario; each method is one task."""
 
     def __init__(
-        self, settings: Settings, client: ScenarioClient, store: Store, outbox: Outbox, rules: PromptRules
+        self,
+        settings: Settings,
+        client: ScenarioClient,
+        store: Store,
+        outbox: Outbox,
+        rules: PromptRules,
+        presets: Mapping[str, Preset] | None = None,
     ) -> None:
         self.settings = settings
         self.rules = rules  # the model's schema, [defaults], reference roots
+        self.presets = presets or {}
         self.client = client
         self.store = store
         self.outbox = outbox
@@ -65,8 +74,12 @@ class Dispatcher:
         logs.bind(file=row.file)
         watch = self.settings.watch
         try:
-            prompt = prepare_prompt(
-                Path(row.claimed), name=row.file, base_dir=row.folder(self.inbox), rules=self.rules
+            prompt = prepare(
+                Path(row.claimed),
+                find_preset(self.presets, row.preset),
+                name=row.file,
+                base_dir=prompt_folder(row, self.inbox, self.presets),
+                rules=self.rules,
             )
         except MissingReference as exc:
             waited = time.time() - row.claimed_at
@@ -213,7 +226,8 @@ class Dispatcher:
         resolved: list[str] = []
         records: list[dict[str, Any]] = []
         for entry in entries:
-            ref = check_reference(entry, row.folder(self.inbox), self.settings.watch.reference_roots)
+            folder = prompt_folder(row, self.inbox, self.presets)
+            ref = check_reference(entry, folder, self.settings.watch.reference_roots)
             if ref.asset_id is not None:
                 resolved.append(ref.asset_id)
                 records.append({"assetId": ref.asset_id})

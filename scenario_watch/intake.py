@@ -2,7 +2,8 @@
 
 The watcher's events, the startup scan and the periodic rescan feed `Arrivals`; what is complete is
 claimed by an atomic rename into `<inbox>/.processing/<instance>/`. The observer is checked and
-restarted here when it dies.
+restarted here when it dies. Each preset folder is one more source, watched the same way and claimed
+into its own `<folder>/.processing/<instance>/` (the same filesystem as the file, so the rename is atomic).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from . import logs
 from .config import WatchSettings
+from .names import SkipLog
 from .watcher import PROCESSING, Arrivals, Watcher, claim
 
 log = logs.get()
@@ -38,19 +42,60 @@ def instance_id(state: Path) -> str:
         return name
 
 
+class Claim(NamedTuple):
+    """A file taken: its journal name (inbox-relative, or `PRESET/file`), where it is now, its preset."""
+
+    name: str
+    path: Path
+    preset: str | None = None
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One watched folder: the inbox, or a preset's folder."""
+
+    folder: Path
+    preset: str | None
+    processing: Path
+    watcher: Watcher
+
+    def name(self, path: str | Path) -> str:
+        """The journal name of a file of this folder: presets' are `NAME/file` (their outputs' folder)."""
+        rel = os.path.relpath(path, self.folder)
+        return rel if self.preset is None else f"{self.preset}/{rel}"
+
+
 class Intake:
-    """What arrives in the inbox, until it is claimed; the observer kept alive."""
+    """What arrives in the inbox and the preset folders, until it is claimed; the observers kept alive."""
 
     def __init__(
-        self, inbox: Path, state: Path, settings: WatchSettings, arrived: Callable[[str, bool], None]
+        self,
+        inbox: Path,
+        state: Path,
+        settings: WatchSettings,
+        arrived: Callable[[str, bool], None],
+        presets: Mapping[str, Path] | None = None,
     ) -> None:
         self.inbox = inbox
         self.settings = settings
         # Each daemon claims into a folder of its own: daemons sharing an inbox never touch (or, after
         # a restart, adopt) each other's claims.
-        self.processing = inbox / PROCESSING / instance_id(state)
-        self.processing.mkdir(parents=True, exist_ok=True)
-        self.watcher = Watcher(inbox, settings, arrived)
+        instance = instance_id(state)
+        skipped = SkipLog()
+        presets = presets or {}
+        self.sources = [
+            _Source(
+                inbox,
+                None,
+                inbox / PROCESSING / instance,
+                Watcher(inbox, settings, arrived, exclude=list(presets.values()), skipped=skipped),
+            )
+        ]
+        for name, folder in presets.items():
+            watcher = Watcher(folder, settings, arrived, preset=name, skipped=skipped)
+            self.sources.append(_Source(folder, name, folder / PROCESSING / instance, watcher))
+        for source in self.sources:
+            source.processing.mkdir(parents=True, exist_ok=True)
         self.arrivals = Arrivals(settings.settle)
         self.watching = False
         self.more = False  # the last claim batch was full: more may be ready now
@@ -61,15 +106,17 @@ class Intake:
     def start(self, now: float, *, watch: bool) -> None:
         """Start the observer (unless `watch` is off) and scan the inbox once."""
         self.watching = watch
-        if watch:
-            self.watcher.start()
-        for path in self.watcher.scan():
-            self.arrivals.note(path, moved=False)
+        for source in self.sources:
+            if watch:
+                source.watcher.start()
+            for path in source.watcher.scan():
+                self.arrivals.note(path, moved=False)
         self.next_rescan = now + self.settings.rescan_interval
 
     def stop(self) -> None:
-        """Stop the observer."""
-        self.watcher.stop()
+        """Stop the observers."""
+        for source in self.sources:
+            source.watcher.stop()
 
     def note(self, path: str, moved: bool) -> None:
         """A file may have arrived (an event from the observer thread, passed on by the loop)."""
@@ -79,28 +126,42 @@ class Intake:
         """Files seen but not yet claimed."""
         return len(self.arrivals)
 
-    def claim_ready(self, now: float) -> list[tuple[str, Path]]:
-        """Claim the files complete by now (a batch): each as (inbox-relative name, claimed path)."""
+    def claim_ready(self, now: float) -> list[Claim]:
+        """Claim the files complete by now (a batch)."""
         batch = self.arrivals.ready(now, limit=CLAIM_BATCH)
         self.more = len(batch) == CLAIM_BATCH
         claimed = []
         for path in batch:
+            source = self._source_of(path)
             try:
-                dest = claim(path, self.inbox, self.processing)
+                dest = claim(path, source.folder, source.processing)
             except Exception:  # one odd file must not hold up the others
                 log.exception("prompt.claim_failed", path=path)
                 continue
             if dest is not None:
-                claimed.append((os.path.relpath(path, self.inbox), dest))  # sub/x.json when recursive
+                claimed.append(Claim(source.name(path), dest, source.preset))  # sub/x.json when recursive
         return claimed
 
-    def unknown_claims(self, known: set[str]) -> list[tuple[str, Path]]:
-        """Files in the claim folder the journal does not know (a crash between claim and record)."""
-        return [
-            (str(path.relative_to(self.processing)), path)
-            for path in sorted(self.processing.rglob("*.json"))
-            if path.is_file() and str(path) not in known
-        ]
+    def unknown_claims(self, known: set[str]) -> list[Claim]:
+        """Files in the claim folders the journal does not know (a crash between claim and record)."""
+        found = []
+        for source in self.sources:
+            pattern = "*.json" if source.preset is None else "*"  # a preset folder takes images too
+            for path in sorted(source.processing.rglob(pattern)):
+                if path.is_file() and str(path) not in known:
+                    found.append(
+                        Claim(
+                            source.name(source.folder / path.relative_to(source.processing)),
+                            path,
+                            source.preset,
+                        )
+                    )
+        return found
+
+    def _source_of(self, path: str) -> _Source:
+        """The watched folder `path` is in: the deepest one (a preset folder may lie inside the inbox)."""
+        inside = [s for s in self.sources if path.startswith(str(s.folder) + os.sep)]
+        return max(inside, key=lambda s: len(str(s.folder)), default=self.sources[0])
 
     def tick(self, now: float) -> None:
         """Rescan when due (events get lost) and keep the observer alive."""
@@ -109,7 +170,8 @@ class Intake:
         if now >= self.next_rescan:
             self.next_rescan = now + self.settings.rescan_interval
             # Events get lost (queue overflow, network shares, a replaced folder): look for ourselves.
-            missed = [path for path in self.watcher.scan() if path not in self.arrivals]
+            scanned = [path for source in self.sources for path in source.watcher.scan()]
+            missed = [path for path in scanned if path not in self.arrivals]
             if missed:
                 log.info("watch.rescan_found", count=len(missed))
             for path in missed:
@@ -126,14 +188,16 @@ class Intake:
 
     def _check_observer(self, now: float) -> None:
         self.next_observer_check = now + OBSERVER_CHECK
-        if self.watcher.alive():
+        dead = [source for source in self.sources if not source.watcher.alive()]
+        if not dead:
             self.observer_backoff = 1.0
             return
-        log.error("watch.observer_died", restart_in=self.observer_backoff)
-        try:
-            self.watcher.restart()
-            self.next_rescan = now  # files that arrived while it was down
-        except OSError as exc:
-            log.error("watch.restart_failed", error=str(exc))
+        for source in dead:
+            log.error("watch.observer_died", folder=str(source.folder), restart_in=self.observer_backoff)
+            try:
+                source.watcher.restart()
+                self.next_rescan = now  # files that arrived while it was down
+            except OSError as exc:
+                log.error("watch.restart_failed", error=str(exc))
         self.next_observer_check = now + self.observer_backoff
         self.observer_backoff = min(OBSERVER_RESTART_MAX, self.observer_backoff * 2)

@@ -8,7 +8,7 @@ import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import logs
 from .client import Job, ScenarioClient
@@ -22,6 +22,23 @@ EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "im
 log = logs.get()
 
 
+class FiledHook(Protocol):
+    """What runs after a prompt is filed (hooks.py): whether it wants this outcome, and run it."""
+
+    def wants(self, state: State) -> bool:
+        """Whether prompts ending in `state` have something to run."""
+        ...
+
+    def run(self, prompt_id: int) -> None:
+        """Run it for this prompt, soon and elsewhere (never blocking the caller)."""
+        ...
+
+
+def error_file_for(filed: Path) -> Path:
+    """The error report beside a file in failed/: `x.json` and `x.png` both get `x.error.json`."""
+    return filed.with_name(f"{os.path.splitext(filed.name)[0]}.error.json")
+
+
 def iso(ts: float | None) -> str | None:
     """A Unix time as ISO 8601 UTC, for files people read."""
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
@@ -31,12 +48,19 @@ class Outbox:
     """Writes a succeeded job's images and manifest, and files prompts under done/ or failed/."""
 
     def __init__(
-        self, folders: FolderSettings, client: ScenarioClient, store: Store, *, move_references: bool = False
+        self,
+        folders: FolderSettings,
+        client: ScenarioClient,
+        store: Store,
+        *,
+        move_references: bool = False,
+        hook: FiledHook | None = None,
     ) -> None:
         self.folders = folders
         self.client = client
         self.store = store
         self.move_references = move_references
+        self.hook = hook
         self._reserve_lock = threading.Lock()
         self._release_lock = threading.Lock()
 
@@ -94,6 +118,7 @@ class Outbox:
     def _manifest(self, row: Row, job: Job, files: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "source": row.file,
+            **({"preset": row.preset} if row.preset else {}),
             "prompt": (row.inputs or {}).get("prompt"),
             "parameters": {k: v for k, v in (row.inputs or {}).items() if k != "prompt"},
             "model": self.client.model_id,
@@ -130,8 +155,7 @@ class Outbox:
             report["hint"] = hint
         report["at"] = iso(datetime.now(UTC).timestamp())
         body = json.dumps(report, indent=2, ensure_ascii=False).encode() + b"\n"
-        stem = dest.name.removesuffix(".json")
-        error_file = failed / f"{stem}.error.json"
+        error_file = error_file_for(dest)
         error_file.unlink(missing_ok=True)  # a stale report of an earlier failure under the same name
         write_atomic(error_file, lambda out: out.write(body))
         return move_no_clobber(Path(row.claimed), failed, dest.name)
@@ -146,7 +170,7 @@ class Outbox:
         """Move a finished prompt to done/ or failed/ and record where; False: try again later."""
         claimed = Path(row.claimed)
         if not os.path.lexists(claimed):  # lexists: a dangling symlink is still there to file
-            self.store.filed(row.id, claimed)
+            self._filed(row, claimed)
             return True
         try:
             if row.state == State.DONE:
@@ -156,8 +180,15 @@ class Outbox:
         except OSError as exc:  # the prompt stays in .processing meanwhile
             log.error("prompt.filing_failed", error=str(exc))
             return False
-        self.store.filed(row.id, dest)
+        self._filed(row, dest)
         return True
+
+    def _filed(self, row: Row, dest: Path) -> None:
+        """Record where the prompt ended, with its hook owed in the same write, then start the hook."""
+        hook = self.hook is not None and self.hook.wants(row.state)
+        self.store.filed(row.id, dest, hook=hook)
+        if hook and self.hook is not None:
+            self.hook.run(row.id)
 
     def release_references(self, row: Row) -> None:
         """With [watch] move_references, move reference files to done/ with the last prompt using them."""

@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS prompts (
     stage TEXT, error TEXT, hint TEXT,
     final_path TEXT,                 -- where the prompt file ended (done/ or failed/)
     progress REAL,                   -- the job's progress (0..1) at the last poll
+    preset TEXT,                     -- [presets.NAME] whose folder the file arrived in
+    hook TEXT,                       -- 'pending' from filing until its hook ran, then 'ran'
     download_attempts INTEGER NOT NULL DEFAULT 0,
     claimed_at REAL NOT NULL,
     submitted_at REAL,
@@ -65,7 +67,7 @@ CREATE TABLE IF NOT EXISTS meta (     -- small named values the daemon keeps (e.
 
 
 # Columns added since the first release: journals written by an older version get them at start.
-ADDED_COLUMNS = {"progress": "REAL"}
+ADDED_COLUMNS = {"progress": "REAL", "preset": "TEXT", "hook": "TEXT"}
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class Row:
     submitted_at: float | None
     finished_at: float | None
     updated_at: float
+    preset: str | None = None
+    hook: str | None = None
 
     def folder(self, inbox: Path) -> Path:
         """The inbox folder the prompt arrived in (`file` is relative to the inbox): its references too."""
@@ -135,15 +139,17 @@ class Store:
 
     # -- transitions ----------------------------------------------------------------------------------
 
-    def add(self, file: str, claimed: Path) -> int:
+    def add(self, file: str, claimed: Path, preset: str | None = None) -> int:
         now = time.time()
         cur = self._write(
-            "INSERT INTO prompts (file, claimed, state, claimed_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO prompts (file, claimed, state, claimed_at, updated_at, preset)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
             file,
             str(claimed),
             State.CLAIMED,
             now,
             now,
+            preset,
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
@@ -199,9 +205,18 @@ class Store:
             prompt_id, state=State.FAILED, stage=stage, error=error, hint=hint, finished_at=time.time()
         )
 
-    def filed(self, prompt_id: int, final_path: Path) -> None:
-        """The prompt file reached done/ or failed/: nothing is left to do for it."""
-        self._update(prompt_id, final_path=str(final_path))
+    def filed(self, prompt_id: int, final_path: Path, *, hook: bool = False) -> None:
+        """The prompt file reached done/ or failed/: nothing is left to do for it but its hook, if any."""
+        # One write for both: a crash after filing still knows the hook is owed (run at the next start).
+        self._update(prompt_id, final_path=str(final_path), hook="pending" if hook else None)
+
+    def hook_ran(self, prompt_id: int) -> None:
+        """The prompt's hook finished (whatever its exit status): it is not run again."""
+        self._write("UPDATE prompts SET hook = 'ran' WHERE id = ?", prompt_id)
+
+    def hooks_pending(self) -> list[Row]:
+        """Filed prompts whose hook has not run yet (a crash or a stop in between), oldest first."""
+        return self._select("WHERE hook = 'pending' ORDER BY id")
 
     # -- reference uploads ----------------------------------------------------------------------------
 
@@ -306,6 +321,8 @@ def _row(row: sqlite3.Row) -> Row:
         submitted_at=row["submitted_at"],
         finished_at=row["finished_at"],
         updated_at=row["updated_at"],
+        preset=row["preset"],
+        hook=row["hook"],
     )
 
 

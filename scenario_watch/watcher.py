@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fnmatch
 import json
 import os
 import stat
@@ -28,21 +27,20 @@ from . import logs
 from .config import WatchSettings
 from .errors import UnsafeFile
 from .files import read_regular, rename_into
+from .names import (
+    DEFAULT_IGNORE,
+    Skip,
+    SkipLog,
+    classify,
+    inbox_relative,
+    is_candidate,
+    is_ignored,
+    is_json_name,
+)
+
+__all__ = ["DEFAULT_IGNORE", "inbox_relative", "is_candidate"]  # the names tests and older callers import
 
 PROCESSING = ".processing"
-DEFAULT_IGNORE = (
-    ".*",
-    "*.tmp",
-    "*.part",
-    "*.filepart",
-    "*.crdownload",
-    "*.swp",
-    "*~",
-    "~$*",
-    "@eaDir",
-    "*.manifest.json",
-    "*.error.json",
-)
 PEEK_LIMIT = 1024 * 1024
 MOVE_PAIRING_DELAY = 0.01
 # Filesystems whose changes made by other machines inotify never reports.
@@ -56,37 +54,15 @@ NETWORK_FILESYSTEMS = frozenset(
 log = logs.get()
 
 
-def _ignored(name: str, ignore: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in (*DEFAULT_IGNORE, *ignore))
-
-
-def is_candidate(name: str, ignore: Sequence[str] = ()) -> bool:
-    """Only `*.json` starts work; editor, sync and download leftovers never do."""
-    return name.endswith(".json") and not _ignored(name, ignore)
-
-
-def inbox_relative(path: str, inbox: str, recursive: bool, ignore: Sequence[str] = ()) -> str | None:
-    """`path` relative to the inbox if it may be a prompt (subfolders only when recursive), else None."""
-    rel = os.path.relpath(path, inbox)
-    parts = rel.split(os.sep)
-    if parts[0] == ".." or (len(parts) > 1 and not recursive):
-        return None
-    if any(_ignored(folder, ignore) for folder in parts[:-1]):  # .processing, .git, @eaDir ...
-        return None
-    return rel if is_candidate(parts[-1], ignore) else None
-
-
 class _Handler(FileSystemEventHandler):
     """Only enqueues: an exception in a watchdog handler would kill the observer thread."""
 
-    def __init__(self, inbox: str, settings: WatchSettings, arrived: Callable[[str, bool], None]) -> None:
-        self.inbox = inbox
-        self.settings = settings
-        self.arrived = arrived
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            if event.is_directory and self.settings.recursive:
+            if event.is_directory and self.watcher.recursive:
                 return  # a subfolder to watch (without recursion, a folder named *.json is claimed: it fails)
             if isinstance(event, FileMovedEvent | DirMovedEvent):
                 path, moved = os.fsdecode(event.dest_path), True
@@ -94,8 +70,13 @@ class _Handler(FileSystemEventHandler):
                 path, moved = os.fsdecode(event.src_path), False
             else:
                 return
-            if path and inbox_relative(path, self.inbox, self.settings.recursive, self.settings.ignore):
-                self.arrived(path, moved)
+            if not path:
+                return
+            verdict = self.watcher.classify(path)
+            if isinstance(verdict, str):
+                self.watcher.arrived(path, moved)
+            elif isinstance(verdict, Skip) and not event.is_directory:
+                self.watcher.skipped.note(path, verdict)
         except Exception:  # never let one odd event stop watching for good
             log.exception("watch.handler_error")
 
@@ -164,7 +145,8 @@ class Arrivals:
             return "ready"
         if (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns):
             seen.size, seen.mtime_ns, seen.since = st.st_size, st.st_mtime_ns, now
-            if 0 < st.st_size <= PEEK_LIMIT and _complete_json(path):
+            # An image cannot be complete JSON: it is ready when it settles (or was moved in).
+            if is_json_name(path) and 0 < st.st_size <= PEEK_LIMIT and _complete_json(path):
                 return "ready"
             return "wait"
         return "ready" if now - seen.since >= self.settle else "wait"
@@ -212,12 +194,29 @@ def filesystem_type(path: Path, mounts: Path = Path("/proc/self/mounts")) -> str
 
 
 class Watcher:
-    """The observer (inotify, or polling for network shares), restartable, plus the inbox scan."""
+    """The observer (inotify, or polling for network shares), restartable, plus the folder's scan.
 
-    def __init__(self, inbox: Path, settings: WatchSettings, arrived: Callable[[str, bool], None]) -> None:
+    One watches the inbox (JSON prompt files); one more watches each preset folder (`preset` set:
+    images too, never recursive). `exclude`: folders inside this one that another watcher owns.
+    """
+
+    def __init__(
+        self,
+        inbox: Path,
+        settings: WatchSettings,
+        arrived: Callable[[str, bool], None],
+        *,
+        preset: str | None = None,
+        exclude: Sequence[Path] = (),
+        skipped: SkipLog | None = None,
+    ) -> None:
         self.inbox = inbox
         self.settings = settings
         self.arrived = arrived
+        self.preset = preset
+        self.recursive = settings.recursive and preset is None
+        self.exclude = tuple(str(folder) for folder in exclude)
+        self.skipped = skipped or SkipLog()
         self._observer: BaseObserver | None = None
         self._inode = 0
         if settings.polling != "auto":
@@ -253,7 +252,23 @@ class Watcher:
             )
             self.polling = True
             self._observer = self._start(True)
-        log.info("watch.started", inbox=str(self.inbox), observer="polling" if self.polling else "inotify")
+        where = (
+            {"inbox": str(self.inbox)}
+            if self.preset is None
+            else {"preset": self.preset, "folder": str(self.inbox)}
+        )
+        log.info("watch.started", **where, observer="polling" if self.polling else "inotify")
+
+    def classify(self, path: str) -> str | Skip | None:
+        """Whether this watcher takes `path` (see `classify`)."""
+        return classify(
+            path,
+            str(self.inbox),
+            self.recursive,
+            self.settings.ignore,
+            images=self.preset is not None,
+            exclude=self.exclude,
+        )
 
     def _start(self, polling: bool) -> BaseObserver:
         observer: BaseObserver
@@ -271,11 +286,11 @@ class Watcher:
 
             # Full events: a file moved in from outside the inbox comes as a move, so it is read at once.
             observer = InotifyObserver(generate_full_events=True)
-        handler = _Handler(str(self.inbox), self.settings, self.arrived)
+        handler = _Handler(self)
         # inotify always watches .processing/ too, so each claim's rename is one paired move event:
         # watchdog holds an unpaired IN_MOVED_FROM for 0.5 s and every event behind it waits as long.
         # The handler drops what recursive = false does not want.
-        observer.schedule(handler, str(self.inbox), recursive=self.settings.recursive or not polling)
+        observer.schedule(handler, str(self.inbox), recursive=self.recursive or not polling)
         observer.daemon = True
         observer.start()
         return observer
@@ -298,10 +313,9 @@ class Watcher:
         self.start()
 
     def scan(self) -> list[str]:
-        """Every candidate file now in the inbox (one scandir; a walk when recursive)."""
+        """Every candidate file now in the folder (one scandir; a walk when recursive); skips logged once."""
         found: list[str] = []
         folders = [str(self.inbox)]
-        ignore = self.settings.ignore
         while folders:
             try:
                 entries = list(os.scandir(folders.pop()))
@@ -309,14 +323,33 @@ class Watcher:
                 log.warning("watch.scan_failed", error=str(exc))
                 continue
             for entry in entries:
-                if self.settings.recursive and entry.is_dir(follow_symlinks=False):
-                    if not _ignored(entry.name, ignore):
-                        folders.append(entry.path)
-                elif is_candidate(entry.name, ignore):
+                verdict = self.classify(entry.path)
+                if verdict is None:
+                    continue  # a preset folder inside the inbox: its own watcher's
+                if entry.is_dir(follow_symlinks=False) and (self.recursive or not isinstance(verdict, str)):
+                    if not is_ignored(entry.name, self.settings.ignore):  # .processing, @eaDir ...
+                        self._look_into(entry.path, folders)
+                elif isinstance(verdict, str):
                     # Any kind of entry, not only regular files: a symlink, FIFO or folder named *.json
                     # is claimed too, so it ends in failed/ with the reason instead of lying here unexplained.
                     found.append(entry.path)
+                else:
+                    self.skipped.note(entry.path, verdict)
         return sorted(found)
+
+    def _look_into(self, path: str, folders: list[str]) -> None:
+        """A subfolder: walk it when recursive; otherwise name once what lies there unseen (one scandir)."""
+        if self.recursive:
+            folders.append(path)
+            return
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            return
+        for entry in entries:
+            verdict = self.classify(entry.path)
+            if isinstance(verdict, Skip) and not entry.is_dir(follow_symlinks=False):
+                self.skipped.note(entry.path, verdict)
 
     def stop(self) -> None:
         observer, self._observer = self._observer, None

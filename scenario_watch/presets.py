@@ -1,0 +1,162 @@
+"""Preset folders: a standing prompt from the configuration; each image dropped in its folder is one prompt.
+
+`[presets.NAME]` holds prompt-file keys (checked against the model's schema at start) and `folder`
+(default `<inbox>/NAME/`). An image there becomes the preset's prompt with the image as its first
+reference; a JSON prompt file there takes the preset's keys as its defaults. Prompts from a preset
+are named `NAME/<file>` in the journal, so their outputs go to `<outbox>/NAME/` (and the originals to
+`done/NAME/` or `failed/NAME/`), just as a subfolder of a recursive inbox keeps its name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .errors import ConfigError, PromptError, UnsafeFile
+from .files import open_regular
+from .names import is_json_name
+from .prompt import (
+    HEAD_BYTES,
+    IMAGE_KINDS,
+    MAX_REFERENCE_BYTES,
+    REFERENCES,
+    Prompt,
+    PromptRules,
+    image_type,
+    parse_prompt,
+    prepare_prompt,
+)
+from .schema import BUILTIN, ModelSchema, check_value
+from .store import Row
+
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One `[presets.NAME]`: its folder and its prompt-file keys."""
+
+    name: str
+    folder: Path
+    keys: dict[str, Any]
+
+    def rules(self, base: PromptRules) -> PromptRules:
+        """The rules of a JSON prompt file in this folder: the preset's keys over `[defaults]`."""
+        return replace(base, defaults={**base.defaults, **self.keys})
+
+
+def load_presets(settings: Settings, schema: ModelSchema = BUILTIN) -> dict[str, Preset]:
+    """Every `[presets.NAME]`, checked; ConfigError naming the preset and the key otherwise."""
+    presets: dict[str, Preset] = {}
+    for name, raw in settings.presets.items():
+        where = f"[presets.{name}]"
+        if not PRESET_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: a preset's name must be letters, digits, '_', '-' or '.' (it names a folder)"
+            )
+        keys = dict(raw.model_extra or {})
+        if "name" in keys:
+            raise ConfigError(f"{where} name: a preset's outputs are named after each image; remove the key")
+        problems = [problem for key, value in keys.items() if (problem := check_value(schema, key, value))]
+        problems += [
+            problem
+            for key in schema.inputs
+            if key not in keys and (problem := check_value(schema, key, None))
+        ]
+        if problems:
+            raise ConfigError(f"invalid configuration: {where} " + "; ".join(problems))
+        presets[name] = Preset(name, raw.folder or settings.folders.inbox / name, keys)
+    _check_folders(presets, settings)
+    return presets
+
+
+def _check_folders(presets: Mapping[str, Preset], settings: Settings) -> None:
+    """Refuse folders that would take another folder's files, or feed a preset its own outputs."""
+    folders = settings.folders
+    special = {
+        folders.inbox: "the inbox",
+        folders.done: "done/",
+        folders.failed: "failed/",
+        folders.state: "state/",
+    }
+    owner: dict[Path, str] = {}
+    for preset in presets.values():
+        where = f"[presets.{preset.name}] folder"
+        if preset.folder in special:
+            raise ConfigError(
+                f"{where} is {special[preset.folder]} ({preset.folder}): give it a folder of its own"
+            )
+        if preset.folder in owner:
+            raise ConfigError(
+                f"{where} is also the folder of [presets.{owner[preset.folder]}]: {preset.folder}"
+            )
+        owner[preset.folder] = preset.name
+    # A preset's outputs go to <outbox>/NAME/: a preset watching that folder is fed by it.
+    feeds = {name: owner.get(folders.outbox / name) for name in presets}
+    for start in presets:
+        seen, current = [start], feeds[start]
+        while current is not None:
+            if current in seen:
+                loop = " -> ".join([*seen[seen.index(current) :], current])
+                raise ConfigError(
+                    f"[presets.{start}]: its outputs would come back to it ({loop}): every image would be "
+                    "generated again and again; point the folders elsewhere"
+                )
+            seen.append(current)
+            current = feeds[current]
+
+
+def image_prompt(image: Path, preset: Preset, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
+    """The prompt an image makes in a preset folder: the preset's keys, the image as first reference."""
+    label = os.path.basename(name)
+    try:
+        with open_regular(image) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            head = handle.read(HEAD_BYTES)
+    except UnsafeFile as exc:
+        raise PromptError([f"{label} is {exc.kind}: refused, never read"], hint=exc.hint) from None
+    if image_type(head) is None:
+        raise PromptError(
+            [f"{label} is not {IMAGE_KINDS} (judged by its bytes, not its name)"],
+            hint=f"only images (and JSON prompt files) start work in the folder of [presets.{preset.name}]",
+        )
+    if size > MAX_REFERENCE_BYTES:
+        raise PromptError(
+            [f"{label} is larger than {MAX_REFERENCE_BYTES >> 20} MiB, the most Scenario takes"]
+        )
+    entry = os.path.relpath(image, base_dir)
+    body = {**preset.keys, REFERENCES: [entry, *preset.keys.get(REFERENCES, [])]}
+    return parse_prompt(json.dumps(body).encode(), name=name, base_dir=base_dir, rules=rules)
+
+
+def prepare(path: Path, preset: Preset | None, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
+    """Any claimed file as a prompt: a prompt file (with its preset's defaults) or a preset's image."""
+    if preset is None:
+        return prepare_prompt(path, name=name, base_dir=base_dir, rules=rules)
+    if is_json_name(path.name):
+        return prepare_prompt(path, name=name, base_dir=base_dir, rules=preset.rules(rules))
+    return image_prompt(path, preset, name=name, base_dir=base_dir, rules=rules)
+
+
+def prompt_folder(row: Row, inbox: Path, presets: Mapping[str, Preset]) -> Path:
+    """The folder a prompt arrived in, where its relative references are looked up."""
+    preset = presets.get(row.preset) if row.preset else None
+    return preset.folder if preset is not None else row.folder(inbox)
+
+
+def find_preset(presets: Mapping[str, Preset], name: str | None) -> Preset | None:
+    """The preset a row names; PromptError when the configuration no longer has it."""
+    if name is None:
+        return None
+    preset = presets.get(name)
+    if preset is None:
+        raise PromptError(
+            [f"[presets.{name}] is no longer in the configuration"], hint="add it back and retry"
+        )
+    return preset
