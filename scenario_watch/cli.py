@@ -16,7 +16,8 @@ from .client import ScenarioClient, format_cost
 from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
 from .files import move_no_clobber
-from .prompt import prepare_prompt, rules_from_settings
+from .presets import prepare_file, select_preset
+from .prompt import rules_from_settings
 from .schema import BUILTIN, ModelSchema
 from .store import State, Store
 
@@ -84,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "validate", "check prompt files offline; one line per problem, exit 1 if any", cmd_validate
     )
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    validate.add_argument(
+        "--preset", metavar="NAME", help="check images (or JSON files) as [presets.NAME] takes them"
+    )
     status = command("status", "what is queued, in flight (job ids, age), done and failed", cmd_status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--sandbox", action="store_true", help="the journal of `run --sandbox`")
@@ -96,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         "estimate", "the creative-unit cost of prompt files (dryRun), generating nothing", cmd_estimate
     )
     estimate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    estimate.add_argument(
+        "--preset", metavar="NAME", help="price images (or JSON files) as [presets.NAME] takes them"
+    )
     estimate.add_argument("--sandbox", action="store_true", help="ask the built-in simulator")
     config = command("config", "the effective settings and where each came from (secrets masked)", cmd_config)
     config.add_argument("--json", action="store_true", help="machine-readable output")
@@ -155,11 +162,13 @@ def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
 
 def cmd_validate(args: argparse.Namespace, schema: ModelSchema = BUILTIN) -> int:
     """Check prompt files offline against `schema` (the built-in one until a cached live one is passed)."""
-    rules = rules_from_settings(_settings_or_none(args.config), schema)
+    settings = _settings_or_none(args.config)
+    rules = rules_from_settings(settings, schema)
+    preset = select_preset(settings, args.preset, schema)
     bad = 0
     for path in args.files:
         try:
-            prompt = prepare_prompt(path, name=path.name, base_dir=path.parent, rules=rules)
+            prompt = prepare_file(path, preset, rules)
         except PromptError as exc:
             bad += 1
             for problem in exc.problems:
@@ -190,6 +199,7 @@ def cmd_estimate(args: argparse.Namespace, schema: ModelSchema = BUILTIN) -> int
     """Price prompt files with a dry run, after the same checks as validate against `schema`."""
     loaded = load_settings(args.config, sandbox=args.sandbox)
     rules = rules_from_settings(loaded.settings, schema)
+    preset = select_preset(loaded.settings, args.preset, schema)
     sandbox = None
     base_url = loaded.settings.api.base_url
     if args.sandbox:
@@ -202,7 +212,7 @@ def cmd_estimate(args: argparse.Namespace, schema: ModelSchema = BUILTIN) -> int
     try:
         for path in args.files:
             try:
-                prompt = prepare_prompt(path, name=path.name, base_dir=path.parent, rules=rules)
+                prompt = prepare_file(path, preset, rules)
                 inputs = dict(prompt.inputs)
                 assets = [ref.asset_id for ref in prompt.references if ref.asset_id]
                 if assets:

@@ -20,7 +20,7 @@ from typing import Any
 from .config import Settings
 from .errors import ConfigError, PromptError, UnsafeFile
 from .files import open_regular
-from .names import is_json_name
+from .names import Skip, classify, is_json_name
 from .prompt import (
     HEAD_BYTES,
     IMAGE_KINDS,
@@ -160,3 +160,26 @@ def find_preset(presets: Mapping[str, Preset], name: str | None) -> Preset | Non
             [f"[presets.{name}] is no longer in the configuration"], hint="add it back and retry"
         )
     return preset
+
+
+def select_preset(
+    settings: Settings | None, name: str | None, schema: ModelSchema = BUILTIN
+) -> Preset | None:
+    """The preset named by `--preset` (checked as at start); None without the option."""
+    if name is None:
+        return None
+    presets = load_presets(settings, schema) if settings is not None else {}
+    if name not in presets:
+        raise ConfigError(
+            f"no [presets.{name}] in the configuration (presets: {', '.join(presets) or 'none'})"
+        )
+    return presets[name]
+
+
+def prepare_file(path: Path, preset: Preset | None, rules: PromptRules) -> Prompt:
+    """A file named on the command line, judged as the daemon judges it in the inbox or preset folder."""
+    verdict = classify(path.name, ".", recursive=False, images=preset is not None)
+    if isinstance(verdict, Skip):  # one rule for the watcher and validate: .JSON is fine, .txt is not
+        hint = "name it *.json" if preset is None else "give it an image's name (.png, .jpg ...) or *.json"
+        raise PromptError([f"{verdict.reason}: the daemon would skip it"], hint=hint)
+    return prepare(path, preset, name=path.name, base_dir=path.parent, rules=rules)
