@@ -8,7 +8,7 @@ import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from . import logs
 from .client import Job, ScenarioClient
@@ -97,23 +97,30 @@ class Outbox:
         for n, asset_id in enumerate(job.asset_ids, start=1):
             asset = self.client.get_asset(asset_id)
             dest = outbox / f"{stem}_{n}.{EXTENSIONS.get(asset.mime_type, 'png')}"
-            if not dest.exists():
-                self._download(asset_id, asset.url, dest)
-            files.append(
-                {"file": dest.name, "assetId": asset_id, "mimeType": asset.mime_type, **_digest(dest)}
-            )
+            digest = self._download(asset_id, asset.url, dest) if not dest.exists() else _digest(dest)
+            files.append({"file": dest.name, "assetId": asset_id, "mimeType": asset.mime_type, **digest})
         manifest = outbox / f"{stem}.manifest.json"
         body = json.dumps(self._manifest(row, job, files), indent=2, ensure_ascii=False).encode() + b"\n"
         write_atomic(manifest, lambda out: out.write(body))
         return [str(Path(stem).parent / f["file"]) for f in files] + [f"{stem}.manifest.json"]
 
-    def _download(self, asset_id: str, url: str, dest: Path) -> None:
+    def _download(self, asset_id: str, url: str, dest: Path) -> dict[str, Any]:
+        """Write one output; its size and sha256, taken from the temp file before it is published
+        (once published, a preset folder on the outbox may take it away at once)."""
+        digest: dict[str, Any] = {}
+
+        def fill(out: IO[bytes], url: str) -> None:
+            self.client.download(url, out)
+            out.flush()
+            digest.update(_digest(Path(out.name)))
+
         try:
-            write_atomic(dest, lambda out: self.client.download(url, out))
+            write_atomic(dest, lambda out: fill(out, url))
         except UrlExpired:
             # Signed URLs expire: ask for the asset again and use the fresh URL once.
             fresh = self.client.get_asset(asset_id)
-            write_atomic(dest, lambda out: self.client.download(fresh.url, out))
+            write_atomic(dest, lambda out: fill(out, fresh.url))
+        return digest
 
     def _manifest(self, row: Row, job: Job, files: list[dict[str, Any]]) -> dict[str, Any]:
         return {

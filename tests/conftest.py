@@ -89,7 +89,9 @@ def write_config(folders: Folders, base_url: str, **sections: dict[str, Any]) ->
     lines = []
     for section, values in config.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items() if not isinstance(value, dict))
+        lines.extend(
+            f"{key} = {json.dumps(value)}" for key, value in values.items() if not isinstance(value, dict)
+        )
         for key, table in values.items():  # [presets.NAME]
             if isinstance(table, dict):
                 lines.append(f"[{section}.{key}]")

@@ -225,8 +225,11 @@ def test_two_stages_through_a_preset_folder_on_the_outbox_with_one_daemon(
     folders.drop("sketch.json", {"prompt": "a pencil sketch", "numOutputs": 2})
     final = folders.outbox / "colour"
     wait_for(
-        lambda: folders.names(final) == sorted(
-            ["sketch_1.manifest.json", "sketch_1_1.png", "sketch_2.manifest.json", "sketch_2_1.png"]
+        lambda: (
+            folders.names(final)
+            == sorted(
+                ["sketch_1.manifest.json", "sketch_1_1.png", "sketch_2.manifest.json", "sketch_2_1.png"]
+            )
         ),
         timeout=30,
         what="stage two's outputs",
@@ -237,13 +240,17 @@ def test_two_stages_through_a_preset_folder_on_the_outbox_with_one_daemon(
     for n, out in enumerate(stage1["files"], start=1):
         manifest = json.loads((final / f"sketch_{n}.manifest.json").read_text())
         assert manifest["preset"] == "colour" and manifest["references"][0]["sha256"] == out["sha256"]
-        assert hashlib.sha256((folders.done / "colour" / out["file"]).read_bytes()).hexdigest() == out["sha256"]
+        assert (
+            hashlib.sha256((folders.done / "colour" / out["file"]).read_bytes()).hexdigest() == out["sha256"]
+        )
 
 
 def test_skipped_files_are_logged_once_each_and_upper_case_json_is_a_prompt(
     folders: Folders, sandbox: Sandbox, daemon: StartDaemon
 ) -> None:
-    write_config(folders, sandbox.base_url, watch={"settle": 0.2, "rescan_interval": 0.3, "ignore": ["*.draft.json"]})
+    write_config(
+        folders, sandbox.base_url, watch={"settle": 0.2, "rescan_interval": 0.3, "ignore": ["*.draft.json"]}
+    )
     (folders.inbox / "sub").mkdir()
     (folders.inbox / "sub" / "deep.json").write_text('{"prompt": "too deep"}')
     (folders.inbox / "notes.txt").write_text("not a prompt")
@@ -277,7 +284,9 @@ def test_validate_and_estimate_understand_presets(folders: Folders, sandbox: San
     (photos / "UPPER.JSON").write_text('{"prompt": "fine"}')
     (photos / "notes.txt").write_text('{"prompt": "fine, but never read"}')
     config = ["-c", str(folders.config)]
-    result = run_cli("validate", *config, "--preset", "recolor", str(photos / "car.png"), str(photos / "notanimage.png"))
+    result = run_cli(
+        "validate", *config, "--preset", "recolor", str(photos / "car.png"), str(photos / "notanimage.png")
+    )
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert lines[0].endswith("car.png: ok -> car_N (numOutputs=2, 1 reference(s))")
@@ -332,7 +341,9 @@ def test_the_readme_outbox_reader_sees_every_file(folders: Folders, sandbox: San
                 move_in(folders, folders.inbox / "recolor", f"car{n}.png", png(3_000, n))
             assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
             published = sorted(
-                str(p.relative_to(outbox)) for p in outbox.rglob("*") if p.is_file() and ".processing" not in p.parts
+                str(p.relative_to(outbox))
+                for p in outbox.rglob("*")
+                if p.is_file() and ".processing" not in p.parts
             )
             assert len(published) == 18
             wait_for(lambda: sorted(_reported(lines, outbox)) == published, timeout=10, what="every file")
@@ -356,7 +367,7 @@ def test_the_readme_failure_notification_hook_posts_the_error(folders: Folders, 
     received: list[tuple[dict[str, str], bytes]] = []
 
     class Topic(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             received.append((dict(self.headers), body))
             self.send_response(200)
