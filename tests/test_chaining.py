@@ -388,6 +388,7 @@ def test_the_readme_failure_notification_hook_posts_the_error(folders: Folders, 
         wait_for(lambda: received, timeout=10, what="the notification")
     finally:
         server.shutdown()
+        server.server_close()
     [(headers, body)] = received
     assert "broken" in headers["Title"]
     assert "numOutputs" in json.loads(body)["error"]
