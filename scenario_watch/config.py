@@ -44,6 +44,11 @@ class ApiSettings(_Section):
     model_id: str = MODEL_ID
     project_id: str | None = None
     request_timeout: float = Field(30.0, gt=0, le=600)
+    # A generate answer that was lost: how long after sending before "it made no job" is believed
+    # (above the usual gateway deadlines of 30-60 s: a slow gateway may still create the job).
+    lost_answer_wait: float = Field(180.0, ge=0)
+    # How often the model's input schema is fetched again (seconds).
+    schema_refresh: float = Field(21600.0, gt=0)
     key: SecretStr | None = None
     secret: SecretStr | None = None
 

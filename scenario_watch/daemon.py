@@ -27,7 +27,6 @@ from .files import remove_temp_files
 from .intake import Intake
 from .notify import Notifier, status_line
 from .outbox import Outbox
-from .prompt import rules_from_settings
 from .scheduler import Outcome, Scheduler, Step, Task
 from .store import ACTIVE, State, Store
 from .tracker import Tracker
@@ -60,12 +59,7 @@ class Finished:
     outcome: Outcome
 
 
-@dataclass(frozen=True)
-class Wake:
-    """Look at the stop flag now (from a signal handler)."""
-
-
-Event = Arrived | Finished | Wake
+Event = Arrived | Finished | None  # None: look at the stop flag now (from a signal handler)
 
 
 class Daemon:
@@ -93,8 +87,10 @@ class Daemon:
                 raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
         self.store = Store(folders.state / journal)
         self.outbox = Outbox(folders, client, self.store, move_references=settings.watch.move_references)
-        self.dispatcher = Dispatcher(settings, client, self.store, self.outbox, rules_from_settings(settings))
-        self.tracker = Tracker(settings.jobs, client, self.store, self.outbox, clock)
+        self.dispatcher = Dispatcher(settings, client, self.store, self.outbox)
+        self.tracker = Tracker(
+            settings.jobs, client, self.store, self.outbox, self.dispatcher.reconciler, clock
+        )
         self.scheduler = Scheduler(settings.jobs)
         self.intake = Intake(folders.inbox, folders.state, settings.watch, self._arrived)
         self.notifier = Notifier(dict(os.environ) if env is None else env)
@@ -133,15 +129,13 @@ class Daemon:
             worker = threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
             worker.start()
             self.workers.append(worker)
+        self.dispatcher.schemas.load()  # before anything is validated: the model's inputs, live
         self._recover()
         self.intake.start(self.clock(), watch=not self.once)
         self.notifier.send("READY=1")
+        folders = self.folders
         log.info(
-            "daemon.started",
-            inbox=str(self.folders.inbox),
-            outbox=str(self.folders.outbox),
-            api=self.client.base_url,
-            waiting=self.intake.pending(),
+            "daemon.started", inbox=str(folders.inbox), outbox=str(folders.outbox), api=self.client.base_url
         )
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
@@ -149,7 +143,7 @@ class Daemon:
         if self.stopping.is_set():
             os._exit(0)
         self.stopping.set()
-        self.events.put(Wake())
+        self.events.put(None)
 
     def close(self, grace: float = GRACE) -> None:
         """Stop intake, give running requests a bounded grace period, then close the journal."""
@@ -190,6 +184,7 @@ class Daemon:
                 self._accept(self.store.add(name, claimed))
             if not self.stopping.is_set():
                 self.intake.tick(now)
+                self.dispatcher.schemas.refresh_if_stale()
             for prompt_id, task in self.scheduler.due(now, submit=not self.stopping.is_set()):
                 self._start(prompt_id, task)
             self.notifier.tick(now, self._status() if self.notifier.wants_status() else None)
@@ -252,8 +247,11 @@ class Daemon:
             self.events.put(Finished(prompt_id, task, outcome))
 
     def _finished(self, event: Finished) -> None:
-        outcome = event.outcome
-        if self.scheduler.done(event.prompt_id, event.task, outcome, self.clock()):
+        outcome, limit = event.outcome, self.scheduler.limit
+        blocked = self.scheduler.done(event.prompt_id, event.task, outcome, self.clock())
+        if self.scheduler.limit != limit:
+            log.warning("api.parallel_limit", limit=self.scheduler.limit, note="lowered to the plan's limit")
+        if blocked:
             # Submission just stopped for everyone: one clear error, not one per prompt.
             log.error(
                 "api.auth_failed",
