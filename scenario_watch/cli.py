@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, logs
-from .client import ScenarioClient, format_cost
+from .client import ScenarioClient
 from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
 from .files import move_no_clobber
+from .jobs import format_cost
 from .prompt import prepare_prompt, rules_from_settings
 from .schema import BUILTIN, ModelSchema, parse_model
 from .schema_source import cached_schema

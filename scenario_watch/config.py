@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
+from .logs import MASK
 
 MODEL_ID = "model_google-gemini-pro-image-editing"
 SANDBOX_KEY = "sandbox-key"
@@ -237,7 +238,7 @@ def describe(loaded: Loaded) -> list[tuple[str, str, str]]:
     rows = []
     for key, value in _flatten(loaded.settings.model_dump(mode="json")).items():
         if key in ("api.key", "api.secret") and value is not None:
-            value = "********"
+            value = MASK
         rows.append((key, "" if value is None else str(value), loaded.origins.get(key, "default")))
     return rows
 

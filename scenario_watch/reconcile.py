@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import logs
-from .client import Job, ScenarioClient
+from .client import ScenarioClient
+from .jobs import Job
 from .schema import ModelSchema
 from .store import Row, Store
 

@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable
 
 from . import logs
-from .client import Job, ScenarioClient
+from .client import ScenarioClient
 from .config import JobSettings
 from .errors import ApiError, AuthError, NotFound, RateLimited, ScenarioWatchError, TransientError
+from .jobs import Job
 from .outbox import Outbox
 from .reconcile import Reconciler
 from .scheduler import Outcome, Step
