@@ -27,8 +27,9 @@ from .errors import (
     RateLimited,
     TransientError,
 )
+from .files import read_regular
 from .outbox import Outbox
-from .prompt import PromptRules, check_reference, prepare_prompt, rules_from_settings
+from .prompt import MAX_REFERENCE_BYTES, PromptRules, check_reference, prepare_prompt, rules_from_settings
 from .reconcile import Reconciler
 from .scheduler import Outcome, Step
 from .schema import unknown_input
@@ -224,7 +225,9 @@ class Dispatcher:
                 records.append({"assetId": ref.asset_id})
                 continue
             assert ref.path is not None and ref.mime_type is not None
-            data = ref.path.read_bytes()
+            data = read_regular(ref.path, MAX_REFERENCE_BYTES)  # never through a link swapped in since
+            if len(data) > MAX_REFERENCE_BYTES:
+                raise PromptError([f"referenceImages: {entry!r} grew past {MAX_REFERENCE_BYTES >> 20} MiB"])
             digest = hashlib.sha256(data).hexdigest()
             resolved.append(self._upload_once(digest, data, ref.path.name, ref.mime_type, entry))
             records.append({"file": entry, "sha256": digest, "size": len(data), "assetId": resolved[-1]})
