@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, logs
-from .client import ScenarioClient, format_cost
+from .client import ScenarioClient
 from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
 from .files import move_no_clobber
+from .jobs import format_cost
 from .presets import prepare_file, select_preset
 from .prompt import rules_from_settings
-from .schema import BUILTIN, ModelSchema
+from .schema import BUILTIN, ModelSchema, parse_model
+from .schema_source import cached_schema
 from .store import State, Store
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
@@ -160,11 +162,11 @@ def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
 # -- validate / estimate ------------------------------------------------------------------------------
 
 
-def cmd_validate(args: argparse.Namespace, schema: ModelSchema = BUILTIN) -> int:
-    """Check prompt files offline against `schema` (the built-in one until a cached live one is passed)."""
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check prompt files offline, against the schema the daemon last fetched (else the built-in one)."""
     settings = _settings_or_none(args.config)
-    rules = rules_from_settings(settings, schema)
-    preset = select_preset(settings, args.preset, schema)
+    rules = rules_from_settings(settings, _schema(settings))
+    preset = select_preset(settings, args.preset, rules.schema)
     bad = 0
     for path in args.files:
         try:
@@ -185,6 +187,23 @@ def cmd_validate(args: argparse.Namespace, schema: ModelSchema = BUILTIN) -> int
     return EXIT_INPUT if bad else EXIT_OK
 
 
+def _schema(settings: Settings | None, client: ScenarioClient | None = None) -> ModelSchema:
+    """The model's schema: live if a client can ask, else as the daemon's journal cached it, else built in."""
+    if client is not None:
+        try:
+            return parse_model(client.get_model(), "live", time.time())
+        except (ScenarioWatchError, OSError, ValueError):
+            pass
+    journal = settings.folders.state / JOURNAL if settings is not None else None
+    if journal is None or not journal.exists():
+        return BUILTIN
+    store = Store(journal)
+    try:
+        return cached_schema(store) or BUILTIN
+    finally:
+        store.close()
+
+
 def _settings_or_none(config: Path | None) -> Settings | None:
     """The settings for offline checks; without a usable config file, none (an explicit -c must load)."""
     try:
@@ -195,11 +214,9 @@ def _settings_or_none(config: Path | None) -> Settings | None:
         return None
 
 
-def cmd_estimate(args: argparse.Namespace, schema: ModelSchema = BUILTIN) -> int:
-    """Price prompt files with a dry run, after the same checks as validate against `schema`."""
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Price prompt files with a dry run, after the same checks as validate (against the live schema)."""
     loaded = load_settings(args.config, sandbox=args.sandbox)
-    rules = rules_from_settings(loaded.settings, schema)
-    preset = select_preset(loaded.settings, args.preset, schema)
     sandbox = None
     base_url = loaded.settings.api.base_url
     if args.sandbox:
@@ -208,6 +225,8 @@ def cmd_estimate(args: argparse.Namespace, schema: ModelSchema = BUILTIN) -> int
         sandbox = Sandbox().start()
         base_url = sandbox.base_url
     client = _client(loaded, base_url)
+    rules = rules_from_settings(loaded.settings, _schema(loaded.settings, client))
+    preset = select_preset(loaded.settings, args.preset, rules.schema)
     total, bad = 0.0, 0
     try:
         for path in args.files:
@@ -314,6 +333,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(json.dumps({key: {"value": value, "from": origin} for key, value, origin in rows}))
         return EXIT_OK
     print(f"config file: {loaded.path or '(none: defaults)'}")
+    print(f"model schema: {_schema(loaded.settings).describe()}")
     width = max(len(key) for key, _, _ in rows)
     for key, value, origin in rows:
         print(f"{key:<{width}}  {value or '-':<40}  {origin}")

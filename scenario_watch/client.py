@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import IO, Any
 
 import requests
@@ -28,8 +25,8 @@ from .errors import (
     TransientError,
     UrlExpired,
 )
+from .jobs import Asset, Job, as_number, parse_job
 
-FINAL_STATUSES = frozenset({"success", "failure", "canceled"})
 CHUNK = 256 * 1024
 # POST /v1/assets takes base64 "under 6 MB"; the limit may apply to the whole request body, so the body
 # (base64, name and JSON punctuation) must stay a margin below it. Anything bigger goes multipart.
@@ -44,35 +41,6 @@ DRY_RUN = "api"  # dryRun=api: the estimate at the API tier (dryRun=true prices 
 PLAN_REASON = re.compile(
     r"\b(plans?|upgrade|subscri(be|ption)s?|tiers?)\b|\b(permission|access)\b.*\bmodels?\b", re.IGNORECASE
 )
-
-
-@dataclass(frozen=True)
-class Job:
-    """The parts of a Scenario job this daemon acts on (tolerant of missing fields)."""
-
-    job_id: str
-    status: str
-    progress: float = 0.0
-    asset_ids: tuple[str, ...] = ()
-    error: str | None = None
-    hint: str | None = None
-    input: dict[str, Any] = field(default_factory=dict)
-    created_at: str | None = None
-    cost: float | None = None  # creative units: may be fractional
-    duration: float | None = None  # seconds from creation to the final status, by the API's clock
-    job_type: str | None = None  # "custom" for generations, "upload" for uploads, ...
-    model_id: str | None = None  # where the listing says it (see _model_of): None when it does not
-
-    @property
-    def final(self) -> bool:
-        return self.status in FINAL_STATUSES
-
-
-@dataclass(frozen=True)
-class Asset:
-    asset_id: str
-    url: str
-    mime_type: str
 
 
 def _retry(attempts: int) -> Retry:
@@ -152,7 +120,7 @@ class ScenarioClient:
         parsed = parse_job(job)
         if parsed is None:
             raise OutcomeUnknown("generate answered with a job that has no id")
-        return parsed, _number(body.get("creativeUnitsCost"))
+        return parsed, as_number(body.get("creativeUnitsCost"))
 
     def estimate(self, inputs: dict[str, Any]) -> float:
         """The creative-unit cost of a generation, without running it (dryRun=api: HTTP 269, or 200)."""
@@ -163,7 +131,7 @@ class ScenarioClient:
             # A server that ignores dryRun runs (and bills) the generation: say so loudly, never "estimate".
             job = parse_job(body["job"])
             raise BadRequest(200, f"the API ignored dryRun={DRY_RUN} and created job {job and job.job_id}")
-        cost = _number(body.get("creativeUnitsCost"))
+        cost = as_number(body.get("creativeUnitsCost"))
         if cost is None:
             raise TransientError("the estimate answer has no creativeUnitsCost")
         return cost
@@ -345,65 +313,6 @@ def _answer(resp: requests.Response, *, post: bool) -> dict[str, Any]:
     raise error(f"HTTP {status}: {reason}")
 
 
-def parse_job(raw: Any) -> Job | None:
-    """A Job from the API's JSON, reading `jobId` and falling back to `id`; None without an id."""
-    if not isinstance(raw, dict):
-        return None
-    job_id = raw.get("jobId") or raw.get("id")
-    if not isinstance(job_id, str) or not job_id:
-        return None
-    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
-    assert isinstance(meta, dict)
-    asset_ids = meta.get("assetIds") if isinstance(meta.get("assetIds"), list) else []
-    assert isinstance(asset_ids, list)
-    billing = raw.get("billing") if isinstance(raw.get("billing"), dict) else {}
-    assert isinstance(billing, dict)
-    progress = _number(raw.get("progress")) or 0.0
-    return Job(
-        job_id=job_id,
-        status=str(raw.get("status") or "unknown"),
-        progress=min(1.0, max(0.0, progress)),
-        asset_ids=tuple(a for a in asset_ids if isinstance(a, str)),
-        error=_text(meta.get("error")),
-        hint=_text(meta.get("hint")),
-        input=meta["input"] if isinstance(meta.get("input"), dict) else {},
-        created_at=_text(raw.get("createdAt")),
-        cost=_number(billing.get("cuCost")),
-        duration=_duration(raw),
-        job_type=_text(raw.get("jobType")),
-        model_id=_model_of(raw, meta),
-    )
-
-
-def _model_of(raw: dict[str, Any], meta: dict[str, Any]) -> str | None:
-    """The job's model: top-level `modelId`, else `metadata.input.modelId`, else `metadata.modelId`.
-
-    GUESS (SCENARIO_API.md "The job's model"): the SDK's Job has no model id; the echo may carry it.
-    """
-    found = raw.get("modelId")
-    echoed = meta.get("input")
-    if not _text(found) and isinstance(echoed, dict):
-        found = echoed.get("modelId")
-    if not _text(found):
-        found = meta.get("modelId")
-    return _text(found)
-
-
-def _number(value: Any) -> float | None:
-    """A JSON number as float (true and false are not numbers, nor NaN and infinities); else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def format_cost(cost: float | None) -> str:
-    """Creative units for people: "5" rather than "5.0", "5.5", at most four decimals; "?" when unknown."""
-    if cost is None:
-        return "?"
-    rounded = round(cost, 4)
-    return str(int(rounded)) if rounded.is_integer() else str(rounded)
-
-
 def is_plan_refusal(reason: str) -> bool:
     """Whether a 403's reason says the plan does not include the model (not a credentials problem)."""
     return PLAN_REASON.search(reason) is not None
@@ -412,27 +321,6 @@ def is_plan_refusal(reason: str) -> bool:
 def direct_body_size(size: int, name: str) -> int:
     """Bytes of the JSON body of a base64 upload of `size` bytes named `name` (as requests encodes it)."""
     return 4 * -(-size // 3) + len(json.dumps({"image": "", "name": name}).encode())
-
-
-def _duration(raw: dict[str, Any]) -> float | None:
-    """Creation to final status from `createdAt` and `statusHistory` (server clock: no skew)."""
-    history = raw.get("statusHistory")
-    if not isinstance(history, list) or not history or not isinstance(raw.get("createdAt"), str):
-        return None
-    last = history[-1]
-    if not isinstance(last, dict) or last.get("status") not in FINAL_STATUSES:
-        return None
-    try:
-        start = datetime.fromisoformat(raw["createdAt"].replace("Z", "+00:00"))
-        end = datetime.fromisoformat(str(last.get("date")).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    seconds = (end - start).total_seconds()
-    return seconds if seconds >= 0 else None
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def _error(resp: requests.Response) -> tuple[str, dict[str, Any]]:
@@ -470,4 +358,4 @@ def _never_sent(exc: requests.RequestException) -> bool:
     )
 
 
-__all__ = ["Asset", "Job", "ScenarioClient", "format_cost", "is_plan_refusal", "parse_job"]
+__all__ = ["ScenarioClient", "is_plan_refusal"]

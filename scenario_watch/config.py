@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
+from .logs import MASK
 
 MODEL_ID = "model_google-gemini-pro-image-editing"
 SANDBOX_KEY = "sandbox-key"
@@ -44,6 +45,11 @@ class ApiSettings(_Section):
     model_id: str = MODEL_ID
     project_id: str | None = None
     request_timeout: float = Field(30.0, gt=0, le=600)
+    # A generate answer that was lost: how long after sending before "it made no job" is believed
+    # (above the usual gateway deadlines of 30-60 s: a slow gateway may still create the job).
+    lost_answer_wait: float = Field(180.0, ge=0)
+    # How often the model's input schema is fetched again (seconds).
+    schema_refresh: float = Field(21600.0, gt=0)
     key: SecretStr | None = None
     secret: SecretStr | None = None
 
@@ -255,7 +261,7 @@ def describe(loaded: Loaded) -> list[tuple[str, str, str]]:
     rows = []
     for key, value in _flatten(loaded.settings.model_dump(mode="json")).items():
         if key in ("api.key", "api.secret") and value is not None:
-            value = "********"
+            value = MASK
         rows.append((key, "" if value is None else str(value), loaded.origins.get(key, "default")))
     return rows
 

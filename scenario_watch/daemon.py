@@ -28,7 +28,6 @@ from .intake import Intake
 from .notify import Notifier, status_line
 from .outbox import Outbox
 from .presets import load_presets
-from .prompt import rules_from_settings
 from .recovery import recover
 from .scheduler import Outcome, Scheduler, Step, Task
 from .store import ACTIVE, State, Store
@@ -62,12 +61,7 @@ class Finished:
     outcome: Outcome
 
 
-@dataclass(frozen=True)
-class Wake:
-    """Look at the stop flag now (from a signal handler)."""
-
-
-Event = Arrived | Finished | Wake
+Event = Arrived | Finished | None  # None: look at the stop flag now (from a signal handler)
 
 
 class Daemon:
@@ -99,15 +93,14 @@ class Daemon:
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.store = Store(folders.state / journal)
         self.hooks = HookRunner(
-            settings.hooks, self.store, folders.outbox, env, lambda: self.events.put(Wake())
+            settings.hooks, self.store, folders.outbox, env, lambda: self.events.put(None)
         )
         self.outbox = Outbox(
             folders, client, self.store, move_references=settings.watch.move_references, hook=self.hooks
         )
-        self.dispatcher = Dispatcher(
-            settings, client, self.store, self.outbox, rules_from_settings(settings), presets
-        )
-        self.tracker = Tracker(settings.jobs, client, self.store, self.outbox, clock)
+        self.dispatcher = Dispatcher(settings, client, self.store, self.outbox, presets)
+        reconciler = self.dispatcher.reconciler
+        self.tracker = Tracker(settings.jobs, client, self.store, self.outbox, reconciler, clock)
         self.scheduler = Scheduler(settings.jobs)
         folders_of = {name: preset.folder for name, preset in presets.items()}
         self.intake = Intake(folders.inbox, folders.state, settings.watch, self._arrived, folders_of)
@@ -145,6 +138,7 @@ class Daemon:
             worker = threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
             worker.start()
             self.workers.append(worker)
+        self.dispatcher.schemas.load()  # before anything is validated: the model's inputs, live
         recover(
             folders=self.folders,
             store=self.store,
@@ -157,12 +151,9 @@ class Daemon:
         )
         self.intake.start(self.clock(), watch=not self.once)
         self.notifier.send("READY=1")
+        folders = self.folders
         log.info(
-            "daemon.started",
-            inbox=str(self.folders.inbox),
-            outbox=str(self.folders.outbox),
-            api=self.client.base_url,
-            waiting=self.intake.pending(),
+            "daemon.started", inbox=str(folders.inbox), outbox=str(folders.outbox), api=self.client.base_url
         )
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
@@ -170,7 +161,7 @@ class Daemon:
         if self.stopping.is_set():
             os._exit(0)
         self.stopping.set()
-        self.events.put(Wake())
+        self.events.put(None)
 
     def close(self, grace: float = GRACE) -> None:
         """Stop intake, give running requests a bounded grace period, then close the journal."""
@@ -214,6 +205,7 @@ class Daemon:
                 self._accept(self.store.add(claim.name, claim.path, claim.preset))
             if not self.stopping.is_set():
                 self.intake.tick(now)
+                self.dispatcher.schemas.refresh_if_stale()
             for prompt_id, task in self.scheduler.due(now, submit=not self.stopping.is_set()):
                 self._start(prompt_id, task)
             self.notifier.tick(now, self._status() if self.notifier.wants_status() else None)
@@ -276,8 +268,11 @@ class Daemon:
             self.events.put(Finished(prompt_id, task, outcome))
 
     def _finished(self, event: Finished) -> None:
-        outcome = event.outcome
-        if self.scheduler.done(event.prompt_id, event.task, outcome, self.clock()):
+        outcome, limit = event.outcome, self.scheduler.limit
+        blocked = self.scheduler.done(event.prompt_id, event.task, outcome, self.clock())
+        if self.scheduler.limit != limit:
+            log.warning("api.parallel_limit", limit=self.scheduler.limit, note="lowered to the plan's limit")
+        if blocked:
             # Submission just stopped for everyone: one clear error, not one per prompt.
             log.error(
                 "api.auth_failed",

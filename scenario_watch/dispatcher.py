@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import logs
-from .client import Job, ScenarioClient
+from .client import ScenarioClient
 from .config import Settings
 from .errors import (
-    Ambiguous,
     ApiError,
     AuthError,
     MissingReference,
@@ -29,10 +28,14 @@ from .errors import (
     RateLimited,
     TransientError,
 )
+from .files import read_regular
 from .outbox import Outbox
 from .presets import Preset, find_preset, prepare, prompt_folder
-from .prompt import PromptRules, check_reference
+from .prompt import MAX_REFERENCE_BYTES, PromptRules, check_reference, rules_from_settings
+from .reconcile import Reconciler
 from .scheduler import Outcome, Step
+from .schema import unknown_input
+from .schema_source import SchemaSource
 from .store import Row, State, Store
 
 log = logs.get()
@@ -52,11 +55,12 @@ class Dispatcher:
         client: ScenarioClient,
         store: Store,
         outbox: Outbox,
-        rules: PromptRules,
         presets: Mapping[str, Preset] | None = None,
     ) -> None:
         self.settings = settings
-        self.rules = rules  # the model's schema, [defaults], reference roots
+        api = settings.api
+        self.schemas = SchemaSource(client, store, api.schema_refresh)
+        self.reconciler = Reconciler(client, store, lambda: self.schemas.current, api.lost_answer_wait)
         self.presets = presets or {}
         self.client = client
         self.store = store
@@ -79,7 +83,7 @@ class Dispatcher:
                 find_preset(self.presets, row.preset),
                 name=row.file,
                 base_dir=prompt_folder(row, self.inbox, self.presets),
-                rules=self.rules,
+                rules=self.rules(),
             )
         except MissingReference as exc:
             waited = time.time() - row.claimed_at
@@ -109,6 +113,10 @@ class Dispatcher:
         log.info("prompt.queued", prompt_id=prompt_id)
         return Outcome(Step.SUBMIT)
 
+    def rules(self) -> PromptRules:
+        """What prompts are checked against now: the model's current schema, [defaults], reference roots."""
+        return rules_from_settings(self.settings, self.schemas.current)
+
     # -- submit (worker) -------------------------------------------------------------------------------
 
     def submit(self, prompt_id: int) -> Outcome:
@@ -136,31 +144,51 @@ class Dispatcher:
         return self._send(row, inputs)
 
     def _find_lost_job(self, row: Row) -> Outcome | None:
-        """A previous POST's answer was lost: adopt the job it made, or None (safe to send again)."""
+        """A previous POST's answer was lost: adopt its job, wait, or None (certainly none: send again)."""
         try:
-            job = self._reconcile(row)
+            verdict = self.reconciler.find(row)
         except (TransientError, RateLimited, AuthError) as exc:
             log.warning("job.reconcile_failed", error=str(exc))
             return Outcome(Step.SUBMIT, attempt=row.submit_attempts)
-        except (ApiError, Ambiguous) as exc:
+        except ApiError as exc:
             hint = "check Scenario's job list for this prompt before retrying it: it may have been generated"
             error = f"cannot tell whether the lost request created a job: {exc}"
             return Outcome.ended(self.outbox.fail(row, "submit", error, hint))
-        if job is None:
-            return None
-        return self._submitted(row, job, job.cost, "job.adopted")
+        if verdict.job is not None:
+            logs.bind(job_id=verdict.job.job_id)
+            log.info("job.adopted", note="found the job a lost answer had created; not resent")
+            return Outcome(Step.POLL)
+        if verdict.wait is not None:
+            waited = time.time() - (row.sent_at or row.claimed_at)
+            if waited > self.settings.jobs.timeout:  # ambiguous for that long: a person must look
+                hint = "check Scenario's job list: a job named may be this prompt's (it was not resent)"
+                error = f"cannot tell whether the lost request created a job: {verdict.reason}"
+                return Outcome.ended(self.outbox.fail(row, "submit", error, hint))
+            log.info("job.reconcile_wait", reason=verdict.reason, again_in=round(verdict.wait, 1))
+            return Outcome(Step.SUBMIT, delay=verdict.wait)
+        assert row.submit_started is not None
+        self.store.resending(row.id, row.submit_started)
+        log.info("job.reconciled", found=False, note=f"{verdict.reason}: no job was created; sending again")
+        return None
 
     def _send(self, row: Row, inputs: dict[str, Any]) -> Outcome:
         """Journal the intent, POST, and turn the answer (or the error) into the next step."""
+        schema = self.schemas.current
+        unknown = [key for key in inputs if key not in schema.inputs]
+        if unknown:  # the schema changed since the prompt was accepted: nothing unlisted is ever sent
+            error = unknown_input(schema, unknown[0])
+            return Outcome.ended(self.outbox.fail(row, "validate", error, "fix the prompt file and retry it"))
         started = (datetime.now(UTC) - CLOCK_SKEW).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         self.store.submitting(row.id, inputs, started)  # the intent, before the request
         attempt = row.submit_attempts + 1
         try:
-            job, cost = self.client.generate(inputs)
+            with self.reconciler.sending(row.id, inputs):
+                job, cost = self.client.generate(inputs)
+                self.store.submitted(row.id, job.job_id, cost)  # recorded before a twin may reconcile
         except RateLimited as exc:
             self.store.back_to_claimed(row.id)
-            log.warning("api.rate_limited", reason=exc.reason, retry_after=exc.retry_after)
-            return Outcome(Step.RATE_LIMITED, attempt=attempt, retry_after=exc.retry_after)
+            log.warning("api.rate_limited", reason=exc.reason, retry_after=exc.retry_after, limit=exc.limit)
+            return Outcome(Step.RATE_LIMITED, attempt=attempt, retry_after=exc.retry_after, limit=exc.limit)
         except AuthError as exc:
             self.store.back_to_claimed(row.id)
             return Outcome(Step.AUTH, reason=f"HTTP {exc.status}: {exc.reason}")
@@ -172,6 +200,8 @@ class Dispatcher:
             hint = "fix the prompt file and retry it"
             if exc.status != 400:
                 hint = "check [api] model_id and base_url"
+            elif any(name in exc.reason for name in (*schema.inputs, *inputs)) or "parameter" in exc.reason:
+                self.schemas.refresh()  # the API named an input: the model's schema may have changed
             error = f"the API rejected the prompt: {exc.reason}"
             return Outcome.ended(self.outbox.fail(row, "submit", error, hint))
         except OutcomeUnknown as exc:
@@ -182,38 +212,9 @@ class Dispatcher:
             self.store.back_to_claimed(row.id)  # never reached the server: safe to send again
             log.warning("job.submit_failed", error=str(exc))
             return Outcome(Step.SUBMIT, attempt=attempt)
-        return self._submitted(row, job, cost, "job.submitted")
-
-    def _submitted(self, row: Row, job: Job, cost: float | None, event: str) -> Outcome:
-        """Record the job id (from now on the prompt is polled, never resent)."""
-        self.store.submitted(row.id, job.job_id, cost)
         logs.bind(job_id=job.job_id)
-        if event == "job.adopted":
-            log.info(event, note="found the job a lost answer had created; not resent")
-        else:
-            log.info(event, cost=cost)
+        log.info("job.submitted", cost=cost)
         return Outcome(Step.POLL)
-
-    def _reconcile(self, row: Row) -> Job | None:
-        """Find the job a lost generate answer created: same inputs, created since, not ours already.
-
-        Raises Ambiguous when a candidate job does not echo its input: resending then could pay twice.
-        """
-        if row.submit_started is None or row.inputs is None:
-            return None
-        known = self.store.known_job_ids()
-        silent = []
-        for job in self.client.list_jobs(row.submit_started):
-            if job.job_id in known:
-                continue
-            if not job.input:
-                silent.append(job.job_id)
-            elif all(job.input.get(key) == value for key, value in row.inputs.items()):
-                return job
-        if silent:
-            raise Ambiguous(f"jobs {', '.join(silent[:5])} do not show their input")
-        log.info("job.reconciled", found=False, note="no job was created; sending again")
-        return None
 
     # -- references ------------------------------------------------------------------------------------
 
@@ -233,7 +234,9 @@ class Dispatcher:
                 records.append({"assetId": ref.asset_id})
                 continue
             assert ref.path is not None and ref.mime_type is not None
-            data = ref.path.read_bytes()
+            data = read_regular(ref.path, MAX_REFERENCE_BYTES)  # never through a link swapped in since
+            if len(data) > MAX_REFERENCE_BYTES:
+                raise PromptError([f"referenceImages: {entry!r} grew past {MAX_REFERENCE_BYTES >> 20} MiB"])
             digest = hashlib.sha256(data).hexdigest()
             resolved.append(self._upload_once(digest, data, ref.path.name, ref.mime_type, entry))
             records.append({"file": entry, "sha256": digest, "size": len(data), "assetId": resolved[-1]})

@@ -79,7 +79,3 @@ class OutcomeUnknown(TransientError):
 
 class UrlExpired(TransientError):
     """The CDN refused a signed URL (403): fetch the asset again for a fresh one."""
-
-
-class Ambiguous(ScenarioWatchError):
-    """A lost generate answer cannot be reconciled safely (jobs that do not echo their input)."""

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from . import logs
-from .client import Job, ScenarioClient
+from .client import ScenarioClient
 from .config import FolderSettings
 from .errors import UrlExpired
 from .files import free_name, move_no_clobber, write_atomic
+from .jobs import Job
 from .store import Row, State, Store
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}

@@ -228,7 +228,7 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
         raise PromptError([f"referenceImages: {entry!r} is not {IMAGE_KINDS}"])
     if size > MAX_REFERENCE_BYTES:
         raise PromptError([f"referenceImages: {entry!r} is larger than {MAX_REFERENCE_BYTES >> 20} MiB"])
-    return Reference(entry, path=path, mime_type=mime)
+    return Reference(entry, path=target, mime_type=mime)  # the file that was checked is the one read
 
 
 def image_type(head: bytes) -> str | None:

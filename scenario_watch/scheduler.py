@@ -69,6 +69,7 @@ class Outcome:
     retry_after: float | None = None  # the API's Retry-After, seconds
     delay: float | None = None  # a fixed wait that is right whatever the attempt (a full disk)
     duration: float | None = None  # a finished job's generation time by the API's clock
+    limit: int | None = None  # a 429's parallel-job limit (details.actionLimit)
     reason: str = ""
 
     @classmethod
@@ -187,6 +188,8 @@ class Scheduler:
         elif step == Step.RATE_LIMITED:
             pause = outcome.retry_after if outcome.retry_after is not None else self._delay(outcome)
             self.paused_until = max(self.paused_until, now + pause)
+            if outcome.limit is not None and 1 <= outcome.limit < self.limit:
+                self.limit = outcome.limit  # the plan's parallel limit: more in flight only meets 429s
             self.waiting.appendleft(prompt_id)
         elif step == Step.AUTH:
             newly = not self.auth_blocked

@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS prompts (
     progress REAL,                   -- the job's progress (0..1) at the last poll
     preset TEXT,                     -- [presets.NAME] whose folder the file arrived in
     hook TEXT,                       -- 'pending' from filing until its hook ran, then 'ran'
+    sent_at REAL,                    -- when the latest generate POST was sent (the quiet period's start)
+    lost_since TEXT,                 -- createdAfter of a lost attempt that was resent (orphan check)
     download_attempts INTEGER NOT NULL DEFAULT 0,
     claimed_at REAL NOT NULL,
     submitted_at REAL,
@@ -58,6 +60,12 @@ CREATE TABLE IF NOT EXISTS uploads (
     asset_id TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS orphans (  -- jobs a lost answer created after all, once resent: paid twice
+    job_id TEXT PRIMARY KEY,
+    prompt_id INTEGER NOT NULL,
+    cost REAL,
+    found_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (     -- small named values the daemon keeps (e.g. the model's schema)
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL,
@@ -67,7 +75,13 @@ CREATE TABLE IF NOT EXISTS meta (     -- small named values the daemon keeps (e.
 
 
 # Columns added since the first release: journals written by an older version get them at start.
-ADDED_COLUMNS = {"progress": "REAL", "preset": "TEXT", "hook": "TEXT"}
+ADDED_COLUMNS = {
+    "progress": "REAL",
+    "sent_at": "REAL",
+    "lost_since": "TEXT",
+    "preset": "TEXT",
+    "hook": "TEXT",
+}
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,8 @@ class Row:
     hint: str | None
     final_path: str | None
     progress: float | None
+    sent_at: float | None
+    lost_since: str | None
     download_attempts: int
     claimed_at: float
     submitted_at: float | None
@@ -160,14 +176,40 @@ class Store:
     def submitting(self, prompt_id: int, inputs: dict[str, Any], started: str) -> None:
         """Record the intent to POST before sending it (crash-safety: reconcile, never resend blindly)."""
         with self._lock:
+            now = time.time()
             self._db.execute(
-                "UPDATE prompts SET state = ?, inputs = ?, submit_started = ?,"
+                "UPDATE prompts SET state = ?, inputs = ?, submit_started = ?, sent_at = ?,"
                 " submit_attempts = submit_attempts + 1, updated_at = ? WHERE id = ?",
-                (State.SUBMITTING, json.dumps(inputs, sort_keys=True), started, time.time(), prompt_id),
+                (State.SUBMITTING, json.dumps(inputs, sort_keys=True), started, now, now, prompt_id),
             )
 
     def submitted(self, prompt_id: int, job_id: str, cost: float | None) -> None:
         self._update(prompt_id, state=State.SUBMITTED, job_id=job_id, cost=cost, submitted_at=time.time())
+
+    def resending(self, prompt_id: int, lost_since: str) -> None:
+        """A lost answer created no job after the quiet period: the prompt is sent again (noted)."""
+        self._write(
+            "UPDATE prompts SET lost_since = COALESCE(lost_since, ?) WHERE id = ?", lost_since, prompt_id
+        )
+
+    def add_orphan(self, job_id: str, prompt_id: int, cost: float | None) -> None:
+        """A job that a lost answer created although its prompt was resent (paid twice)."""
+        self._write(
+            "INSERT OR IGNORE INTO orphans (job_id, prompt_id, cost, found_at) VALUES (?, ?, ?, ?)",
+            job_id,
+            prompt_id,
+            cost,
+            time.time(),
+        )
+
+    def orphans(self) -> list[tuple[str, str, float | None, float]]:
+        """Every orphan job: (job id, the prompt's file, cost, when found)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT o.job_id, p.file, o.cost, o.found_at FROM orphans o"
+                " JOIN prompts p ON p.id = o.prompt_id ORDER BY o.found_at"
+            ).fetchall()
+        return [(str(r[0]), str(r[1]), r[2], float(r[3])) for r in rows]
 
     def back_to_claimed(self, prompt_id: int) -> None:
         """The POST certainly created nothing: the prompt waits for its turn again."""
@@ -270,9 +312,16 @@ class Store:
         return self._select("WHERE state = ? ORDER BY updated_at DESC LIMIT ?", state, limit)
 
     def known_job_ids(self) -> set[str]:
+        """Every job id the journal owns: its prompts' jobs and the orphans it noted."""
         with self._lock:
-            rows = self._db.execute("SELECT job_id FROM prompts WHERE job_id IS NOT NULL").fetchall()
+            rows = self._db.execute(
+                "SELECT job_id FROM prompts WHERE job_id IS NOT NULL UNION SELECT job_id FROM orphans"
+            ).fetchall()
         return {str(row[0]) for row in rows}
+
+    def lost_answers(self) -> list[Row]:
+        """Prompts whose generate POST may have created a job nobody has recorded yet."""
+        return self._select("WHERE state = ? ORDER BY id", State.SUBMITTING)
 
     def reserved_stems(self) -> set[str]:
         """Output stems held by prompts still writing their outputs."""
@@ -316,6 +365,8 @@ def _row(row: sqlite3.Row) -> Row:
         hint=row["hint"],
         final_path=row["final_path"],
         progress=row["progress"],
+        sent_at=row["sent_at"],
+        lost_since=row["lost_since"],
         download_attempts=row["download_attempts"],
         claimed_at=row["claimed_at"],
         submitted_at=row["submitted_at"],

@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable
 
 from . import logs
-from .client import Job, ScenarioClient
+from .client import ScenarioClient
 from .config import JobSettings
 from .errors import ApiError, AuthError, NotFound, RateLimited, ScenarioWatchError, TransientError
+from .jobs import Job
 from .outbox import Outbox
+from .reconcile import Reconciler
 from .scheduler import Outcome, Step
 from .store import Row, State, Store
 
@@ -37,12 +39,14 @@ class Tracker:
         client: ScenarioClient,
         store: Store,
         outbox: Outbox,
+        reconciler: Reconciler,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.jobs = jobs
         self.client = client
         self.store = store
         self.outbox = outbox
+        self.reconciler = reconciler
         self.clock = clock
         self._failing_since: dict[int, float] = {}  # prompt id → first failed download (monotonic)
         self._lock = threading.Lock()  # workers share the dict
@@ -67,6 +71,7 @@ class Tracker:
             return Outcome(Step.POLL, attempt=1, retry_after=retry_after)
         self.store.polled(row.id, job.progress)
         if job.status == "success":
+            self._note_orphans(row)
             cost = row.cost if row.cost is not None else job.cost
             self.store.downloading(row.id, list(job.asset_ids), cost)
             log.info("job.succeeded", assets=len(job.asset_ids))
@@ -78,6 +83,23 @@ class Tracker:
             return self._time_out(row, job.status)
         log.debug("job.status", status=job.status, progress=job.progress)
         return Outcome(Step.POLL)
+
+    def _note_orphans(self, row: Row) -> None:
+        """After a resend, the lost attempt may have made a job after all: say so (it was paid for)."""
+        if row.lost_since is None:
+            return
+        try:
+            orphans = self.reconciler.orphans(row)
+        except (ScenarioWatchError, OSError) as exc:
+            log.warning("job.orphan_check_failed", error=str(exc))
+            return
+        for orphan in orphans:
+            log.warning(
+                "job.orphan",
+                orphan_job_id=orphan.job_id,
+                cost=orphan.cost,
+                note="a lost request made this job after all; the prompt was resent, so it was paid twice",
+            )
 
     def _expired(self, row: Row) -> bool:
         """The job is older than [jobs] timeout (wall clock: the journal's times survive a restart)."""

@@ -72,7 +72,7 @@ class Folders:
 
 def write_config(folders: Folders, base_url: str, **sections: dict[str, Any]) -> None:
     config: dict[str, dict[str, Any]] = {
-        "api": {"base_url": base_url, "request_timeout": 5.0},
+        "api": {"base_url": base_url, "request_timeout": 5.0, "lost_answer_wait": 1.0},
         "folders": {
             "inbox": str(folders.inbox),
             "outbox": str(folders.outbox),

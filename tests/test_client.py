@@ -14,12 +14,11 @@ from scenario_watch.client import (
     DIRECT_UPLOAD_MARGIN,
     ScenarioClient,
     direct_body_size,
-    format_cost,
     is_plan_refusal,
-    parse_job,
 )
 from scenario_watch.config import MODEL_ID
 from scenario_watch.errors import AuthError, NotFound, PlanError, PromptError, RateLimited
+from scenario_watch.jobs import format_cost, parse_job
 from scenario_watch.prompt import PromptRules, parse_prompt
 from scenario_watch.sandbox import Fault, Sandbox
 from scenario_watch.schema import check_value, parse_model
