@@ -101,6 +101,11 @@ class WatchSettings(_Section):
         return [Path(os.path.abspath(root.expanduser())) for root in value]
 
 
+class BudgetSettings(_Section):
+    daily: float = Field(0.0, ge=0)  # creative units per UTC day; 0: no cap
+    max_per_prompt: float = Field(0.0, ge=0)  # a prompt estimated above it fails; 0: no limit
+
+
 class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -119,6 +124,7 @@ class Settings(BaseSettings):
     jobs: JobSettings = Field(default_factory=JobSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -181,6 +187,7 @@ def load_settings(
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
     _check_keys(data, path)
+    _check_env(env)
     env_values = _env_values(env)
     origins = {key: f"file {path}" for key in _flatten(data)}
     origins.update({key: f"env {name}" for key, name in env_values.items()})
@@ -284,11 +291,30 @@ def _check_keys(data: Mapping[str, Any], path: Path | None) -> None:
             raise ConfigError(f"{where}: unknown section [{section}]{_near(section, Settings.model_fields)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of keys")
-        fields = Settings.model_fields[section].annotation
-        known = fields.model_fields if isinstance(fields, type) and issubclass(fields, BaseModel) else {}
+        known = _section_keys(section)
         for key in values:
             if key not in known:
                 raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, known)}")
+
+
+def _section_keys(section: str) -> Mapping[str, Any]:
+    fields = Settings.model_fields[section].annotation
+    return fields.model_fields if isinstance(fields, type) and issubclass(fields, BaseModel) else {}
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    """SCENARIO_WATCH_* variables must name a setting: a mistyped override must not go unnoticed."""
+    for name in env:
+        upper = name.upper()
+        if not upper.startswith("SCENARIO_WATCH_") or upper == "SCENARIO_WATCH_CONFIG":
+            continue
+        section, nested, key = upper.removeprefix("SCENARIO_WATCH_").lower().partition("__")
+        where = f"environment variable {name} names no setting"
+        if section not in Settings.model_fields:
+            raise ConfigError(f"{where}: unknown section {section!r}{_near(section, Settings.model_fields)}")
+        known = _section_keys(section)
+        if nested and key not in known:
+            raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, known)}")
 
 
 def _near(word: str, choices: Mapping[str, Any]) -> str:

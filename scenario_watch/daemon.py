@@ -10,24 +10,27 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import structlog
 
-from . import logs
+from . import health, logs
 from .client import ScenarioClient
 from .config import Settings
 from .dispatcher import Dispatcher
 from .errors import ConfigError
-from .files import remove_temp_files
+from .events import Arrived, Event, Finished, Wake
+from .heartbeat import Heartbeat
 from .intake import Intake
 from .notify import Notifier, status_line
 from .outbox import Outbox
 from .prompt import rules_from_settings
+from .recovery import recover
 from .scheduler import Outcome, Scheduler, Step, Task
 from .store import ACTIVE, State, Store
 from .tracker import Tracker
@@ -41,31 +44,8 @@ MAX_WORKERS = 64
 TASK_CRASH_RETRY = 30.0
 # On shutdown, running requests get this long to finish before they are abandoned (safely).
 GRACE = 3.0
-
-
-@dataclass(frozen=True)
-class Arrived:
-    """The observer saw a file that may be a prompt."""
-
-    path: str
-    moved: bool
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A worker finished a task."""
-
-    prompt_id: int
-    task: Task
-    outcome: Outcome
-
-
-@dataclass(frozen=True)
-class Wake:
-    """Look at the stop flag now (from a signal handler)."""
-
-
-Event = Arrived | Finished | Wake
+# A journal that could not be written (its disk full): no new file is claimed until this much later.
+JOURNAL_RETRY = 5.0
 
 
 class Daemon:
@@ -92,10 +72,14 @@ class Daemon:
             except OSError as exc:
                 raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
         self.store = Store(folders.state / journal)
+        self.outputs = (folders.outbox, folders.done, folders.failed)
         self.outbox = Outbox(folders, client, self.store, move_references=settings.watch.move_references)
         self.dispatcher = Dispatcher(settings, client, self.store, self.outbox, rules_from_settings(settings))
         self.tracker = Tracker(settings.jobs, client, self.store, self.outbox, clock)
         self.scheduler = Scheduler(settings.jobs)
+        # Permissions stop the start (exit 2); a full disk only pauses submissions.
+        self.scheduler.probed(health.check_at_start([*self.outputs, folders.state]), clock())
+        self.heartbeat = Heartbeat(self.store, self.scheduler, self.dispatcher.awaiting_references)
         self.intake = Intake(folders.inbox, folders.state, settings.watch, self._arrived)
         self.notifier = Notifier(dict(os.environ) if env is None else env)
         # SimpleQueue: put() is safe from a signal handler (Queue's lock is not reentrant).
@@ -109,6 +93,8 @@ class Daemon:
         self.stopping = threading.Event()
         self.exit_code = 0
         self.workers: list[threading.Thread] = []
+        self.unjournaled: list[tuple[str, Path]] = []  # claimed, but the journal could not take them
+        self.journal_retry_at = 0.0
         self.closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -133,7 +119,7 @@ class Daemon:
             worker = threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
             worker.start()
             self.workers.append(worker)
-        self._recover()
+        recover(self.store, self.scheduler, self.outbox, self.intake, self._accept, self.clock())
         self.intake.start(self.clock(), watch=not self.once)
         self.notifier.send("READY=1")
         log.info(
@@ -186,12 +172,14 @@ class Daemon:
     def tick(self, now: float) -> None:
         """One iteration: claim what is ready, start what is due, keep the observer alive."""
         try:
-            for name, claimed in self.intake.claim_ready(now):
-                self._accept(self.store.add(name, claimed))
+            self._claim(now)
             if not self.stopping.is_set():
                 self.intake.tick(now)
+            if self.scheduler.probe_due(now):
+                self.scheduler.probed(health.recheck(self.outputs), now)
             for prompt_id, task in self.scheduler.due(now, submit=not self.stopping.is_set()):
                 self._start(prompt_id, task)
+            self.heartbeat.tick(now)
             self.notifier.tick(now, self._status() if self.notifier.wants_status() else None)
         except Exception:
             log.exception("daemon.tick_failed")
@@ -202,6 +190,7 @@ class Daemon:
             timeout = 0.0
         else:
             deadlines = [self.scheduler.next_due(), self.intake.next_due(), self.notifier.next_due()]
+            deadlines += [self.heartbeat.next_due(), self.journal_retry_at if self.unjournaled else None]
             cap = now + self.settings.watch.rescan_interval
             timeout = max(0.0, min([cap, *(d for d in deadlines if d is not None)]) - now)
         try:
@@ -217,6 +206,27 @@ class Daemon:
                 event = self.events.get_nowait()
             except queue.Empty:
                 return
+
+    def _claim(self, now: float) -> None:
+        """Journal what intake claims; while the journal's disk is full, claim nothing new and retry."""
+        if now < self.journal_retry_at:
+            return
+        pending = self.unjournaled or self.intake.claim_ready(now)
+        while pending:
+            try:
+                prompt_id = self.store.add(*pending[0])
+            except sqlite3.OperationalError as exc:  # "database or disk is full": the file stays claimed
+                self.unjournaled, self.journal_retry_at, self.intake.more = (
+                    pending,
+                    now + JOURNAL_RETRY,
+                    False,
+                )
+                hint = "free space where the journal is; no new file is taken meanwhile, none is lost"
+                log.error("journal.write_failed", error=str(exc), claimed=len(pending), hint=hint)
+                return
+            pending = pending[1:]
+            self._accept(prompt_id)
+        self.unjournaled = []
 
     def _arrived(self, path: str, moved: bool) -> None:
         """Called in the observer's thread: only enqueue."""
@@ -235,6 +245,9 @@ class Daemon:
     def _accept(self, prompt_id: int) -> None:
         try:
             outcome = self.dispatcher.accept(prompt_id)
+        except sqlite3.OperationalError as exc:  # the journal's disk is full: validate again later
+            log.error("journal.write_failed", error=str(exc), prompt_id=prompt_id)
+            outcome = Outcome(Step.ACCEPT, delay=JOURNAL_RETRY)
         finally:
             structlog.contextvars.clear_contextvars()
         self.scheduler.done(prompt_id, Task.ACCEPT, outcome, self.clock())
@@ -268,35 +281,3 @@ class Daemon:
         return status_line(
             len(self.scheduler.waiting), len(self.scheduler.slots), counts[State.DONE], counts[State.FAILED]
         )
-
-    # -- recovery -------------------------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Resume what a previous run left: finish filings, requeue, re-poll, reconcile, redo."""
-        for folder in (self.folders.outbox, self.folders.done, self.folders.failed):
-            removed = remove_temp_files(folder)
-            if removed:
-                log.info("recover.temp_removed", folder=str(folder), count=removed)
-        now = self.clock()
-        known = set()
-        for row in self.store.unfiled():
-            known.add(row.claimed)
-            self.scheduler.done(row.id, Task.REFILE, Outcome.ended(self.outbox.file(row)), now)
-        for row in self.store.active():
-            known.add(row.claimed)
-            logs.bind(file=row.file, job_id=row.job_id)
-            log.info("recover.resume", state=str(row.state))
-            if row.state == State.CLAIMED and row.inputs is None:
-                self._accept(row.id)
-            elif row.state == State.CLAIMED:
-                self.scheduler.enqueue(row.id)
-            elif row.state == State.SUBMITTING:
-                self.scheduler.enqueue(row.id, first=True)  # submit reconciles before it sends anything
-            elif row.state == State.SUBMITTED:
-                self.scheduler.resume_job(row.id, now)
-            else:
-                self.scheduler.at(now, row.id, Task.DOWNLOAD)
-            structlog.contextvars.clear_contextvars()
-        # A crash between the claim (rename) and the journal entry leaves an unknown file there.
-        for name, path in self.intake.unknown_claims(known):
-            self._accept(self.store.add(name, path))

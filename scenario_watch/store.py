@@ -24,6 +24,8 @@ class State(StrEnum):
 
 
 ACTIVE = (State.CLAIMED, State.SUBMITTING, State.SUBMITTED, State.DOWNLOADING)
+# A job that failed at Scenario (this stage) is refunded: it does not count as spent.
+REFUNDED_STAGE = "generation"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS prompts (
@@ -266,6 +268,16 @@ class Store:
                 "SELECT out_stem FROM prompts WHERE out_stem IS NOT NULL AND state = ?", (State.DOWNLOADING,)
             ).fetchall()
         return {str(row[0]) for row in rows}
+
+    def spent_since(self, since: float) -> float:
+        """Creative units reported for the jobs submitted since a Unix time (refunded failures excluded)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(cost), 0) FROM prompts WHERE submitted_at >= ? AND cost IS NOT NULL"
+                " AND NOT (state = ? AND stage = ?)",
+                (since, State.FAILED, REFUNDED_STAGE),
+            ).fetchone()
+        return float(row[0])
 
     def counts(self) -> dict[str, int]:
         with self._lock:
