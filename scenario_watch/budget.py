@@ -101,7 +101,8 @@ class Budget:
         newly = resumed = False
         with self._lock:
             spent = self.spent_since(day_start(now))
-            if not fits(cost, spent, sum(self._reserved.values()), self.daily):
+            reserved = sum(self._reserved.values())
+            if not fits(cost, spent, reserved, self.daily):
                 resumes_at = next_day(now)
                 newly = self._paused_until != resumes_at
                 self._paused_until = resumes_at
@@ -114,6 +115,7 @@ class Budget:
             log.warning(
                 "budget.paused",
                 spent=round(spent, 4),
+                in_flight=round(reserved, 4),  # estimates of submissions under way
                 cap=self.daily,
                 next_estimate=cost,
                 resumes_at=datetime.fromtimestamp(next_day(now), UTC).isoformat(timespec="seconds"),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import json
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
-
+from scenario_watch import logs
 from scenario_watch.budget import Budget, day_start, fits, next_day, shape
 from scenario_watch.config import BudgetSettings
 
@@ -98,10 +99,9 @@ def test_max_per_prompt_refuses_a_dear_prompt_without_reserving_it() -> None:
     assert budget.admit(2, {"prompt": "y", "numOutputs": 2}, DryRun()).allowed
 
 
-def test_pause_and_resume_are_logged_once_each(capsys: pytest.CaptureFixture[str]) -> None:
-    from scenario_watch import logs
-
-    logs.configure("json", "info", secrets=())
+def test_pause_and_resume_are_logged_once_each() -> None:
+    out = io.StringIO()
+    logs.configure("json", "info", stream=out)
     budget, journal = make(daily=5)
     dry_run = DryRun()
     journal.costs.append((NOON, 5.0))
@@ -109,5 +109,5 @@ def test_pause_and_resume_are_logged_once_each(capsys: pytest.CaptureFixture[str
         assert not budget.admit(n, {"prompt": "x"}, dry_run).allowed
     journal.costs.clear()  # as if the day had turned
     assert budget.admit(9, {"prompt": "x"}, dry_run).allowed
-    out = capsys.readouterr().out + capsys.readouterr().err
-    assert out.count('"budget.paused"') == 1 and out.count('"budget.resumed"') == 1
+    events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert events == ["budget.paused", "budget.resumed"]
