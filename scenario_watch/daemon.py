@@ -257,9 +257,11 @@ class Daemon:
             prompt_id, task = item
             try:
                 outcome = self.runners[task](prompt_id)
-            except Exception:  # the catch-all lives at the task boundary: try the same step later
+            except Exception as exc:  # the catch-all lives at the task boundary: try the same step later
                 log.exception("worker.task_failed", prompt_id=prompt_id, task=task.value)
-                outcome = Outcome(Step(task.value), delay=TASK_CRASH_RETRY)  # each worker task is a step
+                # A full journal disk (sqlite3.OperationalError) clears sooner than a bug: look again soon.
+                delay = JOURNAL_RETRY if isinstance(exc, sqlite3.OperationalError) else TASK_CRASH_RETRY
+                outcome = Outcome(Step(task.value), delay=delay)  # each worker task is a step
             finally:
                 structlog.contextvars.clear_contextvars()
             self.events.put(Finished(prompt_id, task, outcome))
