@@ -189,8 +189,8 @@ class Scheduler:
         self._probe_at = None if problem is None else now + PROBE_EVERY
 
     def idle(self) -> bool:
-        """Nothing queued, timed or running."""
-        return not (self.waiting or self._timers or self.busy)
+        """Nothing queued, timed or running (prompts held back until the budget's next day aside)."""
+        return not ((self.waiting and not self.budget_until) or self._timers or self.busy)
 
     # -- facts into times ------------------------------------------------------------------------------
 

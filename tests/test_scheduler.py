@@ -229,10 +229,11 @@ def test_the_budget_pauses_every_submission_until_the_given_time_with_the_prompt
     s.done(2, Task.SUBMIT, Outcome(Step.BUDGET, delay=100.0), 0.2)  # would pass the cap
     assert list(s.waiting) == [2, 3] and s.slots == {1}  # not failed, first in line, its slot free
     assert s.submissions_paused() and s.next_due() is not None
+    assert not s.idle()  # the running job still counts (`run --once` waits for it, not for tomorrow)
     assert all(task != Task.SUBMIT for _, task in s.due(50.0))  # polls go on, nothing is sent
     s.done(1, Task.POLL, Outcome(Step.FINISHED), 60.0)
     assert s.next_due() == pytest.approx(100.2)  # wakes when the day turns
-    assert s.due(100.1) == []
+    assert s.due(100.1) == [] and s.idle()  # only prompts waiting for tomorrow: --once may end
     assert s.due(100.2) == [(2, Task.SUBMIT), (3, Task.SUBMIT)]
     assert not s.submissions_paused() and s.budget_until == 0.0
 
