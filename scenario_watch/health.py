@@ -78,6 +78,9 @@ def check_at_start(folders: Sequence[Path]) -> str | None:
         except OSError as exc:
             if exc.errno in NO_SPACE:
                 full = full or unwritable(folder, exc)
+                log.error(
+                    "output.unwritable", folder=str(folder), error=str(exc), note="nothing is sent until then"
+                )
                 continue
             raise ConfigError(cannot_write(folder, exc)) from exc
     return full
