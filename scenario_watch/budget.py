@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -70,12 +70,13 @@ class Budget:
     def __init__(
         self,
         settings: BudgetSettings,
-        spent_since: Callable[[float], float],
+        spent_since: Callable[[float, Collection[int]], float],
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.daily = settings.daily
         self.max_per_prompt = settings.max_per_prompt
-        self.spent_since = spent_since  # the journal's reported costs of jobs submitted since a time
+        # The journal's reported costs of jobs submitted since a time, but for the prompts named.
+        self.spent_since = spent_since
         self.wall = wall
         self._lock = threading.Lock()
         self._costs: dict[Shape, float] = {}  # learned per shape
@@ -100,7 +101,8 @@ class Budget:
         now = self.wall()
         newly = resumed = False
         with self._lock:
-            spent = self.spent_since(day_start(now))
+            # A reserved prompt counts as its estimate until released, even once its cost is journaled.
+            spent = self.spent_since(day_start(now), self._reserved.keys())
             reserved = sum(self._reserved.values())
             if not fits(cost, spent, reserved, self.daily):
                 resumes_at = next_day(now)

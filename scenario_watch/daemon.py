@@ -216,11 +216,8 @@ class Daemon:
             try:
                 prompt_id = self.store.add(*pending[0])
             except sqlite3.OperationalError as exc:  # "database or disk is full": the file stays claimed
-                self.unjournaled, self.journal_retry_at, self.intake.more = (
-                    pending,
-                    now + JOURNAL_RETRY,
-                    False,
-                )
+                self.unjournaled, self.journal_retry_at = pending, now + JOURNAL_RETRY
+                self.intake.more = False  # nothing is claimed meanwhile: no reason to loop at once
                 hint = "free space where the journal is; no new file is taken meanwhile, none is lost"
                 log.error("journal.write_failed", error=str(exc), claimed=len(pending), hint=hint)
                 return

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from collections.abc import Collection
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from scenario_watch import logs
 from scenario_watch.budget import Budget, day_start, fits, next_day, shape
 from scenario_watch.config import BudgetSettings
+from scenario_watch.store import Store
 
 NOON = datetime(2026, 3, 14, 12, 0, tzinfo=UTC).timestamp()
 
@@ -18,10 +22,10 @@ class Journal:
     """What the store would sum: costs of jobs submitted at given times."""
 
     def __init__(self) -> None:
-        self.costs: list[tuple[float, float]] = []
+        self.costs: list[tuple[int, float, float]] = []  # prompt id, submitted at, cost
 
-    def spent_since(self, since: float) -> float:
-        return sum(cost for at, cost in self.costs if at >= since)
+    def spent_since(self, since: float, exclude: Collection[int] = ()) -> float:
+        return sum(cost for pid, at, cost in self.costs if at >= since and pid not in exclude)
 
 
 class DryRun:
@@ -69,9 +73,12 @@ def test_the_cap_admits_until_spend_plus_reservations_would_pass_it() -> None:
     assert dry_run.calls == 1  # one dryRun per shape; then the learned cost
     refused = verdicts[-1]
     assert refused.resumes_at == next_day(NOON) and refused.estimate == 5 and not refused.too_dear
-    # Submissions end: their costs land in the journal and their reservations go.
+    # Submissions end: their costs land in the journal (counted once meanwhile), then their reservations go.
+    journal.costs.append((0, NOON, 5.0))
+    assert budget.admit(9, {"prompt": "p9", "numOutputs": 1}, dry_run).spent == 0  # 0 is still reserved
     for n in range(4):
-        journal.costs.append((NOON, 5.0))
+        if n:
+            journal.costs.append((n, NOON, 5.0))
         budget.release(n)
     again = budget.admit(5, {"prompt": "again", "numOutputs": 1}, dry_run)
     assert not again.allowed and again.spent == 20
@@ -79,7 +86,7 @@ def test_the_cap_admits_until_spend_plus_reservations_would_pass_it() -> None:
 
 def test_spend_of_yesterday_does_not_count_today() -> None:
     budget, journal = make(daily=10)
-    journal.costs.append((day_start(NOON) - 1, 100.0))
+    journal.costs.append((1, day_start(NOON) - 1, 100.0))
     assert budget.admit(1, {"prompt": "x"}, DryRun()).allowed
 
 
@@ -104,10 +111,26 @@ def test_pause_and_resume_are_logged_once_each() -> None:
     logs.configure("json", "info", stream=out)
     budget, journal = make(daily=5)
     dry_run = DryRun()
-    journal.costs.append((NOON, 5.0))
-    for n in range(3):
+    journal.costs.append((0, NOON, 5.0))
+    for n in range(1, 4):
         assert not budget.admit(n, {"prompt": "x"}, dry_run).allowed
     journal.costs.clear()  # as if the day had turned
     assert budget.admit(9, {"prompt": "x"}, dry_run).allowed
     events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
     assert events == ["budget.paused", "budget.resumed"]
+
+
+def test_the_journal_counts_reported_costs_since_a_time_not_refunds_nor_excluded(tmp_path: Path) -> None:
+    store = Store(tmp_path / "journal.sqlite3")
+    try:
+        ids = [store.add(f"p{n}.json", tmp_path / f"p{n}.json") for n in range(4)]
+        for n, prompt_id in enumerate(ids):
+            store.submitted(prompt_id, f"job_{n}", 5.0)
+        store.failed(ids[1], "generation", "generation failure: refunded", None)  # not paid
+        store.failed(ids[2], "timeout", "too slow", None)  # may still be paid: counts
+        since = time.time() - 60
+        assert store.spent_since(since) == 15.0
+        assert store.spent_since(since, exclude=[ids[0]]) == 10.0
+        assert store.spent_since(time.time() + 60) == 0.0
+    finally:
+        store.close()
