@@ -11,20 +11,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs
+from . import __version__, logs, status
 from .client import ScenarioClient
 from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
 from .files import move_no_clobber
+from .health import cannot_write
+from .instance import InstanceLock, lock_path
 from .jobs import format_cost
 from .presets import prepare_file, select_preset
 from .prompt import rules_from_settings
 from .schema import BUILTIN, ModelSchema, parse_model
 from .schema_source import cached_schema
-from .store import State, Store
+from .status import JOURNAL, SANDBOX_JOURNAL
+from .store import Store
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
-JOURNAL, SANDBOX_JOURNAL = "journal.sqlite3", "sandbox.sqlite3"
+# The simulator's jobs and assets, kept beside its journal so a restarted `run --sandbox` resumes.
+SANDBOX_WORLD = "sandbox-world.json"
 
 DESCRIPTION = """\
 Turn a folder into a queue for Scenario's Gemini 3 Pro image-editing model.
@@ -90,9 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--preset", metavar="NAME", help="check images (or JSON files) as [presets.NAME] takes them"
     )
-    status = command("status", "what is queued, in flight (job ids, age), done and failed", cmd_status)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--sandbox", action="store_true", help="the journal of `run --sandbox`")
+    show = command(
+        "status", "whether the daemon runs, each prompt in flight and what it waits for, spend", cmd_status
+    )
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
+    show.add_argument("--sandbox", action="store_true", help="the journal of `run --sandbox`")
     retry = command("retry", "move failed prompts back into the inbox", cmd_retry)
     retry.add_argument(
         "names", nargs="*", metavar="NAME", help="file names in failed/ (with or without .json)"
@@ -130,25 +137,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = logs.get()
     for warning in loaded.warnings:
         log.warning("config.warning", warning=warning)
-    sandbox = None
-    base_url = settings.api.base_url
-    if args.sandbox:
-        from .sandbox import Sandbox
+    journal = SANDBOX_JOURNAL if args.sandbox else JOURNAL
+    with _lock(settings.folders.state, journal):
+        sandbox = None
+        base_url = settings.api.base_url
+        if args.sandbox:
+            from .sandbox import Sandbox
 
-        sandbox = Sandbox(generation_seconds=3.0).start()
-        base_url = sandbox.base_url
-        log.info("sandbox.started", api=base_url, note="simulated Scenario API: no account, no cost")
-    client = _client(loaded, base_url)
-    daemon = Daemon(settings, client, once=args.once, journal=SANDBOX_JOURNAL if args.sandbox else JOURNAL)
-    signal.signal(signal.SIGTERM, daemon.request_stop)
-    signal.signal(signal.SIGINT, daemon.request_stop)
-    if not args.once:
-        log.info("daemon.hint", drop=f"drop *.json prompt files into {settings.folders.inbox}")
+            world = settings.folders.state / SANDBOX_WORLD
+            sandbox = Sandbox(generation_seconds=3.0, state_file=world).start()
+            base_url = sandbox.base_url
+            log.info("sandbox.started", api=base_url, note="simulated Scenario API: no account, no cost")
+        client = _client(loaded, base_url)
+        try:
+            daemon = Daemon(settings, client, once=args.once, journal=journal)
+            signal.signal(signal.SIGTERM, daemon.request_stop)
+            signal.signal(signal.SIGINT, daemon.request_stop)
+            if not args.once:
+                log.info("daemon.hint", drop=f"drop *.json prompt files into {settings.folders.inbox}")
+            return daemon.run()
+        finally:
+            if sandbox is not None:
+                sandbox.stop()
+
+
+def _lock(state: Path, journal: str) -> InstanceLock:
+    """One daemon per journal (exit 2 naming the other's PID); the state folder must be writable."""
     try:
-        return daemon.run()
-    finally:
-        if sandbox is not None:
-            sandbox.stop()
+        state.mkdir(parents=True, exist_ok=True)
+        return InstanceLock.acquire(lock_path(state, journal))
+    except OSError as exc:
+        raise ConfigError(cannot_write(state, exc)) from exc
 
 
 def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
@@ -259,44 +278,28 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, sandbox=args.sandbox).settings
-    path = settings.folders.state / (SANDBOX_JOURNAL if args.sandbox else JOURNAL)
+    state = settings.folders.state
+    path, note = status.pick_journal(state, args.sandbox)
     if not path.exists():
         print(f"no journal at {path} yet: the daemon has not run with this configuration")
         return EXIT_OK
-    store = Store(path)
-    try:
-        counts = store.counts()
-        now = time.time()
-        active = [
-            {"file": r.file, "state": r.state.value, "jobId": r.job_id, "age": round(now - r.claimed_at, 1)}
-            for r in store.active()
-        ]
-        failed = [
-            {"file": r.file, "stage": r.stage, "error": r.error} for r in store.recent(State.FAILED, 10)
-        ]
-    finally:
-        store.close()
-    waiting = sum(1 for e in _list(settings.folders.inbox) if e.endswith(".json"))
-    if args.json:
-        print(
-            json.dumps({"counts": counts, "inboxWaiting": waiting, "active": active, "recentFailed": failed})
-        )
-        return EXIT_OK
-    print(f"journal: {path}")
-    print(f"inbox waiting: {waiting}")
-    print("  ".join(f"{state}: {n}" for state, n in counts.items()))
-    for item in active:
-        print(f"  {item['state']:<12} {item['file']}  job={item['jobId'] or '-'}  age={item['age']:.0f}s")
-    for fail in failed:
-        print(f"  failed       {fail['file']}  [{fail['stage']}] {fail['error']}")
-    return EXIT_OK
-
-
-def _list(folder: Path) -> list[str]:
-    try:
-        return [p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    except OSError:
-        return []
+    if note:
+        print(f"status: {note}", file=sys.stderr if args.json else sys.stdout)
+    while True:
+        store = Store(path)
+        try:
+            report = status.build(store, lock_path(state, path.name), settings.budget, time.time())
+        finally:
+            store.close()
+        if args.json:
+            print(json.dumps(report), flush=True)
+        else:
+            if args.watch:
+                print("\x1b[H\x1b[2J", end="")  # clear the terminal: redraw in place
+            print(status.render(report, path, status.inbox_waiting(settings.folders.inbox)), flush=True)
+        if not args.watch:
+            return EXIT_OK
+        time.sleep(1.0)  # Ctrl-C ends it (main() turns KeyboardInterrupt into exit 0)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:

@@ -128,6 +128,11 @@ class HookSettings(_Section):
     timeout: float = Field(60.0, gt=0, le=86400)
 
 
+class BudgetSettings(_Section):
+    daily: float = Field(0.0, ge=0)  # creative units per UTC day; 0: no cap
+    max_per_prompt: float = Field(0.0, ge=0)  # a prompt estimated above it fails; 0: no limit
+
+
 class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -148,6 +153,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     presets: dict[str, PresetSettings] = Field(default_factory=dict)
     hooks: HookSettings = Field(default_factory=HookSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -210,6 +216,7 @@ def load_settings(
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
     _check_keys(data, path)
+    _check_env(env)
     env_values = _env_values(env)
     origins = {key: f"file {path}" for key in _flatten(data)}
     origins.update({key: f"env {name}" for key, name in env_values.items()})
@@ -320,6 +327,26 @@ def _check_keys(data: Mapping[str, Any], path: Path | None) -> None:
         for key in values:
             if key not in known:
                 raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, known)}")
+
+
+def _section_keys(section: str) -> Mapping[str, Any]:
+    fields = Settings.model_fields[section].annotation
+    return fields.model_fields if isinstance(fields, type) and issubclass(fields, BaseModel) else {}
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    """SCENARIO_WATCH_* variables must name a setting: a mistyped override must not go unnoticed."""
+    for name in env:
+        upper = name.upper()
+        if not upper.startswith("SCENARIO_WATCH_") or upper == "SCENARIO_WATCH_CONFIG":
+            continue
+        section, nested, key = upper.removeprefix("SCENARIO_WATCH_").lower().partition("__")
+        where = f"environment variable {name} names no setting"
+        if section not in Settings.model_fields:
+            raise ConfigError(f"{where}: unknown section {section!r}{_near(section, Settings.model_fields)}")
+        known = _section_keys(section)
+        if nested and key not in known:
+            raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, known)}")
 
 
 def _near(word: str, choices: Mapping[str, Any]) -> str:

@@ -10,21 +10,23 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 
 import structlog
 
-from . import logs
+from . import health, logs
 from .client import ScenarioClient
 from .config import Settings
 from .dispatcher import Dispatcher
 from .errors import ConfigError
+from .events import Arrived, Event, Finished, Wake
+from .heartbeat import Heartbeat
 from .hooks import HookRunner
-from .intake import Intake
+from .intake import Claim, Intake
 from .notify import Notifier, status_line
 from .outbox import Outbox
 from .presets import load_presets
@@ -42,26 +44,8 @@ MAX_WORKERS = 64
 TASK_CRASH_RETRY = 30.0
 # On shutdown, running requests get this long to finish before they are abandoned (safely).
 GRACE = 3.0
-
-
-@dataclass(frozen=True)
-class Arrived:
-    """The observer saw a file that may be a prompt."""
-
-    path: str
-    moved: bool
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A worker finished a task."""
-
-    prompt_id: int
-    task: Task
-    outcome: Outcome
-
-
-Event = Arrived | Finished | None  # None: look at the stop flag now (from a signal handler)
+# A journal that could not be written (its disk full): no new file is claimed until this much later.
+JOURNAL_RETRY = 5.0
 
 
 class Daemon:
@@ -93,7 +77,7 @@ class Daemon:
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.store = Store(folders.state / journal)
         self.hooks = HookRunner(
-            settings.hooks, self.store, folders.outbox, env, lambda: self.events.put(None)
+            settings.hooks, self.store, folders.outbox, env, lambda: self.events.put(Wake())
         )
         self.outbox = Outbox(
             folders, client, self.store, move_references=settings.watch.move_references, hook=self.hooks
@@ -102,6 +86,10 @@ class Daemon:
         reconciler = self.dispatcher.reconciler
         self.tracker = Tracker(settings.jobs, client, self.store, self.outbox, reconciler, clock)
         self.scheduler = Scheduler(settings.jobs)
+        self.outputs = (folders.outbox, folders.done, folders.failed)
+        # Permissions stop the start (exit 2); a full disk only pauses submissions.
+        self.scheduler.probed(health.check_at_start([*self.outputs, folders.state]), clock())
+        self.heartbeat = Heartbeat(self.store, self.scheduler, self.dispatcher.awaiting_references)
         folders_of = {name: preset.folder for name, preset in presets.items()}
         self.intake = Intake(folders.inbox, folders.state, settings.watch, self._arrived, folders_of)
         self.notifier = Notifier(env)
@@ -114,6 +102,8 @@ class Daemon:
         self.stopping = threading.Event()
         self.exit_code = 0
         self.workers: list[threading.Thread] = []
+        self.unjournaled: list[Claim] = []  # claimed, but the journal could not take them
+        self.journal_retry_at = 0.0
         self.closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -161,7 +151,7 @@ class Daemon:
         if self.stopping.is_set():
             os._exit(0)
         self.stopping.set()
-        self.events.put(None)
+        self.events.put(Wake())
 
     def close(self, grace: float = GRACE) -> None:
         """Stop intake, give running requests a bounded grace period, then close the journal."""
@@ -201,13 +191,15 @@ class Daemon:
     def tick(self, now: float) -> None:
         """One iteration: claim what is ready, start what is due, keep the observer alive."""
         try:
-            for claim in self.intake.claim_ready(now):
-                self._accept(self.store.add(claim.name, claim.path, claim.preset))
+            self._claim(now)
             if not self.stopping.is_set():
                 self.intake.tick(now)
                 self.dispatcher.schemas.refresh_if_stale()
+            if self.scheduler.probe_due(now):
+                self.scheduler.probed(health.recheck(self.outputs), now)
             for prompt_id, task in self.scheduler.due(now, submit=not self.stopping.is_set()):
                 self._start(prompt_id, task)
+            self.heartbeat.tick(now)
             self.notifier.tick(now, self._status() if self.notifier.wants_status() else None)
         except Exception:
             log.exception("daemon.tick_failed")
@@ -218,6 +210,7 @@ class Daemon:
             timeout = 0.0
         else:
             deadlines = [self.scheduler.next_due(), self.intake.next_due(), self.notifier.next_due()]
+            deadlines += [self.heartbeat.next_due(), self.journal_retry_at if self.unjournaled else None]
             cap = now + self.settings.watch.rescan_interval
             timeout = max(0.0, min([cap, *(d for d in deadlines if d is not None)]) - now)
         try:
@@ -233,6 +226,24 @@ class Daemon:
                 event = self.events.get_nowait()
             except queue.Empty:
                 return
+
+    def _claim(self, now: float) -> None:
+        """Journal what intake claims; while the journal's disk is full, claim nothing new and retry."""
+        if now < self.journal_retry_at:
+            return
+        pending = self.unjournaled or self.intake.claim_ready(now)
+        while pending:
+            try:
+                prompt_id = self.store.add(*pending[0])
+            except sqlite3.OperationalError as exc:  # "database or disk is full": the file stays claimed
+                self.unjournaled, self.journal_retry_at = pending, now + JOURNAL_RETRY
+                self.intake.more = False  # nothing is claimed meanwhile: no reason to loop at once
+                hint = "free space where the journal is; no new file is taken meanwhile, none is lost"
+                log.error("journal.write_failed", error=str(exc), claimed=len(pending), hint=hint)
+                return
+            pending = pending[1:]
+            self._accept(prompt_id)
+        self.unjournaled = []
 
     def _arrived(self, path: str, moved: bool) -> None:
         """Called in the observer's thread: only enqueue."""
@@ -251,6 +262,9 @@ class Daemon:
     def _accept(self, prompt_id: int) -> None:
         try:
             outcome = self.dispatcher.accept(prompt_id)
+        except sqlite3.OperationalError as exc:  # the journal's disk is full: validate again later
+            log.error("journal.write_failed", error=str(exc), prompt_id=prompt_id)
+            outcome = Outcome(Step.ACCEPT, delay=JOURNAL_RETRY)
         finally:
             structlog.contextvars.clear_contextvars()
         self.scheduler.done(prompt_id, Task.ACCEPT, outcome, self.clock())
@@ -260,9 +274,11 @@ class Daemon:
             prompt_id, task = item
             try:
                 outcome = self.runners[task](prompt_id)
-            except Exception:  # the catch-all lives at the task boundary: try the same step later
+            except Exception as exc:  # the catch-all lives at the task boundary: try the same step later
                 log.exception("worker.task_failed", prompt_id=prompt_id, task=task.value)
-                outcome = Outcome(Step(task.value), delay=TASK_CRASH_RETRY)  # each worker task is a step
+                # A full journal disk (sqlite3.OperationalError) clears sooner than a bug: look again soon.
+                delay = JOURNAL_RETRY if isinstance(exc, sqlite3.OperationalError) else TASK_CRASH_RETRY
+                outcome = Outcome(Step(task.value), delay=delay)  # each worker task is a step
             finally:
                 structlog.contextvars.clear_contextvars()
             self.events.put(Finished(prompt_id, task, outcome))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import logs
+from .budget import Budget
 from .client import ScenarioClient
 from .config import Settings
 from .errors import (
@@ -29,6 +30,7 @@ from .errors import (
     TransientError,
 )
 from .files import read_regular
+from .jobs import format_cost
 from .outbox import Outbox
 from .presets import Preset, find_preset, prepare, prompt_folder
 from .prompt import MAX_REFERENCE_BYTES, PromptRules, check_reference, rules_from_settings
@@ -56,6 +58,7 @@ class Dispatcher:
         store: Store,
         outbox: Outbox,
         presets: Mapping[str, Preset] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.settings = settings
         api = settings.api
@@ -66,7 +69,9 @@ class Dispatcher:
         self.store = store
         self.outbox = outbox
         self.inbox = settings.folders.inbox
-        self._awaiting_references: set[int] = set()  # logged once each (main thread only)
+        self.budget = budget or Budget(settings.budget, store.spent_since)
+        # Prompts waiting for a reference file, and its name (for status; main thread only).
+        self.awaiting_references: dict[int, str] = {}
         self._upload_locks: dict[str, threading.Lock] = {}
         self._upload_locks_guard = threading.Lock()
 
@@ -89,11 +94,11 @@ class Dispatcher:
             waited = time.time() - row.claimed_at
             if waited < watch.reference_wait:
                 # A prompt may arrive before its image: look again shortly, up to reference_wait.
-                if prompt_id not in self._awaiting_references:
-                    self._awaiting_references.add(prompt_id)
+                if prompt_id not in self.awaiting_references:
+                    self.awaiting_references[prompt_id] = exc.problems[0].removeprefix("referenceImages: ")
                     log.info("prompt.awaiting_reference", missing=exc.problems[0], up_to=watch.reference_wait)
                 return Outcome(Step.ACCEPT, delay=min(REFERENCE_RECHECK, watch.reference_wait - waited))
-            self._awaiting_references.discard(prompt_id)
+            self.awaiting_references.pop(prompt_id, None)
             error = f"{exc} (waited {watch.reference_wait:g} s for it)"
             return Outcome.ended(self.outbox.fail(row, "references", error, exc.hint))
         except PromptError as exc:
@@ -105,7 +110,7 @@ class Dispatcher:
             log.exception("prompt.unexpected_error")
             error = f"cannot use the prompt file: {exc!r}"
             return Outcome.ended(self.outbox.fail(row, "validate", error))
-        self._awaiting_references.discard(prompt_id)
+        self.awaiting_references.pop(prompt_id, None)
         inputs = dict(prompt.inputs)
         if prompt.references:
             inputs["referenceImages"] = [ref.entry for ref in prompt.references]
@@ -141,7 +146,38 @@ class Dispatcher:
         except ApiError as exc:
             error = f"uploading a reference failed: {exc.reason}"
             return Outcome.ended(self.outbox.fail(row, "references", error, "check the image file"))
-        return self._send(row, inputs)
+        refused = self._within_budget(row, inputs)
+        if refused is not None:
+            return refused
+        try:
+            return self._send(row, inputs)
+        finally:
+            self.budget.release(row.id)
+
+    def _within_budget(self, row: Row, inputs: dict[str, Any]) -> Outcome | None:
+        """None when [budget] lets the prompt go (its estimate is reserved), else what to do instead."""
+        try:
+            verdict = self.budget.admit(row.id, inputs, self.client.estimate)
+        except (TransientError, RateLimited) as exc:
+            log.warning("budget.estimate_failed", error=str(exc))
+            return Outcome(Step.SUBMIT, attempt=row.submit_attempts + 1)
+        except AuthError as exc:
+            return Outcome(Step.AUTH, reason=f"HTTP {exc.status}: {exc.reason}")
+        except ApiError as exc:
+            error = f"the API could not estimate the prompt's cost: {exc.reason}"
+            return Outcome.ended(self.outbox.fail(row, "budget", error, "fix the prompt file and retry it"))
+        if verdict.allowed:
+            return None
+        if verdict.too_dear:
+            error = (
+                f"estimated at {format_cost(verdict.estimate)} creative units, above [budget] "
+                f"max_per_prompt = {format_cost(self.budget.max_per_prompt)}"
+            )
+            hint = "lower numOutputs or resolution, or raise [budget] max_per_prompt, then retry it"
+            return Outcome.ended(self.outbox.fail(row, "budget", error, hint))
+        assert verdict.resumes_at is not None
+        # Not sent, not failed: it waits at the head of the queue for the next UTC day.
+        return Outcome(Step.BUDGET, delay=max(0.0, verdict.resumes_at - self.budget.wall()))
 
     def _find_lost_job(self, row: Row) -> Outcome | None:
         """A previous POST's answer was lost: adopt its job, wait, or None (certainly none: send again)."""
@@ -212,6 +248,7 @@ class Dispatcher:
             self.store.back_to_claimed(row.id)  # never reached the server: safe to send again
             log.warning("job.submit_failed", error=str(exc))
             return Outcome(Step.SUBMIT, attempt=attempt)
+        self.budget.learn(inputs, cost)  # what this shape really costs: the next estimate
         logs.bind(job_id=job.job_id)
         log.info("job.submitted", cost=cost)
         return Outcome(Step.POLL)

@@ -35,7 +35,7 @@ def recover(
     now: float,
 ) -> None:
     """Resume what a previous run left: finish filings, requeue, re-poll, reconcile, redo, run hooks."""
-    for folder in (folders.outbox, folders.done, folders.failed):
+    for folder in (folders.outbox, folders.done, folders.failed, folders.state):
         removed = remove_temp_files(folder)
         if removed:
             log.info("recover.temp_removed", folder=str(folder), count=removed)

@@ -32,6 +32,8 @@ EXPECTED_MARGIN = 0.05
 PROBE_DOWN = 2 * EXPECTED_MARGIN
 # A prompt that could not be moved to done/ or failed/ (a full disk) is tried again this much later.
 REFILE_DELAY = 10.0
+# While an output folder cannot be written, submissions stop and a probe file is tried this often.
+PROBE_EVERY = 5.0
 
 
 class Task(StrEnum):
@@ -56,6 +58,7 @@ class Step(StrEnum):
     DOWNLOAD = "download"  # download (again)
     RATE_LIMITED = "rate_limited"  # 429: pause every submission
     AUTH = "auth"  # credentials refused: stop submitting until they work again
+    BUDGET = "budget"  # the daily budget would be passed: stop submitting for `delay` seconds (next day)
     REFILE = "refile"  # finished, but the file could not be moved yet: try again later
     FINISHED = "finished"  # nothing left to do
 
@@ -71,11 +74,14 @@ class Outcome:
     duration: float | None = None  # a finished job's generation time by the API's clock
     limit: int | None = None  # a 429's parallel-job limit (details.actionLimit)
     reason: str = ""
+    unwritable: str | None = None  # an output folder could not be written: why (submissions stop)
 
     @classmethod
     def ended(cls, filed: bool) -> Outcome:
         """A prompt that finished: nothing more, or (the move to done/failed failed) a refile later."""
-        return cls(Step.FINISHED) if filed else cls(Step.REFILE, delay=REFILE_DELAY)
+        if filed:
+            return cls(Step.FINISHED)
+        return cls(Step.REFILE, delay=REFILE_DELAY, unwritable="done/ or failed/ not writable")
 
 
 @dataclass
@@ -103,6 +109,9 @@ class Scheduler:
         self.paused_until = 0.0  # 429: no submission before this
         self.auth_blocked = False
         self._auth_retry_at: float | None = None
+        self.budget_until = 0.0  # the daily budget is spent: no submission before this
+        self.unwritable: str | None = None  # why an output folder cannot be written (no submission)
+        self._probe_at: float | None = None  # when to try writing there again
         self.typical: float | None = None  # how long a generation takes, learned
         self._running: dict[int, _Job] = {}
 
@@ -132,13 +141,18 @@ class Scheduler:
         out: list[tuple[int, Task]] = []
         if self._auth_retry_at is not None and now >= self._auth_retry_at:
             self.auth_blocked, self._auth_retry_at = False, None  # try the credentials again
+        # A pause that is over is forgotten, so that next_due never offers a moment in the past.
+        if now >= self.paused_until:
+            self.paused_until = 0.0
+        if now >= self.budget_until:
+            self.budget_until = 0.0
         while self._timers and self._timers[0][0] <= now:
             _, _, prompt_id, task = heapq.heappop(self._timers)
             if task == Task.SUBMIT:
                 self.waiting.appendleft(prompt_id)  # its turn came before: it goes first
             else:
                 out.append((prompt_id, task))
-        if submit and now >= self.paused_until and not self.auth_blocked:
+        if submit and not self.submissions_paused():
             while self.waiting and len(self.slots) < self.limit:
                 prompt_id = self.waiting.popleft()
                 self.slots.add(prompt_id)
@@ -154,15 +168,30 @@ class Scheduler:
     def next_due(self) -> float | None:
         """The earliest moment something may become due (monotonic), or None."""
         times = [self._timers[0][0]] if self._timers else []
-        if self.waiting and not self.auth_blocked and self.paused_until:
-            times.append(self.paused_until)
+        if self.waiting and not self.auth_blocked:
+            times += [t for t in (self.paused_until, self.budget_until) if t]
         if self._auth_retry_at is not None:
             times.append(self._auth_retry_at)
+        if self._probe_at is not None:
+            times.append(self._probe_at)
         return min(times, default=None)
 
+    def submissions_paused(self) -> bool:
+        """Whether submitting waits (429, credentials, budget, an unwritable folder); pauses end in due()."""
+        return bool(self.paused_until or self.budget_until or self.auth_blocked or self.unwritable)
+
+    def probe_due(self, now: float) -> bool:
+        """Whether it is time to try writing the output folders again."""
+        return self._probe_at is not None and now >= self._probe_at
+
+    def probed(self, problem: str | None, now: float) -> None:
+        """The result of a probe: None (writable: submissions go on) or why not (probe again later)."""
+        self.unwritable = problem
+        self._probe_at = None if problem is None else now + PROBE_EVERY
+
     def idle(self) -> bool:
-        """Nothing queued, timed or running."""
-        return not (self.waiting or self._timers or self.busy)
+        """Nothing queued, timed or running (prompts held back until the budget's next day aside)."""
+        return not ((self.waiting and not self.budget_until) or self._timers or self.busy)
 
     # -- facts into times ------------------------------------------------------------------------------
 
@@ -170,6 +199,8 @@ class Scheduler:
         """Take a finished task's outcome; True when it newly blocked submission (auth: log it once)."""
         self.busy.discard(prompt_id)
         step = outcome.step
+        if outcome.unwritable is not None:
+            self.probed(outcome.unwritable, now)
         if step != Step.POLL:  # the job is over at Scenario, or a retry waits for a free slot again
             self.slots.discard(prompt_id)
         if step == Step.DOWNLOAD:
@@ -190,6 +221,9 @@ class Scheduler:
             self.paused_until = max(self.paused_until, now + pause)
             if outcome.limit is not None and 1 <= outcome.limit < self.limit:
                 self.limit = outcome.limit  # the plan's parallel limit: more in flight only meets 429s
+            self.waiting.appendleft(prompt_id)
+        elif step == Step.BUDGET:
+            self.budget_until = max(self.budget_until, now + (outcome.delay or 0.0))
             self.waiting.appendleft(prompt_id)
         elif step == Step.AUTH:
             newly = not self.auth_blocked

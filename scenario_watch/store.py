@@ -6,6 +6,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -24,6 +25,8 @@ class State(StrEnum):
 
 
 ACTIVE = (State.CLAIMED, State.SUBMITTING, State.SUBMITTED, State.DOWNLOADING)
+# A job that failed at Scenario (this stage) is refunded: it does not count as spent.
+REFUNDED_STAGE = "generation"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS prompts (
@@ -330,6 +333,20 @@ class Store:
                 "SELECT out_stem FROM prompts WHERE out_stem IS NOT NULL AND state = ?", (State.DOWNLOADING,)
             ).fetchall()
         return {str(row[0]) for row in rows}
+
+    def spent_since(self, since: float, exclude: Collection[int] = ()) -> float:
+        """Creative units reported for the jobs submitted since a Unix time (refunded failures excluded).
+
+        `exclude`: prompts counted elsewhere (the budget's reservations), so none is counted twice.
+        """
+        marks = ", ".join("?" for _ in exclude)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(cost), 0) FROM prompts WHERE submitted_at >= ? AND cost IS NOT NULL"
+                f" AND NOT (state = ? AND stage = ?) AND id NOT IN ({marks})",
+                (since, State.FAILED, REFUNDED_STAGE, *exclude),
+            ).fetchone()
+        return float(row[0])
 
     def counts(self) -> dict[str, int]:
         with self._lock:

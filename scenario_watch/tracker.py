@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import logs
+from . import health, logs
 from .client import ScenarioClient
 from .config import JobSettings
 from .errors import ApiError, AuthError, NotFound, RateLimited, ScenarioWatchError, TransientError
@@ -61,7 +61,7 @@ class Tracker:
             job = self.client.get_job(row.job_id)
         except NotFound:
             error = f"Scenario does not know job {row.job_id}"
-            hint = "the job is gone (the sandbox forgets its jobs when it stops); retry the prompt"
+            hint = "the job is gone (another account, or a sandbox without its state file); retry the prompt"
             return Outcome.ended(self.outbox.fail(row, "poll", error, hint))
         except (ScenarioWatchError, OSError) as exc:  # transient, 429, 401/403, odd answers: ask again
             if self._expired(row):
@@ -128,10 +128,14 @@ class Tracker:
         except (TransientError, ApiError) as exc:
             return self._download_failed(row, exc)
         except OSError as exc:
-            # A full disk or an unwritable outbox: nothing is dropped, the prompt waits and retries.
-            hint = "free disk space or fix the outbox permissions"
+            # A full disk or an unwritable outbox: nothing is dropped, the prompt waits and retries,
+            # and no new prompt is sent (paid) until the outbox can be written again.
+            hint = "free disk space or fix the outbox permissions; submitting waits until then"
             log.error("output.write_failed", error=str(exc), hint=hint)
-            return Outcome(Step.DOWNLOAD, delay=min(WRITE_RETRY_MAX, 2 * self.jobs.poll_max_interval))
+            delay = min(WRITE_RETRY_MAX, 2 * self.jobs.poll_max_interval)
+            return Outcome(
+                Step.DOWNLOAD, delay=delay, unwritable=health.unwritable(self.outbox.folders.outbox, exc)
+            )
         with self._lock:
             self._failing_since.pop(row.id, None)
         self.store.done(row.id, outputs)

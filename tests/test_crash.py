@@ -13,8 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, Folders, StartDaemon, cli_env, run_cli, wait_for, write_config
+from conftest import (
+    DaemonProcess,
+    Folders,
+    StartDaemon,
+    cli_env,
+    generate_posts,
+    run_cli,
+    wait_for,
+    write_config,
+)
 
+from scenario_watch import health
 from scenario_watch.sandbox import Sandbox
 
 
@@ -119,46 +129,118 @@ def test_unwritable_outbox_keeps_the_prompt_pending_until_fixed(
     assert (folders.outbox / "w_1.png").exists()
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 512 KiB tmpfs (root only): a disk that can fill up, on another filesystem than the inbox."""
-    mount = tmp_path / "tiny"
+def mount_tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """Mount a tmpfs with `options` (root only: skipped with the reason otherwise), unmount after."""
     mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True
-    )
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a tmpfs here (root only): {result.stderr.decode().strip()}")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_full_disk_keeps_the_prompt_pending_until_space_is_freed(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, tiny_disk: Path
-) -> None:
-    folders.outbox, folders.done = tiny_disk / "outbox", tiny_disk / "done"  # done/ across filesystems too
-    write_config(folders, sandbox.base_url)
-    filler = tiny_disk / "filler"
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 512 KiB tmpfs (root only): a disk that can fill up, on another filesystem than the inbox."""
+    yield from mount_tmpfs(tmp_path / "tiny", "size=512k")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (root only): room for three of the sandbox's images once it is emptied."""
+    yield from mount_tmpfs(tmp_path / "small", "size=2m")
+
+
+@pytest.fixture
+def journal_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs (root only): room for SQLite's write-ahead log (about 4 MB at most) once emptied."""
+    yield from mount_tmpfs(tmp_path / "journal", "size=16m")
+
+
+@pytest.fixture
+def read_only_disk(tmp_path: Path) -> Iterator[Path]:
+    """A read-only tmpfs: a folder nobody may write, not even root (who ignores permissions)."""
+    yield from mount_tmpfs(tmp_path / "ro", "ro")
+
+
+def fill(disk: Path) -> Path:
+    """Fill a disk to the last block; the filler file (unlink it to free the space)."""
+    filler = disk / "filler"
     with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):
-        while True:  # fill the disk to the last block
+        while True:
             handle.write(b"\0" * 4096)
+    return filler
+
+
+def test_an_unwritable_outbox_stops_the_start_naming_folder_user_and_fix(
+    folders: Folders, sandbox: Sandbox, read_only_disk: Path
+) -> None:
+    folders.outbox = read_only_disk
+    write_config(folders, sandbox.base_url)
+    folders.drop("never.json", {"prompt": "must not be paid for"})
+    result = run_cli("run", "--once", "-c", str(folders.config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"the folder {read_only_disk} is not writable by the user" in result.stderr
+    assert "Read-only file system" in result.stderr and f"chown {health.user_name()} " in result.stderr
+    assert generate_posts(sandbox) == [] and folders.names(folders.inbox) == ["never.json"]
+
+
+def test_full_disk_stops_submissions_and_delivers_everything_once_space_is_freed(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, small_disk: Path
+) -> None:
+    folders.outbox, folders.done = small_disk / "outbox", small_disk / "done"  # done/ across filesystems too
+    write_config(folders, sandbox.base_url)
     proc = daemon()
+    filler = fill(small_disk)  # after the start: a disk that fills up while the daemon runs
     folders.drop("full.json", {"prompt": "no room for me yet", "numOutputs": 2})
     wait_for(lambda: proc.saw("output.write_failed"), what="ENOSPC logged")
     assert (
         "No space left" in next(e for e in proc.events() if e.get("event") == "output.write_failed")["error"]
     )
+    # Paid for already: it waits. A new prompt is not sent (paid) while the outbox cannot be written.
+    folders.drop("later.json", {"prompt": "wait for room", "numOutputs": 1})
+
+    def later_waits() -> str | None:
+        report = json.loads(run_cli("status", "--json", "-c", str(folders.config)).stdout)
+        waits = [job["waiting_for"] for job in report["jobs"] if job["name"] == "later.json"]
+        return waits[0] if waits and waits[0] != "a free slot" else None
+
+    assert wait_for(later_waits, what="status saying why") == "outbox not writable: No space left on device"
+    time.sleep(1.0)
+    assert len(sandbox.generate_jobs) == 1
     assert folders.names(folders.failed) == []
     filler.unlink()
-    wait_for(lambda: (folders.done / "full.json").exists(), what="done once space is free")
+    wait_for(lambda: (folders.done / "later.json").exists(), what="both done once space is free")
+    wait_for(lambda: (folders.done / "full.json").exists(), what="both done once space is free")
+    assert proc.saw("output.writable")
     assert sorted(p.name for p in folders.outbox.iterdir()) == [
         "full.manifest.json",
         "full_1.png",
         "full_2.png",
+        "later.manifest.json",
+        "later_1.png",
     ]
-    assert len(sandbox.generate_jobs) == 1
+    assert len(sandbox.generate_jobs) == 2
+
+
+def test_a_full_journal_disk_stops_intake_and_loses_nothing(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, journal_disk: Path
+) -> None:
+    folders.state = journal_disk / "state"
+    write_config(folders, sandbox.base_url)
+    proc = daemon()
+    filler = fill(journal_disk)
+    prompts = {f"j{n}": 1 for n in range(6)}
+    for name in prompts:
+        folders.drop(f"{name}.json", {"prompt": f"crash {name}"})
+    wait_for(lambda: proc.saw("journal.write_failed"), what="the full journal said")
+    assert folders.names(folders.failed) == []
+    filler.unlink()
+    wait_for(lambda: len(folders.names(folders.done)) == len(prompts), timeout=60, what="all done")
+    assert proc.proc.poll() is None
+    assert_each_finished_once(folders, sandbox, prompts)
 
 
 def test_a_restarted_daemon_never_adopts_another_daemons_claims(

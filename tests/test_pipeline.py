@@ -229,11 +229,11 @@ def test_pending_job_resumes_after_restart_without_resubmitting(
     # `status` reads the running daemon's journal (SQLite WAL: readers never block the writer).
 
     def active() -> list[dict[str, object]]:
-        rows = json.loads(run_cli("status", "--json", "-c", str(folders.config)).stdout)["active"]
+        rows = json.loads(run_cli("status", "--json", "-c", str(folders.config)).stdout)["jobs"]
         return rows if rows and rows[0]["state"] == "submitted" else []
 
     [row] = wait_for(active, what="status shows the submitted job")
-    assert (row["file"], row["jobId"]) == ("slow.json", sandbox.generate_jobs[0])
+    assert (row["name"], row["job_id"]) == ("slow.json", sandbox.generate_jobs[0])
     assert proc.stop() == 0
     assert folders.names(folders.done) == []
     daemon()
@@ -262,6 +262,9 @@ def test_run_sandbox_quick_start(tmp_path: Path) -> None:
         done = tmp_path / "scenario-watch" / "done" / "p.json"
         wait_for(done.exists, timeout=30, what="done/p.json")
         assert (tmp_path / "scenario-watch" / "outbox" / "p_1.png").exists()
+        # The quick start's `status` (no --sandbox) finds the sandbox daemon and says it runs.
+        shown = run_cli("status", env=env, cwd=tmp_path)
+        assert f"running, PID {proc.pid}" in shown.stdout, shown.stdout + shown.stderr
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)

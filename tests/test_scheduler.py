@@ -11,6 +11,7 @@ from scenario_watch.scheduler import (
     AUTH_RETRY,
     BACKOFF_MAX,
     EXPECTED_MARGIN,
+    PROBE_EVERY,
     REFILE_DELAY,
     Outcome,
     Scheduler,
@@ -191,8 +192,8 @@ def test_accept_outcomes_queue_recheck_or_refile() -> None:
     s = make(max_in_flight=1)
     s.done(1, Task.ACCEPT, Outcome(Step.ACCEPT, delay=0.5), 0.0)  # a reference not there yet
     s.done(2, Task.ACCEPT, Outcome(Step.SUBMIT), 0.0)  # valid: queued behind the others
-    s.done(3, Task.ACCEPT, Outcome.ended(False), 0.0)  # failed, and failed/ could not be written
     assert s.due(0.0) == [(2, Task.SUBMIT)]
+    s.done(3, Task.ACCEPT, Outcome.ended(False), 0.0)  # failed, and failed/ could not be written
     assert s.due(0.5) == [(1, Task.ACCEPT)]
     assert s.due(REFILE_DELAY) == [(3, Task.REFILE)]
     assert Outcome.ended(True).step == Step.FINISHED
@@ -218,3 +219,51 @@ def test_a_job_found_at_start_holds_a_slot_and_is_polled_at_once() -> None:
     s.enqueue(2)
     assert s.due(50.0) == [(1, Task.POLL)]
     assert s.slots == {1}
+
+
+def test_the_budget_pauses_every_submission_until_the_given_time_with_the_prompt_first() -> None:
+    s = make(max_in_flight=4)
+    submit_all(s, 0.0, 1, 2)
+    s.enqueue(3)
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.1)  # paid, running
+    s.done(2, Task.SUBMIT, Outcome(Step.BUDGET, delay=100.0), 0.2)  # would pass the cap
+    assert list(s.waiting) == [2, 3] and s.slots == {1}  # not failed, first in line, its slot free
+    assert s.submissions_paused() and s.next_due() is not None
+    assert not s.idle()  # the running job still counts (`run --once` waits for it, not for tomorrow)
+    assert all(task != Task.SUBMIT for _, task in s.due(50.0))  # polls go on, nothing is sent
+    s.done(1, Task.POLL, Outcome(Step.FINISHED), 60.0)
+    assert s.next_due() == pytest.approx(100.2)  # wakes when the day turns
+    assert s.due(100.1) == [] and s.idle()  # only prompts waiting for tomorrow: --once may end
+    assert s.due(100.2) == [(2, Task.SUBMIT), (3, Task.SUBMIT)]
+    assert not s.submissions_paused() and s.budget_until == 0.0
+
+
+def test_an_unwritable_output_folder_stops_submissions_until_a_probe_succeeds() -> None:
+    s = make(max_in_flight=4)
+    submit_all(s, 0.0, 1)
+    s.done(1, Task.SUBMIT, Outcome(Step.POLL), 0.0)
+    assert s.due(5.0) == [(1, Task.POLL)]
+    s.done(1, Task.POLL, Outcome(Step.DOWNLOAD), 5.0)
+    assert s.due(5.0) == [(1, Task.DOWNLOAD)]
+    reason = "outbox not writable: No space left on device"
+    s.done(1, Task.DOWNLOAD, Outcome(Step.DOWNLOAD, delay=30.0, unwritable=reason), 5.0)
+    s.enqueue(2)
+    assert s.unwritable == reason and s.due(6.0) == []  # the paid download waits; nothing new is sent
+    assert not s.probe_due(5.0 + PROBE_EVERY - 0.01) and s.probe_due(5.0 + PROBE_EVERY)
+    assert s.next_due() == pytest.approx(5.0 + PROBE_EVERY)
+    s.probed(reason, 10.0)  # still full: probe again later
+    assert s.due(11.0) == [] and s.probe_due(10.0 + PROBE_EVERY)
+    s.probed(None, 15.0)  # written: submissions resume, and the download keeps its own timer
+    assert not s.probe_due(100.0)
+    assert s.due(15.0) == [(2, Task.SUBMIT)]
+    assert s.due(35.0) == [(1, Task.DOWNLOAD)]
+
+
+def test_a_finished_pause_is_forgotten_so_the_loop_never_spins() -> None:
+    s = make(max_in_flight=1)
+    submit_all(s, 0.0, 1)
+    s.enqueue(2)
+    s.done(1, Task.SUBMIT, Outcome(Step.RATE_LIMITED, retry_after=1.0), 0.0)
+    assert s.due(1.0) == [(1, Task.SUBMIT)]  # the pause is over: the slot is taken again
+    # The queue still waits (the one slot is busy): nothing is due until a timer says so.
+    assert s.next_due() is None

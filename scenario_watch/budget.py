@@ -1,0 +1,139 @@
+"""The daily spend cap: whether a prompt may be sent now, by its estimated cost and today's spend.
+
+Days are UTC days. Today's spend is what the API reported for the jobs submitted since midnight,
+read from the journal (so a restart keeps it); a submission under way reserves its estimate until
+its own cost is journaled. Estimates come from the API's dryRun once per parameter shape, then
+from what that shape cost: one dryRun per kind of prompt, not one per prompt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from . import logs
+from .config import BudgetSettings
+
+log = logs.get()
+
+DAY = timedelta(days=1)
+# Costs are floats: a sum that passes the cap by a rounding error still fits.
+EPSILON = 1e-9
+
+Shape = tuple[Any, ...]
+
+
+def day_start(wall: float) -> float:
+    """The UTC midnight at or before a Unix time."""
+    moment = datetime.fromtimestamp(wall, UTC)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def next_day(wall: float) -> float:
+    """The UTC midnight after a Unix time: when a spent budget is whole again."""
+    return (datetime.fromtimestamp(day_start(wall), UTC) + DAY).timestamp()
+
+
+def shape(inputs: Mapping[str, Any]) -> Shape:
+    """What a generation's price depends on (the prompt's words do not)."""
+    return (
+        inputs.get("numOutputs"),
+        inputs.get("resolution"),
+        inputs.get("useGoogleSearch"),
+        len(inputs.get("referenceImages") or ()),
+    )
+
+
+def fits(estimate: float, spent: float, reserved: float, daily: float) -> bool:
+    """Whether a generation costing `estimate` keeps the day within `daily` (0: no cap)."""
+    return daily <= 0 or spent + reserved + estimate <= daily + EPSILON
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer for one prompt: go, wait for `resumes_at` (Unix time), or too dear for one prompt."""
+
+    estimate: float | None
+    allowed: bool
+    too_dear: bool = False  # above [budget] max_per_prompt: the prompt fails
+    spent: float = 0.0
+    resumes_at: float | None = None
+
+
+class Budget:
+    """Admits submissions under [budget]; shared by the workers (a lock guards the reservations)."""
+
+    def __init__(
+        self,
+        settings: BudgetSettings,
+        spent_since: Callable[[float, Collection[int]], float],
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.daily = settings.daily
+        self.max_per_prompt = settings.max_per_prompt
+        # The journal's reported costs of jobs submitted since a time, but for the prompts named.
+        self.spent_since = spent_since
+        self.wall = wall
+        self._lock = threading.Lock()
+        self._costs: dict[Shape, float] = {}  # learned per shape
+        self._reserved: dict[int, float] = {}  # prompt id → estimate, while it is being submitted
+        self._paused_until: float | None = None  # logged once per pause
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any limit is set (without one, no estimate is ever asked for)."""
+        return self.daily > 0 or self.max_per_prompt > 0
+
+    def admit(self, prompt_id: int, inputs: Mapping[str, Any], estimate: Callable[[Any], float]) -> Verdict:
+        """Estimate a prompt (`estimate`: a dryRun, for a new shape) and reserve it if it fits."""
+        if not self.enabled:
+            return Verdict(None, allowed=True)
+        cost = self._costs.get(shape(inputs))
+        if cost is None:
+            cost = estimate(dict(inputs))  # a request: outside the lock
+            self.learn(inputs, cost)
+        if self.max_per_prompt and cost > self.max_per_prompt + EPSILON:
+            return Verdict(cost, allowed=False, too_dear=True)
+        now = self.wall()
+        newly = resumed = False
+        with self._lock:
+            # A reserved prompt counts as its estimate until released, even once its cost is journaled.
+            spent = self.spent_since(day_start(now), self._reserved.keys())
+            reserved = sum(self._reserved.values())
+            if not fits(cost, spent, reserved, self.daily):
+                resumes_at = next_day(now)
+                newly = self._paused_until != resumes_at
+                self._paused_until = resumes_at
+                verdict = Verdict(cost, allowed=False, spent=spent, resumes_at=resumes_at)
+            else:
+                self._reserved[prompt_id] = cost
+                resumed, self._paused_until = self._paused_until is not None, None
+                verdict = Verdict(cost, allowed=True, spent=spent)
+        if not verdict.allowed and newly:
+            log.warning(
+                "budget.paused",
+                spent=round(spent, 4),
+                in_flight=round(reserved, 4),  # estimates of submissions under way
+                cap=self.daily,
+                next_estimate=cost,
+                resumes_at=datetime.fromtimestamp(next_day(now), UTC).isoformat(timespec="seconds"),
+                note="no prompt is sent until then; they stay queued",
+            )
+        elif verdict.allowed and resumed:
+            log.info("budget.resumed", spent=round(spent, 4), cap=self.daily)
+        return verdict
+
+    def learn(self, inputs: Mapping[str, Any], cost: float | None) -> None:
+        """Remember what a generation of this shape costs (from a dryRun, or the API's reported cost)."""
+        if cost is not None and self.enabled:
+            with self._lock:
+                self._costs[shape(inputs)] = cost
+
+    def release(self, prompt_id: int) -> None:
+        """The submission is over (its cost, if any, is in the journal now): drop its reservation."""
+        with self._lock:
+            self._reserved.pop(prompt_id, None)

@@ -1,0 +1,96 @@
+"""Whether the daemon can write where it delivers: a probe file, at start and while writes fail.
+
+A job is paid for when it is submitted, so an outbox the daemon cannot write must stop submissions
+(not only downloads). Permissions are checked once at start (a configuration error); a disk that
+is full, or a share that went away, is a pause: probed again until it can be written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import logs
+from .errors import ConfigError
+from .files import temp_path
+
+log = logs.get()
+
+# The probe writes this much: an empty file can still be created on a disk with no block left.
+PROBE_BYTES = 4096
+# Errors that pass by themselves (space freed): at start these pause submissions instead of exiting.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def probe(folder: Path) -> None:
+    """Create, fill, fsync and remove a hidden temp file in `folder`; OSError if any step fails."""
+    # A temp name (hidden, .part): watchers of the folder ignore it, and a crash's leftover is removed.
+    path = temp_path(folder / ".write-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, bytes(PROBE_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+
+
+def user_name() -> str:
+    """The name of the user the daemon runs as (for messages about permissions)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a UID without a passwd entry (containers, systemd DynamicUser)
+        return f"UID {os.geteuid()}"
+
+
+def unwritable(folder: Path, exc: OSError) -> str:
+    """Why submitting waits, as status shows it: '<folder> not writable: <reason>'."""
+    return f"{folder.name or folder} not writable: {exc.strerror or exc}"
+
+
+def first_problem(folders: Sequence[Path]) -> str | None:
+    """The first folder that cannot be written now, and why; None when every probe succeeds."""
+    for folder in folders:
+        try:
+            probe(folder)
+        except OSError as exc:
+            return unwritable(folder, exc)
+    return None
+
+
+def recheck(folders: Sequence[Path]) -> str | None:
+    """Probe folders that could not be written; log when they can be again (submissions resume)."""
+    problem = first_problem(folders)
+    if problem is None:
+        log.info("output.writable", note="the output folders can be written again; submitting resumes")
+    return problem
+
+
+def check_at_start(folders: Sequence[Path]) -> str | None:
+    """ConfigError naming the folder, the user and the fix; a full disk is returned (a pause) instead."""
+    full = None
+    for folder in folders:
+        try:
+            probe(folder)
+        except OSError as exc:
+            if exc.errno in NO_SPACE:
+                full = full or unwritable(folder, exc)
+                log.error(
+                    "output.unwritable", folder=str(folder), error=str(exc), note="nothing is sent until then"
+                )
+                continue
+            raise ConfigError(cannot_write(folder, exc)) from exc
+    return full
+
+
+def cannot_write(folder: Path, exc: OSError) -> str:
+    """The start-up error for a folder the daemon's user may not write."""
+    user = user_name()
+    return (
+        f"the folder {folder} is not writable by the user {user} ({exc.strerror or exc}): "
+        f"fix it with `chown {user} {folder}` or `chmod u+w {folder}` "
+        "(or a group the user is in, and chmod g+w), or choose another folder in [folders]"
+    )
