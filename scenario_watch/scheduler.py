@@ -24,12 +24,16 @@ BACKOFF_EXPONENT_CAP = 10
 # Polls of a running job slow down by this factor each time, up to poll_max_interval.
 POLL_GROWTH = 1.5
 POLL_JITTER = 0.1
-# Learned generation time: a moving average giving a new observation this weight.
-LEARNING_WEIGHT = 0.3
 # A job is polled this long after it should be done (the API's clock and ours differ a little).
 EXPECTED_MARGIN = 0.05
-# When a first poll already finds the job done, the estimate may be too high: lower it this much.
-PROBE_DOWN = 2 * EXPECTED_MARGIN
+# The learned generation time is this quantile of the last ESTIMATE_WINDOW jobs' times: most jobs
+# are done when first polled, and one that is not is polled again soon (a share of the time, at most
+# poll_interval). Without the API's timestamps, a job found done at its first poll counts as
+# PROBE_DOWN less than assumed, which lets the estimate come down when generations get faster.
+ESTIMATE_QUANTILE = 0.75
+ESTIMATE_WINDOW = 32
+PROBE_DOWN = 0.02
+MISSED_RETRY_SHARE = 0.1
 # A prompt that could not be moved to done/ or failed/ (a full disk) is tried again this much later.
 REFILE_DELAY = 10.0
 # While an output folder cannot be written, submissions stop and a probe file is tried this often.
@@ -92,6 +96,9 @@ class _Job:
     interval: float  # the next poll delay while the generation time is unknown or past
     polled_at: float | None = None  # when the current poll was handed out
     running_at: float | None = None  # the latest poll that found it still running (since start)
+    expected: bool = False  # the current poll is the one at the time it should be done
+    estimate: float | None = None  # the generation time that poll assumed
+    missed: bool = False  # that poll found it still running
 
 
 class Scheduler:
@@ -113,6 +120,7 @@ class Scheduler:
         self.unwritable: str | None = None  # why an output folder cannot be written (no submission)
         self._probe_at: float | None = None  # when to try writing there again
         self.typical: float | None = None  # how long a generation takes, learned
+        self._samples: deque[float] = deque(maxlen=ESTIMATE_WINDOW)
         self._running: dict[int, _Job] = {}
 
     # -- what the loop feeds in ------------------------------------------------------------------------
@@ -249,6 +257,7 @@ class Scheduler:
             job = self._running[prompt_id] = _Job(started=now, interval=self.jobs.poll_interval)
         elif job.polled_at is not None and outcome.retry_after is None and outcome.attempt == 0:
             job.running_at = job.polled_at - job.started  # it was still running then
+            job.missed = job.missed or job.expected
         delay = outcome.delay if outcome.delay is not None else self._interval(job, now)
         self.at(now + max(delay, outcome.retry_after or 0.0), prompt_id, Task.POLL)
 
@@ -259,8 +268,15 @@ class Scheduler:
         the request rate. Once finished jobs have shown how long a generation takes, a job younger
         than that is polled when it should be done instead: fewer polls, and results seen sooner.
         """
-        if self.typical is not None and (due := job.started + self.typical + EXPECTED_MARGIN - now) > 0:
-            return min(due, self.jobs.poll_max_interval)
+        typical = self.typical
+        if typical is not None and not job.missed:
+            due = job.started + typical + EXPECTED_MARGIN - now
+            if due > 0:  # polling before then would only find it running
+                job.expected, job.estimate = True, typical
+                return due
+        if typical is not None and job.expected:  # the expected poll missed: it should be done soon
+            job.expected = False
+            return min(job.interval, max(2 * EXPECTED_MARGIN, MISSED_RETRY_SHARE * typical))
         current = job.interval
         job.interval = min(self.jobs.poll_max_interval, current * POLL_GROWTH)
         return current * self._rng.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)
@@ -268,24 +284,25 @@ class Scheduler:
     def _learn(self, prompt_id: int, outcome: Outcome, now: float) -> None:
         """Learn the generation time from a job that just finished.
 
-        The API's own timestamps are best. Without them, what the polls saw bounds it: still running
-        at one poll, done at the next (the middle is the estimate); done at the first poll says only
-        "at most this", so the estimate is lowered a little, probing for the true time.
+        The estimate is an upper quantile of recent generation times, so most jobs are done when
+        first polled. The API's own timestamps give a time exactly. Without them the polls bound it:
+        still running at one poll and done at the next gives the middle; done at the poll at the
+        expected time says only "at most this", which counts as a little less than was assumed,
+        probing the estimate down.
         """
         sample = outcome.duration
         job = self._running.get(prompt_id)
         if sample is None and job is not None and job.polled_at is not None:
-            done_at = job.polled_at - job.started
-            if job.running_at is not None:
-                sample = (job.running_at + done_at) / 2
+            if job.estimate is not None and not job.missed:
+                sample = job.estimate * (1 - PROBE_DOWN)
             else:
-                sample = max(0.0, min(done_at, self.typical or done_at) - PROBE_DOWN)
+                done_at = job.polled_at - job.started
+                sample = done_at if job.running_at is None else (job.running_at + done_at) / 2
         if sample is None:
             return
-        if self.typical is None:
-            self.typical = sample
-        else:
-            self.typical = (1 - LEARNING_WEIGHT) * self.typical + LEARNING_WEIGHT * sample
+        self._samples.append(sample)
+        ordered = sorted(self._samples)
+        self.typical = ordered[min(len(ordered) - 1, int(ESTIMATE_QUANTILE * len(ordered)))]
 
     def _delay(self, outcome: Outcome) -> float:
         if outcome.delay is not None:
