@@ -150,6 +150,20 @@ def test_without_api_timestamps_the_polls_themselves_bound_the_generation_time()
     assert again is not None and again - first <= max(0.1 * lowered, 2 * EXPECTED_MARGIN) + 1e-9
     s.due(again + 0.5)
     s.done(50, Task.POLL, Outcome(Step.DOWNLOAD), again + 0.5)
+    downloaded(s, 50, again + 0.5)
+    # Jobs that keep taking longer than assumed raise the estimate.
+    now = again + 10
+    for prompt_id in range(51, 60):
+        submit_all(s, now, prompt_id)
+        s.done(prompt_id, Task.SUBMIT, Outcome(Step.POLL), now)
+        first = s.next_due()
+        assert first is not None
+        s.due(first)
+        s.done(prompt_id, Task.POLL, Outcome(Step.POLL), first)
+        s.due(first + 1.0)
+        s.done(prompt_id, Task.POLL, Outcome(Step.DOWNLOAD), first + 1.0)
+        downloaded(s, prompt_id, first + 1.0)
+        now = first + 10
     assert s.typical > lowered
 
 
