@@ -232,8 +232,12 @@ class Daemon:
 
     def cpu(self) -> float:
         """user + sys seconds of the whole process (all threads)."""
+        return sum(self.times())
+
+    def times(self) -> tuple[float, float]:
+        """(user, sys) seconds of the whole process since it started (/proc/<pid>/stat)."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        return int(fields[11]) / TICK, int(fields[12]) / TICK
 
     def status_kb(self, key: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -342,12 +346,15 @@ def drain(
         os.rename(root / "staging" / f"{tag}-{i:04d}.json", root / "inbox" / f"{tag}-{i:04d}.json")
     wait_until(lambda: count(root / "outbox", tag, suffix) >= n, 300, f"{n} {tag} results", 0.02)
     wall = time.monotonic() - t0
-    cpu_end = daemon.cpu() if daemon else 0.0
+    user, system = daemon.times() if daemon else (0.0, 0.0)
+    cpu_end = user + system
     polls = Counter(r.path for r in api.requests(t0) if r.method == "GET" and r.path.startswith("/v1/jobs/"))
     return {
         "wall": wall,
         "cpu_per_job": (cpu_end - cpu0) / n,  # the drain alone
         "cpu_total": cpu_end,  # since process start
+        "user": user,
+        "sys": system,
         "polls": sum(polls.values()) / n,
         "max_polls": max(polls.values()),
     }
@@ -566,6 +573,8 @@ def report(sc: Scale, res: dict[str, Any], skip_shell: str) -> None:
         "info",
     )
     t.add("  drain alone (end - start-up) per job", f"{d16['cpu_per_job'] * 1000:.2f} ms", "", "info")
+    split = f"{d16['user']:.2f} s user + {d16['sys']:.2f} s sys"
+    t.add("  whole process at the end of the drain", split, "", "info")
     t.check(f"{main}: polls per job", d16["polls"], 1.5, "", ".2f")
     t.add("  max polls of one job", f"{d16['max_polls']:.0f}", "", "info")
     nt_main = f"{main}, statusHistory without terminal entry"
@@ -623,6 +632,15 @@ def report(sc: Scale, res: dict[str, Any], skip_shell: str) -> None:
     b.print("Baselines (same sandbox, same machine; >1x: the daemon is faster)")
 
 
+# Leaves that are blocking calls (lock, queue, select, recv): py-spy without --idle still samples
+# them on this machine, so they are named apart; --gil leaves them out for real.
+WAITS = {
+    "Condition.wait (threading.py)",
+    "Daemon._wait (scenario_watch/daemon.py)",
+    "InotifyFD._check_inotify_fd (watchdog/observers/inotify_c.py)",
+    "DelayedQueue.get (watchdog/utils/delayed_queue.py)",
+    "SocketIO.readinto (socket.py)",
+}
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -676,6 +694,8 @@ def summarise(raw: Path, top: int = 25) -> None:
             print(f"  {100 * n / total:5.1f} %  {name}")
 
     show("by thread", threads)
+    waiting = sum(n for name, n in own.items() if name in WAITS)
+    print(f"\nblocking waits (leaf in {len(WAITS)} known wait calls): {100 * waiting / total:.1f} %")
     show("self (leaf function)", own)
     show("inclusive (function on the stack)", inclusive, 2 * top)
     show("self, by file", files)
@@ -686,7 +706,7 @@ def profile(args: argparse.Namespace, base: Path, sc: Scale) -> None:
     found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     out = Path(args.profile).resolve()
     wrapper = [found, "record", "--threads", "--rate", str(args.rate), "--format", "raw", "-o", str(out)]
-    wrapper += ["--native", "--"] if args.native else ["--"]
+    wrapper += [*(["--native"] if args.native else []), *(["--gil"] if args.gil else []), "--"]
     print(f"profile: {' '.join(wrapper)} python -m scenario_watch run; N={sc.drain_n}, [jobs] {DRAIN_JOBS}")
     with sandbox(args.sandbox, G) as api:
         root = make_root(base, "profile")
@@ -709,6 +729,9 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE", help="profile one drain with py-spy instead")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second (--profile)")
     parser.add_argument("--native", action="store_true", help="py-spy --native: C frames too (--profile)")
+    parser.add_argument(
+        "--gil", action="store_true", help="py-spy --gil: only the thread holding the GIL (--profile)"
+    )
     parser.add_argument("--summarise", metavar="FILE", help="print the top costs of a py-spy raw file")
     args = parser.parse_args()
     if args.summarise:
