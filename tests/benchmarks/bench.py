@@ -675,10 +675,13 @@ def summarise(raw: Path, top: int = 25) -> None:
     for frames, n in stacks:
         head = frames[0] if frames[0].startswith(("thread", "process")) else ""
         calls = [f for f in frames if not f.startswith(("thread", "process"))]
-        kind = "main" if "MainThread" in head or "main" in head.lower() else ""
-        if not kind:  # worker-N / watchdog's / others, told apart by their outermost calls
-            names = " ".join(calls[:6])
-            kind = "worker" if "_work" in names else "observer" if "watchdog" in names else "other"
+        names = " ".join(calls)
+        if "MainThread" in head or "_run_module_as_main" in names:  # unnamed before threading starts
+            run = "Daemon.run " in names and "Daemon.start " not in names
+            kind = "main: shutdown" if "Daemon.close " in names else "main: loop" if run else "main: start-up"
+        else:  # worker-N / watchdog's / others, told apart by their outermost calls
+            outer = " ".join(calls[:6])
+            kind = "workers" if "_work" in outer else "observer" if "watchdog" in outer else "other"
         threads[kind] += n
         if not calls:
             continue
@@ -693,7 +696,7 @@ def summarise(raw: Path, top: int = 25) -> None:
         for name, n in counter.most_common(k):
             print(f"  {100 * n / total:5.1f} %  {name}")
 
-    show("by thread", threads)
+    show("by thread (main: start-up = imports and Daemon.start)", threads)
     waiting = sum(n for name, n in own.items() if name in WAITS)
     print(f"\nblocking waits (leaf in {len(WAITS)} known wait calls): {100 * waiting / total:.1f} %")
     show("self (leaf function)", own)
