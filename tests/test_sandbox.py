@@ -779,6 +779,40 @@ def test_late_answers_create_the_job_only_after_the_delay(sb: Sandbox, api: requ
     assert generate(sb, api, {"prompt": "x"}, dryRun="true").status_code == 269  # estimates are not late
 
 
+def test_terminal_history_off_leaves_the_final_status_out_of_the_history(
+    sb: Sandbox, api: requests.Session
+) -> None:
+    control = sb.base_url.removesuffix("/v1") + "/_sandbox/knobs"
+    assert requests.get(control, timeout=5).json()["terminal_history"] is True
+    sb.fail_next_jobs(1, error="Content blocked")
+    failed_on = finished_job(sb, api, generate(sb, api, {"prompt": "a"}).json()["job"]["jobId"])
+    ok_on = finished_job(sb, api, generate(sb, api, {"prompt": "b"}).json()["job"]["jobId"])
+    assert [h["status"] for h in failed_on["statusHistory"]][-1] == "failure"
+    assert [h["status"] for h in ok_on["statusHistory"]][-1] == "success"
+    resp = requests.post(control, json={"terminal_history": False}, timeout=5)
+    assert resp.status_code == 200 and resp.json()["terminal_history"] is False and not sb.terminal_history
+    # The switch applies to every answer from now on, jobs finished before it included.
+    running = ["pending", "queued", "warming-up", "in-progress", "finalizing"]
+    for before in (failed_on, ok_on):
+        now = api.get(f"{sb.base_url}/jobs/{before['jobId']}", timeout=5).json()["job"]
+        assert [h["status"] for h in now["statusHistory"]] == running
+        assert now["statusHistory"] == before["statusHistory"][:-1]
+        assert {k: v for k, v in now.items() if k != "statusHistory"} == {
+            k: v for k, v in before.items() if k != "statusHistory"
+        }  # status, progress, updatedAt, assets, error: as with the knob on
+    sb.fail_next_jobs(1, error="Canceled", status="canceled")
+    canceled = finished_job(sb, api, generate(sb, api, {"prompt": "c"}).json()["job"]["jobId"])
+    ok = finished_job(sb, api, generate(sb, api, {"prompt": "d"}).json()["job"]["jobId"])
+    assert canceled["status"] == "canceled" and canceled["metadata"]["error"] == "Canceled"
+    assert ok["status"] == "success" and ok["progress"] == 1 and len(ok["metadata"]["assetIds"]) == 1
+    for job in (canceled, ok):
+        assert [h["status"] for h in job["statusHistory"]] == running
+    mid = generate(sb, api, {"prompt": "e"}).json()["job"]["jobId"]
+    shown = api.get(f"{sb.base_url}/jobs/{mid}", timeout=5).json()["job"]
+    assert shown["status"] == shown["statusHistory"][-1]["status"] != "success"  # running: untouched
+    assert requests.post(control, json={"terminal_history": 0}, timeout=5).status_code == 400
+
+
 def generate_timeout(sb: Sandbox, api: requests.Session, body: Any, timeout: float) -> requests.Response:
     return api.post(f"{sb.base_url}/generate/custom/{MODEL}", json=body, timeout=timeout)
 

@@ -21,6 +21,9 @@ KNOBS: dict[str, tuple[str, Any]] = {
     "late_answer_rate": ("rate", 0.0),
     "late_answer_delay": ("seconds", 7.0),
     "rng_seed": ("int", 0),
+    # False: statusHistory never shows the final entry (success/failure/canceled), as some live
+    # answers do; status, progress and updatedAt are unchanged.
+    "terminal_history": ("bool", True),
 }
 
 

@@ -89,6 +89,7 @@ class Sandbox:
     late_answer_rate: Knob[float] = Knob()
     late_answer_delay: Knob[float] = Knob()
     rng_seed: Knob[int] = Knob()
+    terminal_history: Knob[bool] = Knob()
 
     def set_knobs(self, **values: Any) -> None:
         """Set several knobs at once, as POST /_sandbox/knobs does (ValueError: none is set)."""

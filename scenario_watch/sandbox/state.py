@@ -72,6 +72,7 @@ class World:
     late_answer_rate: float
     late_answer_delay: float
     rng_seed: int
+    terminal_history: bool
 
     def __init__(self, knobs: dict[str, Any], snapshot: Snapshot | None = None) -> None:
         self._lock = threading.RLock()
@@ -264,14 +265,15 @@ class World:
             if job.hint:
                 metadata["hint"] = job.hint
         stamps = [ms(job.created + offset) for _, offset in history]
+        shown = list(zip(history, stamps, strict=True))
+        if not self.terminal_history and elapsed >= d:
+            shown = shown[:-1]  # the final status is in `status` only, as some live answers have it
         return {
             "jobId": job.job_id,
             "jobType": job.job_type,
             "status": status,
             "progress": progress,
-            "statusHistory": [
-                {"status": s, "date": iso(stamp)} for (s, _), stamp in zip(history, stamps, strict=True)
-            ],
+            "statusHistory": [{"status": s, "date": iso(stamp)} for (s, _), stamp in shown],
             "createdAt": iso(ms(job.created)),
             "updatedAt": iso(stamps[-1]),
             "authorId": job.author,

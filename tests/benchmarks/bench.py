@@ -1,14 +1,22 @@
-"""Benchmark the real daemon against the sandbox; print each figure beside its target (issue #6).
+"""Benchmark the real daemon against the sandbox; print each figure beside its target (issues #6, #11).
 
-    .venv/bin/python tests/benchmarks/bench.py            # full run, about 5 minutes
+    .venv/bin/python tests/benchmarks/bench.py            # full run, about 6 minutes
     .venv/bin/python tests/benchmarks/bench.py --quick    # smaller N, 5 s idle window: a sanity run
+    .venv/bin/python tests/benchmarks/bench.py --profile /tmp/drain.txt [--quick] [--native]
+        # no figures: one C=16 drain with the daemon started under `py-spy record` (all threads,
+        # start-up included, idle samples left out), its collapsed stacks written to the file and
+        # the top costs printed (needs py-spy on PATH or beside this Python, and ptrace rights)
 
-Figures: pickup latency (moved in, written in place), drain (N=200, G=1 s, C=16 and C>=N), CPU per
-job, idle CPU, a 10,000-file backlog, polls per job; and two baselines on the same sandbox: a
-sequential `requests` loop and the inotifywait | curl | jq shell loop (shell_loop.sh; skipped with a
-reason when inotify-tools, curl or jq are missing). The daemon runs as a real subprocess
-(`python -m scenario_watch run -c CONFIG`, JSON logs at level warning); each one is warmed up (one
-prompt done) before it is measured. Not collected by pytest (pyproject: norecursedirs).
+Figures: pickup latency (moved in, written in place); the main drain (N=200, G=1 s, C=16) by a
+daemon started just for it, its CPU counted from process start (/proc/<pid>/stat utime + stime at
+the end of the drain, divided by N; start-up CPU shown apart), drain efficiency, polls per job; the
+same drain with the sandbox's statusHistory carrying no terminal entry (knob terminal_history=false);
+C>=N, idle CPU, a 10,000-file backlog; and two baselines on the same sandbox: a sequential
+`requests` loop and the inotifywait | curl | jq shell loop (shell_loop.sh; skipped with a reason
+when inotify-tools, curl or jq are missing). The daemon runs as a real subprocess (`python -m
+scenario_watch run -c CONFIG`, JSON logs at level info: what users run); the main drains start
+cold (ready = its `daemon.started` line), the other daemons are warmed up (one prompt done) before
+they are measured. Not collected by pytest (pyproject: norecursedirs).
 
 The sandbox runs in a thread of this process by default: measured against `--sandbox process` (its
 own process; CLOCK_MONOTONIC is system-wide, checked at start) the pickup figures were the same
@@ -21,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -45,6 +54,10 @@ MODEL = "model_google-gemini-pro-image-editing"
 HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
 QUOTED_SHELL = {"pickup_median": 8.0, "pickup_p99": 21.0, "drain": 13.4}  # the issue's figures
+LOG_LEVEL = "info"  # what users run (issue #11); every daemon of the benchmark logs at this level
+READY = '"daemon.started"'  # the JSON log line written once the start-up scan is done
+G, C = 1.0, 16  # the main drain: generation seconds, max_in_flight
+DRAIN_JOBS = {"max_in_flight": C, "poll_interval": 0.25, "poll_max_interval": 1.0}
 FOLDERS = ("inbox", "outbox", "done", "failed", "state", "staging")
 # A sandbox in its own process (--sandbox process): stdin closing stops it.
 CHILD = """import json, sys, time
@@ -165,12 +178,13 @@ def count(folder: Path, prefix: str, suffix: str) -> int:
 
 
 def write_config(root: Path, base_url: str, jobs: dict[str, float]) -> Path:
-    config = {
+    """The daemon's config.toml for this root: [watch] settle 2 s, JSON logs at LOG_LEVEL."""
+    config: dict[str, dict[str, Any]] = {
         "api": {"base_url": base_url, "request_timeout": 30.0},
         "folders": {name: str(root / name) for name in FOLDERS if name != "staging"},
         "jobs": jobs,
         "watch": {"settle": 2.0},
-        "log": {"format": "json", "level": "warning"},
+        "log": {"format": "json", "level": LOG_LEVEL},
     }
     lines = []
     for section, values in config.items():
@@ -184,28 +198,49 @@ def write_config(root: Path, base_url: str, jobs: dict[str, float]) -> Path:
 class Daemon:
     """`python -m scenario_watch run -c CONFIG` in a subprocess, with /proc readings of it."""
 
-    def __init__(self, root: Path, config: Path) -> None:
+    def __init__(self, root: Path, config: Path, wrapper: list[str] | None = None) -> None:
+        """`wrapper`: a command that runs the daemon as its child (py-spy record ... --)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SCENARIO_", "CREDENTIALS_"))}
         env.update(SCENARIO_API_KEY=KEY, SCENARIO_API_SECRET=SECRET)
         self.log_path = root / "daemon.log"
         self.log = self.log_path.open("w")
         self.started = time.monotonic()
-        cmd = [sys.executable, "-m", "scenario_watch", "run", "-c", str(config)]
+        cmd = [*(wrapper or []), sys.executable, "-m", "scenario_watch", "run", "-c", str(config)]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+        if wrapper:  # the daemon is the wrapper's child: read (and signal) that one
+            self.pid = wait_until(lambda: self.alive() or self._child(), 30, "the wrapped daemon", 0.005)
 
-    def alive(self) -> None:
+    def _child(self) -> int:
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            kids = (task / "children").read_text().split()
+            if kids:
+                return int(kids[0])
+        return 0
+
+    def ready(self) -> bool:
+        """Whether the daemon has logged `daemon.started` (workers up, journal resumed, inbox scanned)."""
+        return READY in self.log_path.read_text()
+
+    def alive(self) -> bool:
+        """False while it runs (for `alive() or condition`); RuntimeError with its log once it exited."""
         if self.proc.poll() is not None:
             raise RuntimeError(
                 f"the daemon exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}"
             )
+        return False
 
     def cpu(self) -> float:
         """user + sys seconds of the whole process (all threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        return sum(self.times())
+
+    def times(self) -> tuple[float, float]:
+        """(user, sys) seconds of the whole process since it started (/proc/<pid>/stat)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) / TICK, int(fields[12]) / TICK
 
     def status_kb(self, key: str) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1])
         return 0
@@ -213,7 +248,7 @@ class Daemon:
     def wakeups(self) -> int:
         """Context switches summed over the daemon's threads: how often it ran at all."""
         total = 0
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
             for line in (task / "status").read_text().splitlines():
                 if "ctxt_switches" in line:
                     total += int(line.split()[1])
@@ -221,7 +256,8 @@ class Daemon:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -231,13 +267,23 @@ class Daemon:
 
 
 @contextmanager
-def running(api: Api, root: Path, jobs: dict[str, float], warm: bool = True) -> Iterator[Daemon]:
-    daemon = Daemon(root, write_config(root, api.base_url, jobs))
+def running(
+    api: Api,
+    root: Path,
+    jobs: dict[str, float],
+    warm: bool | None = True,
+    wrapper: list[str] | None = None,
+) -> Iterator[Daemon]:
+    """A daemon on this root: warm (one prompt done), cold (just past its `daemon.started` line) or,
+    with warm=None, just started."""
+    daemon = Daemon(root, write_config(root, api.base_url, jobs), wrapper)
     try:
-        if warm:  # ready once a warm-up prompt reached the API (logs are at level warning)
+        if warm:
             text = f"warmup-{root.name}"
             drop_moved(root, text)
             wait_until(lambda: daemon.alive() or count(root / "done", text, ".json"), 30, "the warm-up", 0.02)
+        elif warm is False:
+            wait_until(lambda: daemon.alive() or daemon.ready(), 30, "daemon.started", 0.005)
         yield daemon
     finally:
         daemon.stop()
@@ -300,14 +346,43 @@ def drain(
         os.rename(root / "staging" / f"{tag}-{i:04d}.json", root / "inbox" / f"{tag}-{i:04d}.json")
     wait_until(lambda: count(root / "outbox", tag, suffix) >= n, 300, f"{n} {tag} results", 0.02)
     wall = time.monotonic() - t0
-    cpu = (daemon.cpu() - cpu0) if daemon else 0.0
+    user, system = daemon.times() if daemon else (0.0, 0.0)
+    cpu_end = user + system
     polls = Counter(r.path for r in api.requests(t0) if r.method == "GET" and r.path.startswith("/v1/jobs/"))
     return {
         "wall": wall,
-        "cpu_per_job": cpu / n,
+        "cpu_per_job": (cpu_end - cpu0) / n,  # the drain alone
+        "cpu_total": cpu_end,  # since process start
+        "user": user,
+        "sys": system,
         "polls": sum(polls.values()) / n,
         "max_polls": max(polls.values()),
     }
+
+
+def set_knobs(api: Api, **values: Any) -> None:
+    """Turn sandbox knobs over HTTP (the same for a sandbox thread or process)."""
+    url = api.base_url.removesuffix("/v1") + "/_sandbox/knobs"
+    resp = requests.post(url, json=values, timeout=10)
+    resp.raise_for_status()
+
+
+def cold_drain(
+    api: Api, base: Path, key: str, n: int, jobs: dict[str, float], idle_s: float = 0.0
+) -> dict[str, Any]:
+    """A daemon started for this drain: start-up CPU at `daemon.started`, total CPU at the end / n.
+
+    With idle_s, the same daemon's idle CPU is measured after the drain (not counted in the drain).
+    """
+    root = make_root(base, key)
+    with running(api, root, jobs, warm=False) as daemon:
+        ready, startup = time.monotonic() - daemon.started, daemon.cpu()
+        res: dict[str, Any] = drain(api, root, key, n, ".manifest.json", daemon)
+        res.update(startup_cpu=startup, ready=ready, cpu_from_start=res["cpu_total"] / n)
+        res["efficiency"] = -(-n // int(jobs["max_in_flight"])) * G / res["wall"]
+        if idle_s:
+            res["idle"] = idle(api, daemon, idle_s)
+    return res
 
 
 def idle(api: Api, daemon: Daemon, seconds: float) -> dict[str, float]:
@@ -329,8 +404,7 @@ def backlog(api: Api, base: Path, n: int, done_target: int) -> dict[str, float]:
     root = make_root(base, "backlog")
     for i in range(n):
         (root / "inbox" / f"b-{i:05d}.json").write_bytes(body_of(f"backlog prompt {i}"))
-    jobs = {"max_in_flight": 16, "poll_interval": 0.25, "poll_max_interval": 1.0}
-    with running(api, root, jobs, warm=False) as daemon:
+    with running(api, root, DRAIN_JOBS, warm=None) as daemon:
         first = wait_until(lambda: daemon.alive() or api.posts(daemon.started), 30, "the first POST", 0.005)
         result = {"first_post": first[0].time - daemon.started, "claimed_all": 0.0}
         deadline = daemon.started + 120
@@ -424,12 +498,12 @@ def sandbox(mode: str, generation_seconds: float) -> Iterator[Api]:
 def run(args: argparse.Namespace, base: Path, sc: Scale, skip_shell: str) -> dict[str, Any]:
     res: dict[str, Any] = {}
     pickup_jobs = {"max_in_flight": 64, "poll_interval": 0.1, "poll_max_interval": 0.4}
-    drain_jobs = {"max_in_flight": 16, "poll_interval": 0.25, "poll_max_interval": 1.0}
-    tight_jobs = {"max_in_flight": 16, "poll_interval": 0.05, "poll_max_interval": 0.1}
+    tight_jobs = {**DRAIN_JOBS, "poll_interval": 0.05, "poll_max_interval": 0.1}
     print(f"pickup: G=0.2 s, [jobs] {pickup_jobs}, K={sc.pickup_k} spaced {sc.spacing * 1000:g} ms")
-    print(f"drain: N={sc.drain_n}, G=1 s, [jobs] {drain_jobs}; then max_in_flight={sc.drain_n}")
-    print(f"diagnostic drain: [jobs] {tight_jobs}; backlog: [jobs] {drain_jobs}")
-    print("every daemon: [watch] settle=2.0, [log] json at level warning; sandbox parallel_limit 1000")
+    print(f"drain: N={sc.drain_n}, G={G:g} s, [jobs] {DRAIN_JOBS}, cold start; again with the sandbox's")
+    print(f"  terminal_history=false; then max_in_flight={sc.drain_n} (warm)")
+    print(f"diagnostic drain: [jobs] {tight_jobs} (warm); backlog: [jobs] {DRAIN_JOBS}")
+    print(f"every daemon: [watch] settle=2.0, [log] json at level {LOG_LEVEL}; sandbox parallel_limit 1000")
     with sandbox(args.sandbox, 0.2) as api:
         root = make_root(base, "pickup")
         with running(api, root, pickup_jobs):
@@ -444,14 +518,17 @@ def run(args: argparse.Namespace, base: Path, sc: Scale, skip_shell: str) -> dic
                 # Its own latency, unsaturated: forking curl + jq per file and per poll cannot keep up
                 # with a file every 50 ms on a small machine, so its queue (and latency) grows.
                 res["shell_slow"] = stats(pickup(api, root, "slow", sc.pickup_k // 5, 0.25))
-    with sandbox(args.sandbox, 1.0) as api:
-        for key, jobs in (("d16", drain_jobs), ("dN", {**drain_jobs, "max_in_flight": sc.drain_n})):
-            root = make_root(base, key)
-            with running(api, root, jobs) as daemon:
-                res[key] = drain(api, root, key, sc.drain_n, ".manifest.json", daemon)
-                print(f"drain {key}: {res[key]}", flush=True)
-                if key == "d16":
-                    res["idle"] = idle(api, daemon, sc.idle_s)
+    with sandbox(args.sandbox, G) as api:
+        res["d16"] = cold_drain(api, base, "d16", sc.drain_n, DRAIN_JOBS, sc.idle_s)
+        print(f"drain d16: {res['d16']}", flush=True)
+        set_knobs(api, terminal_history=False)
+        res["d16_noterm"] = cold_drain(api, base, "noterm", sc.drain_n, DRAIN_JOBS)
+        set_knobs(api, terminal_history=True)
+        print(f"drain d16, no terminal history: {res['d16_noterm']}", flush=True)
+        root = make_root(base, "dN")
+        with running(api, root, {**DRAIN_JOBS, "max_in_flight": sc.drain_n}) as daemon:
+            res["dN"] = drain(api, root, "dN", sc.drain_n, ".manifest.json", daemon)
+        print(f"drain dN: {res['dN']}", flush=True)
         root = make_root(base, "tight")
         with running(api, root, tight_jobs) as daemon:
             res["tight"] = drain(api, root, "tight", sc.drain_n, ".manifest.json", daemon)
@@ -461,7 +538,7 @@ def run(args: argparse.Namespace, base: Path, sc: Scale, skip_shell: str) -> dic
                 res["shell_drain"] = drain(api, root, "sh", sc.drain_n, ".done")
             print(f"shell drain: {res['shell_drain']}", flush=True)
         res["seq"] = sequential(api, base, sc.seq_n)
-    with sandbox(args.sandbox, 1.0) as api:
+    with sandbox(args.sandbox, G) as api:
         res["backlog"] = backlog(api, base, sc.backlog_n, sc.backlog_done)
     return res
 
@@ -476,21 +553,42 @@ def times(baseline: float, ours: float) -> str:
 
 def report(sc: Scale, res: dict[str, Any], skip_shell: str) -> None:
     t = Table("figure", "measured", "target", "result")
-    mv, d16, dn, tight, idle, bl = (res[k] for k in ("moved", "d16", "dN", "tight", "idle", "backlog"))
+    mv, d16, nt, dn, tight, bl = (res[k] for k in ("moved", "d16", "d16_noterm", "dN", "tight", "backlog"))
+    idle = d16["idle"]
     t.check("pickup, moved in: median", mv["median"], 5.0, "ms")
     t.check("pickup, moved in: p99", mv["p99"], 20.0, "ms")
     t.add("pickup, moved in: median / p99 / max", trio(mv), "", "info")
     t.add("pickup, written in place: median / p99 / max", trio(res["inplace"]), "(separately)", "info")
     t.add(f"pickup, moved in, spaced 600 ms, K={sc.diag_k}", trio(res["spaced"]), "(diagnostic)", "info")
-    ideal = -(-sc.drain_n // 16) * 1.0
-    t.add(f"drain N={sc.drain_n}, G=1 s, C=16: wall", f"{d16['wall']:.2f} s", f"ideal {ideal:g} s", "info")
-    t.check("drain C=16: efficiency (ideal / wall)", ideal / d16["wall"], 0.9, "", ".3f", low=False)
+    ideal = -(-sc.drain_n // C) * G
+    main = f"drain N={sc.drain_n}, G={G:g} s, C={C}"
+    t.add(f"{main}: wall", f"{d16['wall']:.2f} s", f"ideal ceil(N/C) x G = {ideal:g} s", "info")
+    t.check(f"{main}: efficiency (ideal / wall)", d16["efficiency"], 0.93, "", ".3f", low=False)
+    t.check(f"{main}: within 1.1 x ideal (DESIGN)", d16["efficiency"], 1 / 1.1, "", ".3f", low=False)
+    t.check(f"{main}: CPU per job, from process start", d16["cpu_from_start"] * 1000, 10.0, "ms", ".2f")
+    t.add(
+        "  of which start-up (to `daemon.started`)",
+        f"{d16['startup_cpu'] * 1000:.0f} ms CPU, ready in {d16['ready']:.2f} s",
+        f"(/ N = {d16['startup_cpu'] / sc.drain_n * 1000:.2f} ms/job)",
+        "info",
+    )
+    t.add("  drain alone (end - start-up) per job", f"{d16['cpu_per_job'] * 1000:.2f} ms", "", "info")
+    split = f"{d16['user']:.2f} s user + {d16['sys']:.2f} s sys"
+    t.add("  whole process at the end of the drain", split, "", "info")
+    t.check(f"{main}: polls per job", d16["polls"], 1.5, "", ".2f")
+    t.add("  max polls of one job", f"{d16['max_polls']:.0f}", "", "info")
+    nt_main = f"{main}, statusHistory without terminal entry"
+    t.check(f"{nt_main}: polls per job", nt["polls"], 1.5, "", ".2f")
+    got = (
+        f"max polls {nt['max_polls']:.0f}, efficiency {nt['efficiency']:.3f}, "
+        f"{nt['cpu_from_start'] * 1000:.2f} ms CPU/job from start"
+    )
+    t.add("  same drain: also", got, "", "info")
     shell = res.get("shell_drain", {}).get("wall")
     limits = [x for x in (shell, QUOTED_SHELL["drain"] if sc.drain_n == 200 else None) if x]
     limit = min(limits) if limits else float("nan")  # beat both the measured and the quoted shell loop
     t.check(f"drain C={sc.drain_n} (>= N): wall, vs the shell loop", dn["wall"], limit, "s", ".2f")
-    t.check("CPU per job (C=16 drain)", d16["cpu_per_job"] * 1000, 10.0, "ms", ".2f")
-    t.add("CPU per job (C=N drain)", f"{dn['cpu_per_job'] * 1000:.2f} ms", "≤ 10 ms", "info")
+    t.add("  CPU per job (C=N, warm, drain alone)", f"{dn['cpu_per_job'] * 1000:.2f} ms", "", "info")
     t.check(f"idle CPU over {sc.idle_s:g} s (≤ 0.1 % of a core)", idle["cpu_ms"], sc.idle_s, "ms", ".0f")
     wake = f"{idle['wakeups']:.1f}/s / {idle['requests']}"
     t.add("idle: wakeups (all threads) / API requests", wake, "no busy loop / 0", "info")
@@ -499,13 +597,10 @@ def report(sc: Scale, res: dict[str, Any], skip_shell: str) -> None:
     claimed = f"all in {bl['claimed_all']:.1f} s" if bl["claimed_all"] else f"{bl['claimed']:.0f}"
     got = f"{claimed} / {bl['done']:.0f} done at {bl['ran']:.1f} s"
     t.add("backlog: claimed / done when stopped", got, f"(stop at {sc.backlog_done} done, ≤120 s)", "info")
-    polls = f"{d16['polls']:.2f} / {d16['max_polls']:.0f}"
-    verdict = "pass" if d16["polls"] <= 5 else "MISS"
-    t.add("polls per job (mean / max), G=1 s, C=16", polls, "≤ G / poll_interval + 1 = 5", verdict)
     eff = f"{tight['wall']:.2f} s, efficiency {ideal / tight['wall']:.3f}, {tight['polls']:.1f} polls/job"
     t.add(
-        "drain C=16 polling 0.05 s → 0.1 s",
-        f"{eff}, {tight['cpu_per_job'] * 1000:.2f} ms CPU/job",
+        "drain C=16 polling 0.05 s → 0.1 s (warm)",
+        f"{eff}, {tight['cpu_per_job'] * 1000:.2f} ms CPU/job (drain alone)",
         "",
         "info",
     )
@@ -537,6 +632,95 @@ def report(sc: Scale, res: dict[str, Any], skip_shell: str) -> None:
     b.print("Baselines (same sandbox, same machine; >1x: the daemon is faster)")
 
 
+# Leaves that are blocking calls (lock, queue, select, recv): py-spy without --idle still samples
+# them on this machine, so they are named apart; --gil leaves them out for real.
+WAITS = {
+    "Condition.wait (threading.py)",
+    "Daemon._wait (scenario_watch/daemon.py)",
+    "InotifyFD._check_inotify_fd (watchdog/observers/inotify_c.py)",
+    "DelayedQueue.get (watchdog/utils/delayed_queue.py)",
+    "SocketIO.readinto (socket.py)",
+}
+FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def where(frame: str) -> tuple[str, str]:
+    """(function, short file) of one collapsed-stack frame `func (path:line)`."""
+    m = FRAME.match(frame)
+    if not m:
+        return frame, ""
+    path = m["file"]
+    for marker in ("site-packages/", "/lib/python3", "scenario_watch/"):
+        if marker in path:
+            path = path[path.index(marker) :].removeprefix("site-packages/")
+            break
+    return m["func"], path
+
+
+def summarise(raw: Path, top: int = 25) -> None:
+    """Print the top costs of py-spy's collapsed stacks: by thread, self, inclusive and by file."""
+    stacks: list[tuple[list[str], int]] = []
+    for line in raw.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if stack and samples.isdigit():
+            stacks.append((stack.split(";"), int(samples)))
+    total = sum(n for _, n in stacks)
+    if not total:
+        print(f"no samples in {raw}")
+        return
+    threads: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    files: Counter[str] = Counter()
+    for frames, n in stacks:
+        head = frames[0] if frames[0].startswith(("thread", "process")) else ""
+        calls = [f for f in frames if not f.startswith(("thread", "process"))]
+        names = " ".join(calls)
+        if "MainThread" in head or "_run_module_as_main" in names:  # unnamed before threading starts
+            run = "Daemon.run " in names and "Daemon.start " not in names
+            kind = "main: shutdown" if "Daemon.close " in names else "main: loop" if run else "main: start-up"
+        else:  # worker-N / watchdog's / others, told apart by their outermost calls
+            outer = " ".join(calls[:6])
+            kind = "workers" if "_work" in outer else "observer" if "watchdog" in outer else "other"
+        threads[kind] += n
+        if not calls:
+            continue
+        func, path = where(calls[-1])
+        own[f"{func} ({path})"] += n
+        files[path] += n
+        for frame in {f"{where(f)[0]} ({where(f)[1]})" for f in calls}:
+            inclusive[frame] += n
+
+    def show(title: str, counter: Counter[str], k: int = top) -> None:
+        print(f"\n{title} ({total} samples)")
+        for name, n in counter.most_common(k):
+            print(f"  {100 * n / total:5.1f} %  {name}")
+
+    show("by thread (main: start-up = imports and Daemon.start)", threads)
+    waiting = sum(n for name, n in own.items() if name in WAITS)
+    print(f"\nblocking waits (leaf in {len(WAITS)} known wait calls): {100 * waiting / total:.1f} %")
+    show("self (leaf function)", own)
+    show("inclusive (function on the stack)", inclusive, 2 * top)
+    show("self, by file", files)
+
+
+def profile(args: argparse.Namespace, base: Path, sc: Scale) -> None:
+    """One cold C=16 drain under `py-spy record` (all threads, start-up included); the top costs."""
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = Path(args.profile).resolve()
+    wrapper = [found, "record", "--threads", "--rate", str(args.rate), "--format", "raw", "-o", str(out)]
+    wrapper += [*(["--native"] if args.native else []), *(["--gil"] if args.gil else []), "--"]
+    print(f"profile: {' '.join(wrapper)} python -m scenario_watch run; N={sc.drain_n}, [jobs] {DRAIN_JOBS}")
+    with sandbox(args.sandbox, G) as api:
+        root = make_root(base, "profile")
+        with running(api, root, DRAIN_JOBS, warm=False, wrapper=wrapper) as daemon:
+            res = drain(api, root, "prof", sc.drain_n, ".manifest.json", daemon)
+        per_job = res["cpu_total"] / sc.drain_n * 1000
+        print(f"drain under py-spy: {res['wall']:.2f} s, {per_job:.2f} ms CPU/job from start (perturbed)")
+        wait_until(lambda: out.exists() and out.stat().st_size, 30, "py-spy's output")
+    summarise(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -545,14 +729,27 @@ def main() -> None:
     parser.add_argument(
         "--sandbox", choices=("thread", "process"), default="thread", help="where the sandbox runs"
     )
+    parser.add_argument("--profile", metavar="FILE", help="profile one drain with py-spy instead")
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second (--profile)")
+    parser.add_argument("--native", action="store_true", help="py-spy --native: C frames too (--profile)")
+    parser.add_argument(
+        "--gil", action="store_true", help="py-spy --gil: only the thread holding the GIL (--profile)"
+    )
+    parser.add_argument("--summarise", metavar="FILE", help="print the top costs of a py-spy raw file")
     args = parser.parse_args()
+    if args.summarise:
+        summarise(Path(args.summarise))
+        return
     sc = QUICK if args.quick else Scale()
     missing = [tool for tool in ("inotifywait", "curl", "jq", "bash") if shutil.which(tool) is None]
     skip_shell = f"missing {', '.join(missing)} (apt-get install inotify-tools curl jq)" if missing else ""
     base = Path(tempfile.mkdtemp(prefix="sw-bench-"))
     try:
         print(machine(base, args.sandbox), flush=True)
-        report(sc, run(args, base, sc, skip_shell), skip_shell)
+        if args.profile:
+            profile(args, base, sc)
+        else:
+            report(sc, run(args, base, sc, skip_shell), skip_shell)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
