@@ -93,7 +93,7 @@ class Daemon:
         folders_of = {name: preset.folder for name, preset in presets.items()}
         self.intake = Intake(folders.inbox, folders.state, settings.watch, self._arrived, folders_of)
         self.notifier = Notifier(env)
-        self.tasks: queue.Queue[tuple[int, Task] | None] = queue.Queue()
+        self.tasks: queue.SimpleQueue[tuple[int, Task] | None] = queue.SimpleQueue()
         self.runners: dict[Task, Callable[[int], Outcome]] = {
             Task.SUBMIT: self.dispatcher.submit,
             Task.POLL: self.tracker.poll,
@@ -288,18 +288,14 @@ class Daemon:
         blocked = self.scheduler.done(event.prompt_id, event.task, outcome, self.clock())
         if self.scheduler.limit != limit:
             log.warning("api.parallel_limit", limit=self.scheduler.limit, note="lowered to the plan's limit")
-        if blocked:
-            # Submission just stopped for everyone: one clear error, not one per prompt.
-            log.error(
-                "api.auth_failed",
-                reason=outcome.reason,
-                hint="check SCENARIO_API_KEY and SCENARIO_API_SECRET; prompts stay queued",
-            )
+        if blocked:  # submission just stopped for everyone: one clear error, not one per prompt
+            hint = "check SCENARIO_API_KEY and SCENARIO_API_SECRET; prompts stay queued"
+            log.error("api.auth_failed", reason=outcome.reason, hint=hint)
             if self.once:
                 self.exit_code = 2
 
     def _status(self) -> str:
-        counts = self.store.counts()
+        counts, scheduler = self.store.counts(), self.scheduler
         return status_line(
-            len(self.scheduler.waiting), len(self.scheduler.slots), counts[State.DONE], counts[State.FAILED]
+            len(scheduler.waiting), len(scheduler.slots), counts[State.DONE], counts[State.FAILED]
         )
