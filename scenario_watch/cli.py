@@ -50,6 +50,7 @@ exit codes: 0 ok, 1 a problem with your input, 2 a configuration or usage error.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the command; the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, handler: Any, config: bool = True) -> argparse.ArgumentParser:
+        """Add a subcommand with its handler (and -c FILE)."""
         p = sub.add_parser(
             name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter
         )
@@ -128,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon (one per journal) until stopped, or until drained with --once."""
     from .daemon import Daemon
 
     loaded = load_settings(args.config, sandbox=args.sandbox)
@@ -277,6 +280,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Show whether the daemon runs and what each prompt waits for (--watch: redraw)."""
     settings = load_settings(args.config, sandbox=args.sandbox).settings
     state = settings.folders.state
     path, note = status.pick_journal(state, args.sandbox)
@@ -303,6 +307,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    """Move failed prompts back into the inbox."""
     folders = load_settings(args.config).settings.folders
     if not args.names and not args.all:
         print("scenario-watch: name failed prompts to retry, or use --all", file=sys.stderr)
@@ -330,6 +335,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    """Show the effective settings, where each came from, and the model schema in use."""
     loaded = load_settings(args.config)
     rows = describe(loaded)
     if args.json:
@@ -346,6 +352,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Run the local API simulator in the foreground."""
     from .sandbox import main_serve
 
     main_serve(args.port, cdn_port=args.cdn_port, generation_seconds=args.generation_seconds)

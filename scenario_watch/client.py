@@ -102,6 +102,7 @@ class ScenarioClient:
         return session
 
     def close(self) -> None:
+        """Close both sessions' pooled connections."""
         self.api.close()
         self.cdn.close()
 
@@ -145,6 +146,7 @@ class ScenarioClient:
     # -- jobs -----------------------------------------------------------------------------------------
 
     def get_job(self, job_id: str) -> Job:
+        """A job's current state (GET /v1/jobs/{id})."""
         body = self._call("GET", f"/jobs/{job_id}")
         job = parse_job(body.get("job"))
         if job is None:
@@ -182,6 +184,7 @@ class ScenarioClient:
     # -- assets ---------------------------------------------------------------------------------------
 
     def get_asset(self, asset_id: str) -> Asset:
+        """An asset's signed CDN URL and MIME type (GET /v1/assets/{id})."""
         body = self._call("GET", f"/assets/{asset_id}")
         asset = body.get("asset")
         if not isinstance(asset, dict) or not isinstance(asset.get("url"), str):

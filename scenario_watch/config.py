@@ -165,6 +165,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML file arrives as init kwargs (load_settings reads it); the environment overrides it.
+        """The environment overrides the file (which arrives as init kwargs)."""
         return (env_settings, init_settings)
 
 
@@ -179,6 +180,7 @@ class Loaded:
 
     @property
     def credentials(self) -> tuple[str, str] | None:
+        """The API key and secret, when both are set."""
         key, secret = self.settings.api.key, self.settings.api.secret
         if key is None or secret is None:
             return None

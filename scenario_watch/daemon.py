@@ -91,7 +91,8 @@ class Daemon:
         self.scheduler.probed(health.check_at_start([*self.outputs, folders.state]), clock())
         self.heartbeat = Heartbeat(self.store, self.scheduler, self.dispatcher.awaiting_references)
         folders_of = {name: preset.folder for name, preset in presets.items()}
-        self.intake = Intake(folders.inbox, folders.state, settings.watch, self._arrived, folders_of)
+        arrived = lambda path, moved: self.events.put(Arrived(path, moved))  # noqa: E731 (observer thread)
+        self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of)
         self.notifier = Notifier(env)
         self.tasks: queue.SimpleQueue[tuple[int, Task] | None] = queue.SimpleQueue()
         self.runners: dict[Task, Callable[[int], Outcome]] = {
@@ -244,10 +245,6 @@ class Daemon:
             pending = pending[1:]
             self._accept(prompt_id)
         self.unjournaled = []
-
-    def _arrived(self, path: str, moved: bool) -> None:
-        """Called in the observer's thread: only enqueue."""
-        self.events.put(Arrived(path, moved))
 
     def _start(self, prompt_id: int, task: Task) -> None:
         """Run a due task: local ones here, HTTP ones in a worker."""

@@ -171,6 +171,7 @@ def _copy_across(src: Path, folder: Path, name: str) -> Path:
     with source:
 
         def copy(out: IO[bytes]) -> None:
+            """Copy the source into the temp file."""
             source.seek(0)
             shutil.copyfileobj(source, out, 1 << 20)
 

@@ -74,6 +74,7 @@ class Heartbeat:
         wall_now = self.wall()
 
         def wall(moment: float) -> float | None:
+            """A monotonic moment as unix time (None stays None)."""
             return round(wall_now + moment - now) if moment > now else None
 
         return {

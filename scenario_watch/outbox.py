@@ -111,6 +111,7 @@ class Outbox:
         digest: dict[str, Any] = {}
 
         def fill(out: IO[bytes], url: str) -> None:
+            """Write the downloaded bytes into the temp file."""
             self.client.download(url, out)
             out.flush()
             digest.update(_digest(Path(out.name)))
@@ -143,6 +144,7 @@ class Outbox:
         }
 
     def file_done(self, row: Row) -> Path:
+        """Move a done prompt's file into done/ (its subfolder kept)."""
         rel = Path(row.file)
         return move_no_clobber(Path(row.claimed), self.folders.done / rel.parent, rel.name)
 

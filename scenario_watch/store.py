@@ -144,6 +144,7 @@ class Store:
                 self._db.execute(f"ALTER TABLE prompts ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
+        """Close the connection."""
         with self._lock:
             self._db.close()
 
@@ -159,6 +160,7 @@ class Store:
     # -- transitions ----------------------------------------------------------------------------------
 
     def add(self, file: str, claimed: Path, preset: str | None = None) -> int:
+        """Journal a claimed file; its prompt id."""
         now = time.time()
         cur = self._write(
             "INSERT INTO prompts (file, claimed, state, claimed_at, updated_at, preset)"
@@ -174,6 +176,7 @@ class Store:
         return cur.lastrowid
 
     def set_prompt(self, prompt_id: int, inputs: dict[str, Any], stem: str) -> None:
+        """Record the validated inputs and the output stem."""
         self._update(prompt_id, inputs=json.dumps(inputs, sort_keys=True), stem=stem)
 
     def submitting(self, prompt_id: int, inputs: dict[str, Any], started: str) -> None:
@@ -187,6 +190,7 @@ class Store:
             )
 
     def submitted(self, prompt_id: int, job_id: str, cost: float | None) -> None:
+        """The job id is known: from now on the prompt is polled, never resent."""
         self._update(prompt_id, state=State.SUBMITTED, job_id=job_id, cost=cost, submitted_at=time.time())
 
     def resending(self, prompt_id: int, lost_since: str) -> None:
@@ -219,6 +223,7 @@ class Store:
         self._update(prompt_id, state=State.CLAIMED)
 
     def set_references(self, prompt_id: int, references: list[dict[str, Any]]) -> None:
+        """Record each reference's file, sha256 and asset id (for the manifest)."""
         self._update(prompt_id, refs=json.dumps(references))
 
     def polled(self, prompt_id: int, progress: float) -> None:
@@ -226,9 +231,11 @@ class Store:
         self._write("UPDATE prompts SET progress = ? WHERE id = ?", progress, prompt_id)
 
     def downloading(self, prompt_id: int, asset_ids: list[str], cost: float | None) -> None:
+        """The job succeeded: its assets are being written."""
         self._update(prompt_id, state=State.DOWNLOADING, asset_ids=json.dumps(asset_ids), cost=cost)
 
     def reserve_out_stem(self, prompt_id: int, out_stem: str) -> None:
+        """Record the output stem chosen for the prompt."""
         self._update(prompt_id, out_stem=out_stem)
 
     def download_failed(self, prompt_id: int) -> int:
@@ -243,9 +250,11 @@ class Store:
         return int(row[0])
 
     def done(self, prompt_id: int, outputs: list[str]) -> None:
+        """Every output is written."""
         self._update(prompt_id, state=State.DONE, outputs=json.dumps(outputs), finished_at=time.time())
 
     def failed(self, prompt_id: int, stage: str, error: str, hint: str | None) -> None:
+        """The prompt failed at `stage`, with the error and hint a person reads."""
         self._update(
             prompt_id, state=State.FAILED, stage=stage, error=error, hint=hint, finished_at=time.time()
         )
@@ -266,11 +275,13 @@ class Store:
     # -- reference uploads ----------------------------------------------------------------------------
 
     def uploaded_asset(self, sha256: str) -> str | None:
+        """The asset id of content uploaded before, or None."""
         with self._lock:
             row = self._db.execute("SELECT asset_id FROM uploads WHERE sha256 = ?", (sha256,)).fetchone()
         return None if row is None else str(row[0])
 
     def remember_upload(self, sha256: str, asset_id: str) -> None:
+        """Keep the asset id an upload of this content got."""
         self._write(
             "INSERT OR REPLACE INTO uploads (sha256, asset_id, created_at) VALUES (?, ?, ?)",
             sha256,
@@ -295,6 +306,7 @@ class Store:
     # -- queries --------------------------------------------------------------------------------------
 
     def get(self, prompt_id: int) -> Row:
+        """One prompt by id (KeyError when unknown)."""
         rows = self._select("WHERE id = ?", prompt_id)
         if not rows:
             raise KeyError(prompt_id)
@@ -312,6 +324,7 @@ class Store:
         )
 
     def recent(self, state: State, limit: int = 20) -> list[Row]:
+        """The latest prompts in a state, newest first."""
         return self._select("WHERE state = ? ORDER BY updated_at DESC LIMIT ?", state, limit)
 
     def known_job_ids(self) -> set[str]:
@@ -349,6 +362,7 @@ class Store:
         return float(row[0])
 
     def counts(self) -> dict[str, int]:
+        """How many prompts are in each state."""
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM prompts GROUP BY state").fetchall()
         counts = {state.value: 0 for state in State}

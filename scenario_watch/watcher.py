@@ -61,6 +61,7 @@ class _Handler(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        """Pass on a file that may have arrived (never raises)."""
         try:
             if event.is_directory and self.watcher.recursive:
                 return  # a subfolder to watch (without recursion, a folder named *.json is claimed: it fails)
@@ -109,6 +110,7 @@ class Arrivals:
         return path in self._seen
 
     def note(self, path: str, moved: bool) -> None:
+        """A file may have arrived (moved in: complete at once)."""
         seen = self._seen.get(path)
         if seen is None:
             self._seen[path] = _Seen(moved)
@@ -233,6 +235,7 @@ class Watcher:
             )
 
     def start(self) -> None:
+        """Start the observer (falling back to polling at inotify's limits)."""
         (self.inbox / PROCESSING).mkdir(parents=True, exist_ok=True)
         self._inode = os.stat(self.inbox).st_ino
         try:
@@ -352,6 +355,7 @@ class Watcher:
                 self.skipped.note(entry.path, verdict)
 
     def stop(self) -> None:
+        """Stop the observer."""
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()
