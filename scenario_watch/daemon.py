@@ -31,8 +31,9 @@ from .notify import Notifier, status_line
 from .outbox import Outbox
 from .presets import load_presets
 from .recovery import recover
+from .rows import ACTIVE, State
 from .scheduler import Outcome, Scheduler, Step, Task
-from .store import ACTIVE, State, Store
+from .store import Store
 from .tracker import Tracker
 
 log = logs.get()

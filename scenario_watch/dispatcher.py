@@ -35,10 +35,11 @@ from .outbox import Outbox
 from .presets import Preset, find_preset, prepare, prompt_folder
 from .prompt import MAX_REFERENCE_BYTES, PromptRules, check_reference, rules_from_settings
 from .reconcile import Reconciler
+from .rows import Row, State
 from .scheduler import Outcome, Step
 from .schema import unknown_input
 from .schema_source import SchemaSource
-from .store import Row, State, Store
+from .store import Store
 
 log = logs.get()
 

@@ -25,7 +25,8 @@ from . import logs
 from .config import HookSettings
 from .errors import ConfigError
 from .outbox import error_file_for
-from .store import Row, State, Store
+from .rows import Row, State
+from .store import Store
 
 log = logs.get()
 

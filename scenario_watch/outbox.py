@@ -16,7 +16,8 @@ from .config import FolderSettings
 from .errors import UrlExpired
 from .files import free_name, move_no_clobber, write_atomic
 from .jobs import Job
-from .store import Row, State, Store
+from .rows import Row, State
+from .store import Store
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 

@@ -32,8 +32,8 @@ from .prompt import (
     parse_prompt,
     prepare_prompt,
 )
+from .rows import Row
 from .schema import BUILTIN, ModelSchema, check_value
-from .store import Row
 
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 

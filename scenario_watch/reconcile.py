@@ -22,8 +22,9 @@ from typing import Any
 from . import logs
 from .client import ScenarioClient
 from .jobs import Job
+from .rows import Row
 from .schema import ModelSchema
-from .store import Row, Store
+from .store import Store
 
 log = logs.get()
 

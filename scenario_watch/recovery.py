@@ -17,8 +17,9 @@ from .files import remove_temp_files
 from .hooks import HookRunner
 from .intake import Intake
 from .outbox import Outbox
+from .rows import State
 from .scheduler import Outcome, Scheduler, Task
-from .store import State, Store
+from .store import Store
 
 log = logs.get()
 

@@ -24,13 +24,14 @@ BACKOFF_EXPONENT_CAP = 10
 # Polls of a running job slow down by this factor each time, up to poll_max_interval.
 POLL_GROWTH = 1.5
 POLL_JITTER = 0.1
-# A job is polled this long after it should be done (the API's clock and ours differ a little).
-EXPECTED_MARGIN = 0.05
+# A job is polled this long after it should be done: our start is the POST's answer, after the API's
+# own start, so only the API's lag in showing a final status needs covering.
+EXPECTED_MARGIN = 0.01
 # The learned generation time is this quantile of the last ESTIMATE_WINDOW jobs' times: most jobs
 # are done when first polled, and one that is not is polled again soon (a share of the time, at most
 # poll_interval). Without the API's timestamps, a job found done at its first poll counts as
 # PROBE_DOWN less than assumed, which lets the estimate come down when generations get faster.
-ESTIMATE_QUANTILE = 0.75
+ESTIMATE_QUANTILE = 0.8
 ESTIMATE_WINDOW = 32
 PROBE_DOWN = 0.02
 MISSED_RETRY_SHARE = 0.1

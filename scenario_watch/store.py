@@ -7,24 +7,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from .rows import ACTIVE, Row, State, from_db
 
-class State(StrEnum):
-    """A prompt's journey; every transition is one store call."""
-
-    CLAIMED = "claimed"  # renamed into .processing, not yet sent
-    SUBMITTING = "submitting"  # generate POST about to be / being sent: reconcile after a crash
-    SUBMITTED = "submitted"  # job id known: poll, never resend
-    DOWNLOADING = "downloading"  # job succeeded: outputs being written
-    DONE = "done"
-    FAILED = "failed"
-
-
-ACTIVE = (State.CLAIMED, State.SUBMITTING, State.SUBMITTED, State.DOWNLOADING)
 # A job that failed at Scenario (this stage) is refunded: it does not count as spent.
 REFUNDED_STAGE = "generation"
 
@@ -85,44 +72,6 @@ ADDED_COLUMNS = {
     "preset": "TEXT",
     "hook": "TEXT",
 }
-
-
-@dataclass(frozen=True)
-class Row:
-    """One prompt as the journal knows it."""
-
-    id: int
-    file: str
-    claimed: str
-    state: State
-    inputs: dict[str, Any] | None
-    stem: str | None
-    out_stem: str | None
-    job_id: str | None
-    submit_started: str | None
-    submit_attempts: int
-    cost: float | None
-    asset_ids: list[str]
-    outputs: list[str]
-    references: list[dict[str, Any]]
-    stage: str | None
-    error: str | None
-    hint: str | None
-    final_path: str | None
-    progress: float | None
-    sent_at: float | None
-    lost_since: str | None
-    download_attempts: int
-    claimed_at: float
-    submitted_at: float | None
-    finished_at: float | None
-    updated_at: float
-    preset: str | None = None
-    hook: str | None = None
-
-    def folder(self, inbox: Path) -> Path:
-        """The inbox folder the prompt arrived in (`file` is relative to the inbox): its references too."""
-        return inbox / Path(self.file).parent
 
 
 class Store:
@@ -372,42 +321,4 @@ class Store:
     def _select(self, where: str, *args: Any) -> list[Row]:
         with self._lock:
             rows = self._db.execute(f"SELECT * FROM prompts {where}", args).fetchall()
-        return [_row(row) for row in rows]
-
-
-def _row(row: sqlite3.Row) -> Row:
-    return Row(
-        id=row["id"],
-        file=row["file"],
-        claimed=row["claimed"],
-        state=State(row["state"]),
-        inputs=_json(row["inputs"], None),
-        stem=row["stem"],
-        out_stem=row["out_stem"],
-        job_id=row["job_id"],
-        submit_started=row["submit_started"],
-        submit_attempts=row["submit_attempts"],
-        cost=row["cost"],
-        asset_ids=_json(row["asset_ids"], []),
-        outputs=_json(row["outputs"], []),
-        references=_json(row["refs"], []),
-        stage=row["stage"],
-        error=row["error"],
-        hint=row["hint"],
-        final_path=row["final_path"],
-        progress=row["progress"],
-        sent_at=row["sent_at"],
-        lost_since=row["lost_since"],
-        download_attempts=row["download_attempts"],
-        claimed_at=row["claimed_at"],
-        submitted_at=row["submitted_at"],
-        finished_at=row["finished_at"],
-        updated_at=row["updated_at"],
-        preset=row["preset"],
-        hook=row["hook"],
-    )
-
-
-def _json(text: str | None, default: Any) -> Any:
-    """A JSON column's value, or `default` when it is empty."""
-    return json.loads(text) if text else default
+        return [from_db(row) for row in rows]

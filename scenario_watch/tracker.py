@@ -17,8 +17,9 @@ from .errors import ApiError, AuthError, NotFound, RateLimited, ScenarioWatchErr
 from .jobs import Job
 from .outbox import Outbox
 from .reconcile import Reconciler
+from .rows import Row, State
 from .scheduler import Outcome, Step
-from .store import Row, State, Store
+from .store import Store
 
 log = logs.get()
 
