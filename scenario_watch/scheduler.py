@@ -33,7 +33,7 @@ EXPECTED_MARGIN = 0.01
 # PROBE_DOWN less than assumed, which lets the estimate come down when generations get faster.
 ESTIMATE_QUANTILE = 0.8
 ESTIMATE_WINDOW = 32
-PROBE_DOWN = 0.02
+PROBE_DOWN = 0.01
 MISSED_RETRY_SHARE = 0.1
 # A prompt that could not be moved to done/ or failed/ (a full disk) is tried again this much later.
 REFILE_DELAY = 10.0
