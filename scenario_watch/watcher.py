@@ -27,18 +27,7 @@ from . import logs
 from .config import WatchSettings
 from .errors import UnsafeFile
 from .files import read_regular, rename_into
-from .names import (
-    DEFAULT_IGNORE,
-    Skip,
-    SkipLog,
-    classify,
-    inbox_relative,
-    is_candidate,
-    is_ignored,
-    is_json_name,
-)
-
-__all__ = ["DEFAULT_IGNORE", "inbox_relative", "is_candidate"]  # the names tests and older callers import
+from .names import Skip, SkipLog, classify, is_ignored, is_json_name
 
 PROCESSING = ".processing"
 PEEK_LIMIT = 1024 * 1024
