@@ -139,14 +139,9 @@ class Dispatcher:
             inputs = self._resolve_references(row)
         except PromptError as exc:
             return Outcome.ended(self.outbox.fail(row, "references", str(exc), exc.hint))
-        except (TransientError, RateLimited) as exc:
-            log.warning("reference.upload_failed", error=str(exc))
-            return Outcome(Step.SUBMIT, attempt=row.submit_attempts + 1)
-        except AuthError as exc:
-            return Outcome(Step.AUTH, reason=f"HTTP {exc.status}: {exc.reason}")
-        except ApiError as exc:
-            error = f"uploading a reference failed: {exc.reason}"
-            return Outcome.ended(self.outbox.fail(row, "references", error, "check the image file"))
+        except (TransientError, ApiError) as exc:
+            failed = ("references", "uploading a reference failed", "check the image file")
+            return self._api_fault(row, exc, "reference.upload_failed", *failed)
         refused = self._within_budget(row, inputs)
         if refused is not None:
             return refused
@@ -159,14 +154,13 @@ class Dispatcher:
         """None when [budget] lets the prompt go (its estimate is reserved), else what to do instead."""
         try:
             verdict = self.budget.admit(row.id, inputs, self.client.estimate)
-        except (TransientError, RateLimited) as exc:
-            log.warning("budget.estimate_failed", error=str(exc))
-            return Outcome(Step.SUBMIT, attempt=row.submit_attempts + 1)
-        except AuthError as exc:
-            return Outcome(Step.AUTH, reason=f"HTTP {exc.status}: {exc.reason}")
-        except ApiError as exc:
-            error = f"the API could not estimate the prompt's cost: {exc.reason}"
-            return Outcome.ended(self.outbox.fail(row, "budget", error, "fix the prompt file and retry it"))
+        except (TransientError, ApiError) as exc:
+            failed = (
+                "budget",
+                "the API could not estimate the prompt's cost",
+                "fix the prompt file and retry it",
+            )
+            return self._api_fault(row, exc, "budget.estimate_failed", *failed)
         if verdict.allowed:
             return None
         if verdict.too_dear:
@@ -180,17 +174,25 @@ class Dispatcher:
         # Not sent, not failed: it waits at the head of the queue for the next UTC day.
         return Outcome(Step.BUDGET, delay=max(0.0, verdict.resumes_at - self.budget.wall()))
 
+    def _api_fault(
+        self, row: Row, exc: TransientError | ApiError, event: str, stage: str, error: str, hint: str
+    ) -> Outcome:
+        """A call made for a submission failed: try later, wait for the credentials, or fail the prompt."""
+        if isinstance(exc, TransientError | RateLimited):
+            log.warning(event, error=str(exc))
+            return Outcome(Step.SUBMIT, attempt=row.submit_attempts + 1)
+        if isinstance(exc, AuthError):
+            return Outcome(Step.AUTH, reason=f"HTTP {exc.status}: {exc.reason}")
+        return Outcome.ended(self.outbox.fail(row, stage, f"{error}: {exc.reason}", hint))
+
     def _find_lost_job(self, row: Row) -> Outcome | None:
         """A previous POST's answer was lost: adopt its job, wait, or None (certainly none: send again)."""
         try:
             verdict = self.reconciler.find(row)
-        except (TransientError, RateLimited, AuthError) as exc:
-            log.warning("job.reconcile_failed", error=str(exc))
-            return Outcome(Step.SUBMIT, attempt=row.submit_attempts)
-        except ApiError as exc:
+        except (TransientError, ApiError) as exc:
             hint = "check Scenario's job list for this prompt before retrying it: it may have been generated"
-            error = f"cannot tell whether the lost request created a job: {exc}"
-            return Outcome.ended(self.outbox.fail(row, "submit", error, hint))
+            failed = ("submit", "cannot tell whether the lost request created a job", hint)
+            return self._api_fault(row, exc, "job.reconcile_failed", *failed)
         if verdict.job is not None:
             logs.bind(job_id=verdict.job.job_id)
             log.info("job.adopted", note="found the job a lost answer had created; not resent")

@@ -7,28 +7,18 @@ Every call runs with strict response validation, so an answer the real API's sch
 from __future__ import annotations
 
 import base64
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from conftest import wait_for
 from scenario_sdk import APIResponseValidationError, PermissionDeniedError, RateLimitError, Scenario
 
 from scenario_watch.sandbox import Fault, Sandbox
 from scenario_watch.sandbox.images import make_png
 
 MODEL = "model_google-gemini-pro-image-editing"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll until truthy (bounded); the value, or an AssertionError."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-    return value
 
 
 @pytest.fixture
@@ -81,7 +71,7 @@ def test_generate_poll_and_get_assets(client: Scenario) -> None:
         job = client.jobs.retrieve(answer.job.job_id).job
         return job if job.status == "success" else None
 
-    job = wait_until(poll)
+    job = wait_for(poll)
     assert job.metadata.input == {"prompt": "a lighthouse", "numOutputs": 2}
     assert job.billing is not None and job.billing.cu_cost == 10
     assert job.metadata.asset_ids is not None and len(job.metadata.asset_ids) == 2
@@ -183,7 +173,7 @@ def test_multipart_upload_flow(client: Scenario) -> None:
         upload = client.uploads.retrieve(created.id).upload
         return upload if upload.status in ("imported", "failed") else None
 
-    final = wait_until(poll)
+    final = wait_for(poll)
     assert final.status == "imported" and final.entity_id is not None and final.job_id is not None
     assert httpx.get(client.assets.retrieve(final.entity_id).asset.url, timeout=5).content == data
     upload_job = client.jobs.retrieve(final.job_id).job
