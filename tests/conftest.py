@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -196,6 +197,28 @@ def daemon(folders: Folders) -> Iterator[StartDaemon]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@contextlib.contextmanager
+def inotify_lines(argv: list[str], env: dict[str, str] | None = None) -> Iterator[list[str]]:
+    """Run an inotifywait command line; yield the lines it prints (filled as they come) once it watches."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as reader:
+        assert reader.stdout is not None and reader.stderr is not None
+        stdout = reader.stdout
+        collect = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in stdout))
+        try:
+            while "Watches established" not in reader.stderr.readline():
+                assert reader.poll() is None, "the reader stopped"
+            collect.start()
+            yield lines
+            time.sleep(0.3)  # time for a duplicate to show up
+        finally:
+            os.killpg(reader.pid, signal.SIGTERM)
+            if collect.is_alive():
+                collect.join(timeout=5)
 
 
 def generate_posts(sb: Sandbox) -> list[Any]:

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Folders, StartDaemon, generate_posts, run_cli, wait_for, write_config
+from conftest import Folders, StartDaemon, generate_posts, inotify_lines, run_cli, wait_for, write_config
 
 from scenario_watch.sandbox import Sandbox
 
@@ -320,37 +319,19 @@ def test_the_readme_outbox_reader_sees_every_file(folders: Folders, sandbox: San
     outbox.mkdir(parents=True)
     folders.outbox = outbox
     write_config(folders, sandbox.base_url, presets={"recolor": {"prompt": "red", "numOutputs": 2}})
-    lines: list[str] = []
-    with subprocess.Popen(
-        ["bash", "-c", readme_block("outbox-reader", "sh")],
-        env={**os.environ, "HOME": str(home)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as reader:
-        assert reader.stdout is not None and reader.stderr is not None
-        stdout = reader.stdout
-        collect = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in stdout))
-        try:
-            while "Watches established" not in reader.stderr.readline():
-                assert reader.poll() is None, "the reader stopped"
-            collect.start()
-            for n in range(3):
-                folders.drop(f"p{n}.json", {"prompt": f"picture {n}", "numOutputs": 2})
-                move_in(folders, folders.inbox / "recolor", f"car{n}.png", png(3_000, n))
-            assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
-            published = sorted(
-                str(p.relative_to(outbox))
-                for p in outbox.rglob("*")
-                if p.is_file() and ".processing" not in p.parts
-            )
-            assert len(published) == 18
-            wait_for(lambda: sorted(_reported(lines, outbox)) == published, timeout=10, what="every file")
-            time.sleep(0.3)  # time for a duplicate to show up
-        finally:
-            os.killpg(reader.pid, signal.SIGTERM)
-            collect.join(timeout=5)
+    reader = ["bash", "-c", readme_block("outbox-reader", "sh")]
+    with inotify_lines(reader, env={**os.environ, "HOME": str(home)}) as lines:
+        for n in range(3):
+            folders.drop(f"p{n}.json", {"prompt": f"picture {n}", "numOutputs": 2})
+            move_in(folders, folders.inbox / "recolor", f"car{n}.png", png(3_000, n))
+        assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
+        published = sorted(
+            str(p.relative_to(outbox))
+            for p in outbox.rglob("*")
+            if p.is_file() and ".processing" not in p.parts
+        )
+        assert len(published) == 18
+        wait_for(lambda: sorted(_reported(lines, outbox)) == published, timeout=10, what="every file")
     assert sorted(_reported(lines, outbox)) == published  # each exactly once
 
 

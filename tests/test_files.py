@@ -8,14 +8,13 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Folders, StartDaemon, wait_for
+from conftest import Folders, StartDaemon, inotify_lines, wait_for
 from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
 from watchdog.observers.inotify import InotifyObserver
 
@@ -325,37 +324,21 @@ def test_inotifywait_sees_every_published_name(tmp_path: Path, mode: str) -> Non
     outbox, elsewhere = tmp_path / "outbox", tmp_path / "elsewhere"
     outbox.mkdir()
     elsewhere.mkdir()
-    lines: list[str] = []
     published: list[str] = []
-    with subprocess.Popen(
-        ["inotifywait", "-m", "-e", "close_write,moved_to", "--format", "%f", str(outbox)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as reader:
-        assert reader.stderr is not None and reader.stdout is not None
-        stdout = reader.stdout
-        collect = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in stdout))
-        try:
-            while "Watches established" not in reader.stderr.readline():
-                assert reader.poll() is None, "inotifywait stopped"
-            collect.start()
-            for n in range(20):
-                assert write_atomic(outbox / f"o_{n}.png", lambda out: out.write(b"x" * 10_000))
-                published.append(f"o_{n}.png")
-            for n in range(5):
-                (elsewhere / f"d{n}.json").write_text("{}")
-                published.append(move_no_clobber(elsewhere / f"d{n}.json", outbox, "o_1.png").name)
-            wait_for(
-                lambda: sorted(line for line in lines if not is_temp(line)) == sorted(published),
-                timeout=10,
-                what="inotifywait to print every name",
-            )
-            time.sleep(0.3)  # time for a duplicate to show up
-        finally:
-            reader.terminate()
-            if collect.is_alive():
-                collect.join(timeout=5)
+    with inotify_lines(
+        ["inotifywait", "-m", "-e", "close_write,moved_to", "--format", "%f", str(outbox)]
+    ) as lines:
+        for n in range(20):
+            assert write_atomic(outbox / f"o_{n}.png", lambda out: out.write(b"x" * 10_000))
+            published.append(f"o_{n}.png")
+        for n in range(5):
+            (elsewhere / f"d{n}.json").write_text("{}")
+            published.append(move_no_clobber(elsewhere / f"d{n}.json", outbox, "o_1.png").name)
+        wait_for(
+            lambda: sorted(line for line in lines if not is_temp(line)) == sorted(published),
+            timeout=10,
+            what="inotifywait to print every name",
+        )
     assert sorted(line for line in lines if not is_temp(line)) == sorted(published)  # each exactly once
 
 
