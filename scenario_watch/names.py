@@ -53,11 +53,6 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def is_candidate(name: str, ignore: Sequence[str] = ()) -> bool:
-    """Only `*.json` starts work; editor, sync and download leftovers never do."""
-    return is_json_name(name) and not is_ignored(name, ignore)
-
-
 @dataclass(frozen=True)
 class Skip:
     """Why a file is not taken; `quiet` for temporary and own files (logged at debug only)."""
@@ -93,12 +88,6 @@ def classify(
     if is_json_name(parts[-1]) or (images and is_image_name(parts[-1])):
         return rel
     return Skip("not an image or a .json prompt file" if images else "not a .json prompt file")
-
-
-def inbox_relative(path: str, inbox: str, recursive: bool, ignore: Sequence[str] = ()) -> str | None:
-    """`path` relative to the inbox if it may be a prompt (subfolders only when recursive), else None."""
-    rel = classify(path, inbox, recursive, ignore)
-    return rel if isinstance(rel, str) else None
 
 
 class SkipLog:

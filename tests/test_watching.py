@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import Folders, StartDaemon, generate_posts, wait_for, write_config
 
-from scenario_watch.names import inbox_relative
+from scenario_watch.names import classify
 from scenario_watch.sandbox import Sandbox
 from scenario_watch.watcher import filesystem_type
 
@@ -221,6 +221,12 @@ def test_network_filesystem_detected_from_the_mount_table(tmp_path: Path) -> Non
     assert filesystem_type(share / "inbox", mounts) == "nfs4"
     assert filesystem_type(tmp_path / "smb share", mounts) == "cifs"
     assert filesystem_type(tmp_path, mounts) == "ext4"
+
+
+def inbox_relative(path: str, inbox: str, recursive: bool) -> str | None:
+    """The inbox-relative name the watcher takes `path` as, or None when it skips it."""
+    rel = classify(path, inbox, recursive)
+    return rel if isinstance(rel, str) else None
 
 
 def test_inbox_relative_rules() -> None:
