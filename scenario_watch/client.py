@@ -117,10 +117,10 @@ class ScenarioClient:
         body = self._call("POST", f"/generate/custom/{self.model_id}", json=inputs, post=True)
         job = body.get("job")
         if not isinstance(job, dict):
-            raise OutcomeUnknown("generate answered without a job object")
+            raise OutcomeUnknown("generate answered without a job object", answered=True)
         parsed = parse_job(job)
         if parsed is None:
-            raise OutcomeUnknown("generate answered with a job that has no id")
+            raise OutcomeUnknown("generate answered with a job that has no id", answered=True)
         return parsed, as_number(body.get("creativeUnitsCost"))
 
     def estimate(self, inputs: dict[str, Any]) -> float:
@@ -283,7 +283,9 @@ class ScenarioClient:
             if _never_sent(exc):
                 raise TransientError(f"{method} {path}: cannot connect ({type(exc).__name__})") from exc
             if post:
-                raise OutcomeUnknown(f"{method} {path}: no answer ({type(exc).__name__})") from exc
+                raise OutcomeUnknown(
+                    f"{method} {path}: no answer ({type(exc).__name__})", answered=False
+                ) from exc
             raise TransientError(f"{method} {path}: {type(exc).__name__}") from exc
         return _answer(resp, post=post)
 
@@ -296,8 +298,8 @@ def _answer(resp: requests.Response, *, post: bool) -> dict[str, Any]:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            error = OutcomeUnknown if post else TransientError
-            raise error(f"HTTP {status} with a body that is not a JSON object")
+            message = f"HTTP {status} with a body that is not a JSON object"
+            raise OutcomeUnknown(message, answered=True) if post else TransientError(message)
         return body
     reason, details = _error(resp)
     if status == 403 and is_plan_refusal(reason):
@@ -312,8 +314,8 @@ def _answer(resp: requests.Response, *, post: bool) -> dict[str, Any]:
         raise RateLimited(status, reason, _retry_after(resp), limit=limit)
     if 400 <= status < 500:
         raise BadRequest(status, reason)
-    error = OutcomeUnknown if post else TransientError
-    raise error(f"HTTP {status}: {reason}")
+    message = f"HTTP {status}: {reason}"
+    raise OutcomeUnknown(message, answered=True) if post else TransientError(message)
 
 
 def is_plan_refusal(reason: str) -> bool:

@@ -20,20 +20,22 @@ import structlog
 
 from . import health, logs
 from .client import ScenarioClient
+from .clock import SYSTEM, Clock
 from .config import Settings
 from .dispatcher import Dispatcher
 from .errors import ConfigError
 from .events import Arrived, Event, Finished, Wake
+from .finisher import Finisher
 from .heartbeat import Heartbeat
 from .hooks import HookRunner
 from .intake import Claim, Intake
+from .lifecycle import ACTIVE, Advanced, Again, Delivered, Failed, Paused, Result, State, Task, next_task
 from .notify import Notifier, status_line
 from .outbox import Outbox
 from .presets import load_presets
 from .recovery import recover
-from .rows import ACTIVE, State
-from .scheduler import Outcome, Scheduler, Step, Task
-from .store import Store
+from .scheduler import Scheduler
+from .store import Store, journal_problem
 from .tracker import Tracker
 
 log = logs.get()
@@ -60,53 +62,62 @@ class Daemon:
         once: bool = False,
         journal: str = "journal.sqlite3",
         env: dict[str, str] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM,
     ) -> None:
+        """Remember what to build; nothing is read, written or started before `start()`."""
         self.settings = settings
-        self.folders = folders = settings.folders
+        self.folders = settings.folders
         self.client = client
         self.once = once
+        self.journal = journal
+        self.env = dict(os.environ) if env is None else env
         self.clock = clock
-        for folder in (folders.inbox, folders.outbox, folders.done, folders.failed):
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
-        env = dict(os.environ) if env is None else env
-        presets = load_presets(settings)  # a bad preset or hook command stops the start (exit 2)
         # SimpleQueue: put() is safe from a signal handler (Queue's lock is not reentrant).
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self.store = Store(folders.state / journal)
-        self.hooks = HookRunner(
-            settings.hooks, self.store, folders.outbox, env, lambda: self.events.put(Wake())
-        )
-        self.outbox = Outbox(
-            folders, client, self.store, move_references=settings.watch.move_references, hook=self.hooks
-        )
-        self.dispatcher = Dispatcher(settings, client, self.store, self.outbox, presets)
-        reconciler = self.dispatcher.reconciler
-        self.tracker = Tracker(settings.jobs, client, self.store, self.outbox, reconciler, clock)
-        self.scheduler = Scheduler(settings.jobs)
-        self.outputs = (folders.outbox, folders.done, folders.failed)
-        # Permissions stop the start (exit 2); a full disk only pauses submissions.
-        self.scheduler.probed(health.check_at_start([*self.outputs, folders.state]), clock())
-        self.heartbeat = Heartbeat(self.store, self.scheduler, self.dispatcher.awaiting_references)
-        folders_of = {name: preset.folder for name, preset in presets.items()}
-        arrived = lambda path, moved: self.events.put(Arrived(path, moved))  # noqa: E731 (observer thread)
-        self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of)
-        self.notifier = Notifier(env)
         self.tasks: queue.SimpleQueue[tuple[int, Task] | None] = queue.SimpleQueue()
-        self.runners: dict[Task, Callable[[int], Outcome]] = {
-            Task.SUBMIT: self.dispatcher.submit,
-            Task.POLL: self.tracker.poll,
-            Task.DOWNLOAD: self.tracker.download,
-        }
+        self.scheduler = Scheduler(settings.jobs)
         self.stopping = threading.Event()
         self.exit_code = 0
         self.workers: list[threading.Thread] = []
         self.unjournaled: list[Claim] = []  # claimed, but the journal could not take them
         self.journal_retry_at = 0.0
+        self.started = False
         self.closed = False
+
+    def _build(self) -> None:
+        """Create the folders, open the journal and wire the parts (the I/O of a start)."""
+        settings, folders, clock = self.settings, self.folders, self.clock
+        for folder in (folders.inbox, folders.outbox, folders.done, folders.failed):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
+        presets = load_presets(settings)  # a bad preset or hook command stops the start (exit 2)
+        self.store = store = Store(folders.state / self.journal, clock)
+        wake = lambda: self.events.put(Wake())  # noqa: E731 (a hook finished: --once may be done)
+        self.hooks = HookRunner(settings.hooks, store, folders.outbox, self.env, wake)
+        self.finisher = Finisher(
+            folders, store, hook=self.hooks, move_references=settings.watch.move_references, clock=clock
+        )
+        outbox = Outbox(folders, self.client, store, clock)
+        self.dispatcher = Dispatcher(
+            settings, self.client, store, presets, clock=clock, output_size=outbox.output_size
+        )
+        reconciler = self.dispatcher.reconciler
+        self.tracker = Tracker(settings.jobs, self.client, store, outbox, reconciler, clock)
+        self.outputs = (folders.outbox, folders.done, folders.failed)
+        # Permissions stop the start (exit 2); a full disk only pauses submissions.
+        self.scheduler.probed(health.check_at_start([*self.outputs, folders.state]), clock.monotonic())
+        self.heartbeat = Heartbeat(store, self.scheduler, self.dispatcher.awaiting_references, clock.wall)
+        folders_of = {name: preset.folder for name, preset in presets.items()}
+        arrived = lambda path, moved: self.events.put(Arrived(path, moved))  # noqa: E731 (observer thread)
+        self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of)
+        self.notifier = Notifier(self.env)
+        self.runners: dict[Task, Callable[[int], Result]] = {
+            Task.SUBMIT: self.dispatcher.submit,
+            Task.POLL: self.tracker.poll,
+            Task.DOWNLOAD: self.tracker.download,
+        }
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -115,7 +126,7 @@ class Daemon:
         self.start()
         try:
             while not self.stopping.is_set():
-                now = self.clock()
+                now = self.clock.monotonic()
                 self.tick(now)
                 if self.once and self.idle():
                     break
@@ -125,39 +136,43 @@ class Daemon:
         return self.exit_code
 
     def start(self) -> None:
-        """Start the workers, resume what the journal holds, then watch and scan the inbox."""
-        for n in range(min(MAX_WORKERS, self.settings.jobs.max_in_flight + SPARE_WORKERS)):
-            worker = threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
-            worker.start()
-            self.workers.append(worker)
-        self.dispatcher.schemas.load()  # before anything is validated: the model's inputs, live
+        """Build, start the workers, resume what the journal holds, then watch and scan the inbox."""
+        self._build()
+        self.started = True
+        for _ in range(min(MAX_WORKERS, self.settings.jobs.max_in_flight + SPARE_WORKERS)):
+            self._add_worker()
+        self.dispatcher.schemas.load()  # before anything is checked: the model's inputs, live
         recover(
             folders=self.folders,
             store=self.store,
-            outbox=self.outbox,
+            finisher=self.finisher,
             scheduler=self.scheduler,
             intake=self.intake,
             hooks=self.hooks,
-            accept=self._accept,
-            now=self.clock(),
+            now=self.clock.monotonic(),
         )
-        self.intake.start(self.clock(), watch=not self.once)
+        self.intake.start(self.clock.monotonic(), watch=not self.once)
         self.notifier.send("READY=1")
         folders = self.folders
         log.info(
             "daemon.started", inbox=str(folders.inbox), outbox=str(folders.outbox), api=self.client.base_url
         )
 
+    def _add_worker(self) -> None:
+        worker = threading.Thread(target=self._work, name=f"worker-{len(self.workers)}", daemon=True)
+        worker.start()
+        self.workers.append(worker)
+
     def request_stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
         """Signal handler: only set flags (the loop logs and acts); a second signal exits at once."""
-        if self.stopping.is_set():
-            os._exit(0)
+        if self.stopping.is_set():  # forced: a failure code, so systemd and scripts see it was cut short
+            os._exit(128 + signum)
         self.stopping.set()
         self.events.put(Wake())
 
     def close(self, grace: float = GRACE) -> None:
         """Stop intake, give running requests a bounded grace period, then close the journal."""
-        if self.closed:
+        if self.closed or not self.started:
             return
         self.closed = True
         self.notifier.send("STOPPING=1")
@@ -172,7 +187,7 @@ class Daemon:
         self.intake.stop()
         for _ in self.workers:
             self.tasks.put(None)
-        deadline = time.monotonic() + grace
+        deadline = time.monotonic() + grace  # real time: threads are joined, whatever the clock says
         for worker in self.workers:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
         self.hooks.close(grace=max(0.0, deadline - time.monotonic()))  # unfinished ones: next start
@@ -206,91 +221,109 @@ class Daemon:
         except Exception:
             log.exception("daemon.tick_failed")
 
+    def next_due(self, now: float) -> float:
+        """The next moment the loop has something to do (monotonic), at most a rescan interval away."""
+        if self.intake.more:
+            return now
+        deadlines = [self.scheduler.next_due(), self.intake.next_due(), self.notifier.next_due()]
+        deadlines += [self.heartbeat.next_due(), self.journal_retry_at if self.unjournaled else None]
+        return min([now + self.settings.watch.rescan_interval, *(d for d in deadlines if d is not None)])
+
     def _wait(self, now: float) -> None:
         """Sleep until something is due or an event arrives, then handle every queued event."""
-        if self.intake.more:
-            timeout = 0.0
-        else:
-            deadlines = [self.scheduler.next_due(), self.intake.next_due(), self.notifier.next_due()]
-            deadlines += [self.heartbeat.next_due(), self.journal_retry_at if self.unjournaled else None]
-            cap = now + self.settings.watch.rescan_interval
-            timeout = max(0.0, min([cap, *(d for d in deadlines if d is not None)]) - now)
+        self.pump(max(0.0, self.next_due(now) - now))
+
+    def pump(self, timeout: float) -> bool:
+        """Handle every queued event, waiting up to `timeout` (real seconds) for the first; any handled."""
         try:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
-            return
+            return False
         while True:
             if isinstance(event, Arrived):
                 self.intake.note(event.path, event.moved)
             elif isinstance(event, Finished):
-                self._finished(event)
+                self._finished(event.prompt_id, event.task, event.result)
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _claim(self, now: float) -> None:
-        """Journal what intake claims; while the journal's disk is full, claim nothing new and retry."""
+        """Journal what intake claims; while the journal cannot be written, claim nothing new and retry."""
         if now < self.journal_retry_at:
             return
         pending = self.unjournaled or self.intake.claim_ready(now)
         while pending:
             try:
                 prompt_id = self.store.add(*pending[0])
-            except sqlite3.OperationalError as exc:  # "database or disk is full": the file stays claimed
+            except sqlite3.OperationalError as exc:  # the file stays claimed, and is journaled later
                 self.unjournaled, self.journal_retry_at = pending, now + JOURNAL_RETRY
                 self.intake.more = False  # nothing is claimed meanwhile: no reason to loop at once
-                hint = "free space where the journal is; no new file is taken meanwhile, none is lost"
+                hint = f"{journal_problem(exc)}; no new file is taken meanwhile, none is lost"
                 log.error("journal.write_failed", error=str(exc), claimed=len(pending), hint=hint)
                 return
             pending = pending[1:]
-            self._accept(prompt_id)
+            self._run_here(prompt_id, Task.ACCEPT)
         self.unjournaled = []
 
     def _start(self, prompt_id: int, task: Task) -> None:
         """Run a due task: local ones here, HTTP ones in a worker."""
-        if task == Task.ACCEPT:
-            self._accept(prompt_id)
-        elif task == Task.REFILE:
-            filed = self.outbox.file(self.store.get(prompt_id))
-            self.scheduler.done(prompt_id, task, Outcome.ended(filed), self.clock())
+        if task in (Task.ACCEPT, Task.FILE):
+            self._run_here(prompt_id, task)
         else:
             self.tasks.put((prompt_id, task))
 
-    def _accept(self, prompt_id: int) -> None:
+    def _run_here(self, prompt_id: int, task: Task) -> None:
+        """Run a main-loop task (accept, or file again) and take its result."""
+        self._finished(prompt_id, task, self._run(prompt_id, task))
+
+    def _run(self, prompt_id: int, task: Task) -> Result:
+        """Run one task (in whichever thread) and end the prompt if it says so; never raises."""
         try:
-            outcome = self.dispatcher.accept(prompt_id)
-        except sqlite3.OperationalError as exc:  # the journal's disk is full: validate again later
-            log.error("journal.write_failed", error=str(exc), prompt_id=prompt_id)
-            outcome = Outcome(Step.ACCEPT, delay=JOURNAL_RETRY)
+            if task == Task.ACCEPT:
+                result = self.dispatcher.accept(prompt_id)
+            elif task == Task.FILE:
+                result = self.finisher.file(self.store.get(prompt_id))
+            else:
+                result = self.runners[task](prompt_id)
+            if isinstance(result, Failed | Delivered):
+                result = self.finisher.finish(prompt_id, result)
+        except sqlite3.OperationalError as exc:  # the journal: full, locked, ... clears sooner than a bug
+            log.error("journal.write_failed", error=str(exc), hint=journal_problem(exc), task=task.value)
+            result = Again(delay=JOURNAL_RETRY)
+        except Exception:  # the catch-all lives at the task boundary: the same task again later
+            log.exception("worker.task_failed", prompt_id=prompt_id, task=task.value)
+            result = Again(delay=TASK_CRASH_RETRY)
         finally:
             structlog.contextvars.clear_contextvars()
-        self.scheduler.done(prompt_id, Task.ACCEPT, outcome, self.clock())
+        return result
 
     def _work(self) -> None:
         while (item := self.tasks.get()) is not None:
             prompt_id, task = item
+            result: Result = Again(delay=TASK_CRASH_RETRY)
             try:
-                outcome = self.runners[task](prompt_id)
-            except Exception as exc:  # the catch-all lives at the task boundary: try the same step later
-                log.exception("worker.task_failed", prompt_id=prompt_id, task=task.value)
-                # A full journal disk (sqlite3.OperationalError) clears sooner than a bug: look again soon.
-                delay = JOURNAL_RETRY if isinstance(exc, sqlite3.OperationalError) else TASK_CRASH_RETRY
-                outcome = Outcome(Step(task.value), delay=delay)  # each worker task is a step
-            finally:
-                structlog.contextvars.clear_contextvars()
-            self.events.put(Finished(prompt_id, task, outcome))
+                result = self._run(prompt_id, task)
+            finally:  # even when the thread dies (a BaseException), its prompt is not left busy
+                self.events.put(Finished(prompt_id, task, result))
 
-    def _finished(self, event: Finished) -> None:
-        outcome, limit = event.outcome, self.scheduler.limit
-        blocked = self.scheduler.done(event.prompt_id, event.task, outcome, self.clock())
-        if self.scheduler.limit != limit:
-            log.warning("api.parallel_limit", limit=self.scheduler.limit, note="lowered to the plan's limit")
-        if blocked:  # submission just stopped for everyone: one clear error, not one per prompt
-            hint = "check SCENARIO_API_KEY and SCENARIO_API_SECRET; prompts stay queued"
-            log.error("api.auth_failed", reason=outcome.reason, hint=hint)
+    def _finished(self, prompt_id: int, task: Task, result: Result) -> None:
+        """Take a task's result: the lifecycle says what follows, the scheduler when."""
+        scheduler = self.scheduler
+        limit, blocked = scheduler.limit, scheduler.auth_blocked
+        following = next_task(self.store.get(prompt_id)) if isinstance(result, Advanced) else None
+        scheduler.after(prompt_id, task, result, following, self.clock.monotonic())
+        if scheduler.limit != limit:
+            log.warning("api.parallel_limit", limit=scheduler.limit, note="lowered to the plan's limit")
+        if scheduler.auth_blocked and not blocked:  # one clear error for everyone, not one per prompt
+            hint = "check SCENARIO_API_KEY and SCENARIO_API_SECRET; every prompt and job is kept meanwhile"
+            reason = result.reason if isinstance(result, Paused) else ""
+            log.error("api.auth_failed", reason=reason, hint=hint)
             if self.once:
                 self.exit_code = 2
+        elif blocked and not scheduler.auth_blocked:
+            log.info("api.auth_restored", note="the API accepts the credentials again; submitting resumes")
 
     def _status(self) -> str:
         counts, scheduler = self.store.counts(), self.scheduler

@@ -74,7 +74,15 @@ class TransientError(ScenarioWatchError):
 
 
 class OutcomeUnknown(TransientError):
-    """A generate POST was sent but its answer was lost: a job may or may not exist."""
+    """A generate POST was sent but its answer was lost: a job may or may not exist.
+
+    `answered`: the server did answer (a 5xx, an unreadable body), so its work on the request is over
+    and a listing soon settles it; otherwise (a timeout, a reset) a job may still be in the making.
+    """
+
+    def __init__(self, message: str, *, answered: bool) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 class UrlExpired(TransientError):

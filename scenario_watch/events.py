@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .scheduler import Outcome, Task
+from .lifecycle import Result, Task
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Finished:
 
     prompt_id: int
     task: Task
-    outcome: Outcome
+    result: Result
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import pwd
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import logs
 from .errors import ConfigError
@@ -21,6 +22,8 @@ log = logs.get()
 
 # The probe writes this much: an empty file can still be created on a disk with no block left.
 PROBE_BYTES = 4096
+# Room an output may take, by resolution (a 4K PNG is about 25 MB), until outputs have shown their size.
+OUTPUT_BYTES = {"1K": 4 << 20, "2K": 12 << 20, "4K": 40 << 20}
 # Errors that pass by themselves (space freed): at start these pause submissions instead of exiting.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -36,6 +39,37 @@ def probe(folder: Path) -> None:
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
+
+
+def output_bytes(inputs: Mapping[str, Any], learned: int | None) -> int:
+    """The free space a submission's outputs may need in the outbox: the largest recent output's size
+    (learned from what Scenario delivered), else a generous PNG size for the resolution, each."""
+    outputs, resolution = inputs.get("numOutputs"), inputs.get("resolution")
+    count = outputs if isinstance(outputs, int) and not isinstance(outputs, bool) and outputs > 0 else 4
+    if learned is not None:
+        return count * learned
+    return count * OUTPUT_BYTES.get(resolution if isinstance(resolution, str) else "", OUTPUT_BYTES["4K"])
+
+
+def deliverable(folders: Sequence[Path], outbox_bytes: int) -> str | None:
+    """Why the outputs of a submission could not be delivered now (None: they can), before paying.
+
+    access() and statvfs() only: a few system calls, no file written (that is `probe`'s, while a pause
+    lasts). The outbox (the first folder) needs room for the outputs, done/ and failed/ a little.
+    """
+    for n, folder in enumerate(folders):
+        try:
+            fs = os.statvfs(folder)
+        except OSError as exc:
+            return unwritable(folder, exc)
+        if fs.f_flag & os.ST_RDONLY:
+            return f"{folder.name or folder} not writable: read-only file system"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"{folder.name or folder} not writable: permission denied"
+        need = outbox_bytes if n == 0 else PROBE_BYTES
+        if fs.f_bavail * fs.f_frsize < need:
+            return f"{folder.name or folder} not writable: less than {max(1, need >> 20)} MiB free"
+    return None
 
 
 def user_name() -> str:

@@ -21,11 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
+import structlog
+
 from . import logs
 from .config import HookSettings
 from .errors import ConfigError
-from .outbox import error_file_for
-from .rows import Row, State
+from .finisher import error_file_for
+from .lifecycle import State
+from .rows import Row
 from .store import Store
 
 log = logs.get()
@@ -144,6 +147,8 @@ class HookRunner:
         self._pool.shutdown(wait=True)
 
     def _run(self, prompt_id: int) -> None:
+        # A pool thread is reused: the previous prompt's context (its job_id) must not leak into this one.
+        structlog.contextvars.clear_contextvars()
         try:
             row = self.store.get(prompt_id)
             argv = self.commands.get(row.state)
@@ -155,6 +160,7 @@ class HookRunner:
         except Exception:  # a hook's trouble is logged, never raised into the pool and forgotten
             log.exception("hook.error", prompt_id=prompt_id)
         finally:
+            structlog.contextvars.clear_contextvars()
             with self._lock:
                 self._queued -= 1
             self.finished()

@@ -1,129 +1,160 @@
-"""Outputs and filing: downloads, manifests, moves to done/ and failed/ (atomic file operations: files.py)."""
+"""Delivery: a succeeded job's outputs and manifest, published by rename into the outbox, manifest last.
+
+The outbox only delivers; ending the prompt is the finisher's. Delivery never takes a file it did
+not write: every name is published by a no-replace rename, and a name taken by anyone else (another
+daemon on the same outbox, a person) means the next name. The stem is reserved across processes by
+an exclusive create of a hidden marker, and each published output is journaled at once, so a redo
+(after a failed download, a crash, or a preset that took an earlier output away) skips it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import threading
-from datetime import UTC, datetime
+from collections import deque
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any
 
 from . import logs
 from .client import ScenarioClient
+from .clock import SYSTEM, Clock
 from .config import FolderSettings
 from .errors import UrlExpired
-from .files import free_name, move_no_clobber, write_atomic
-from .jobs import Job
-from .rows import Row, State
+from .files import fsync_dir, rename_noreplace, temp_path
+from .finisher import iso
+from .jobs import Asset, Job
+from .rows import Row
 from .store import Store
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+# A hidden file that holds a stem for the daemon writing it (created exclusively: one owner). A temp
+# name (.part), which folder watchers already ignore, removed at start like any leftover temp file.
+STEM_MARKER = ".{name}.sw-stem.part"
+# Outputs whose sizes say how much room a submission needs before it is paid.
+SIZE_WINDOW = 32
 
 log = logs.get()
 
 
-class FiledHook(Protocol):
-    """What runs after a prompt is filed (hooks.py): whether it wants this outcome, and run it."""
-
-    def wants(self, state: State) -> bool:
-        """Whether prompts ending in `state` have something to run."""
-        ...
-
-    def run(self, prompt_id: int) -> None:
-        """Run it for this prompt, soon and elsewhere (never blocking the caller)."""
-        ...
-
-
-def error_file_for(filed: Path) -> Path:
-    """The error report beside a file in failed/: `x.json` and `x.png` both get `x.error.json`."""
-    return filed.with_name(f"{os.path.splitext(filed.name)[0]}.error.json")
-
-
-def iso(ts: float | None) -> str | None:
-    """A Unix time as ISO 8601 UTC, for files people read."""
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-
-
 class Outbox:
-    """Writes a succeeded job's images and manifest, and files prompts under done/ or failed/."""
+    """Writes a succeeded job's images and manifest into the outbox."""
 
     def __init__(
-        self,
-        folders: FolderSettings,
-        client: ScenarioClient,
-        store: Store,
-        *,
-        move_references: bool = False,
-        hook: FiledHook | None = None,
+        self, folders: FolderSettings, client: ScenarioClient, store: Store, clock: Clock = SYSTEM
     ) -> None:
         self.folders = folders
         self.client = client
         self.store = store
-        self.move_references = move_references
-        self.hook = hook
-        self._reserve_lock = threading.Lock()
-        self._release_lock = threading.Lock()
+        self.clock = clock
+        self._sizes: deque[int] = deque(maxlen=SIZE_WINDOW)  # recent outputs' sizes (appends are atomic)
+
+    def output_size(self) -> int | None:
+        """The largest of the recent outputs' sizes (room to keep free per output), or None before any."""
+        return max(self._sizes, default=None)
 
     def reserve_stem(self, row: Row) -> str:
-        """Pick the output stem once (`x`, `x-2`, ...) so a redo after a crash writes the same names."""
+        """Pick the output stem once (`x`, `x-2`, ...), held by an exclusive marker; journaled for redos."""
         if row.out_stem:
             return row.out_stem
         # A prompt from a subfolder of the inbox keeps that subfolder in the outbox: sub/x_1.png.
-        base = str(Path(row.file).parent / (row.stem or Path(row.file).stem))
-        with self._reserve_lock:
-            n = 1
-            while True:
-                stem = base if n == 1 else f"{base}-{n}"
-                if not self._stem_taken(stem):
-                    break
-                n += 1
+        base = Path(row.file).parent / (row.stem or Path(row.file).stem)
+        folder = self.folders.outbox / base.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while True:
+            name = base.name if n == 1 else f"{base.name}-{n}"
+            n += 1
+            if self._taken(folder, name):
+                continue
+            try:  # the one step two daemons cannot both win
+                os.close(
+                    os.open(folder / STEM_MARKER.format(name=name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                )
+            except FileExistsError:
+                continue
+            stem = str(base.parent / name)
             self.store.reserve_out_stem(row.id, stem)
-        return stem
+            return stem
 
-    def _stem_taken(self, stem: str) -> bool:
-        outbox = self.folders.outbox
-        if (outbox / f"{stem}.manifest.json").exists():
+    @staticmethod
+    def _taken(folder: Path, name: str) -> bool:
+        """Whether outputs of this stem are there already (a person's or an earlier prompt's)."""
+        if os.path.lexists(folder / f"{name}.manifest.json"):
             return True
-        if any((outbox / f"{stem}_1.{ext}").exists() for ext in set(EXTENSIONS.values())):
-            return True
-        return stem in self.store.reserved_stems()
+        return any(os.path.lexists(folder / f"{name}_1.{ext}") for ext in set(EXTENSIONS.values()))
 
-    def deliver(self, row: Row, job: Job) -> list[str]:
-        """Download every asset (skipping files a previous attempt finished), then the manifest."""
+    def deliver(self, row: Row, job: Job) -> tuple[str, ...]:
+        """Publish every asset not yet published, then the manifest; the names, relative to the outbox."""
         stem = self.reserve_stem(row)
         outbox = self.folders.outbox
-        (outbox / stem).parent.mkdir(parents=True, exist_ok=True)
-        files: list[dict[str, Any]] = []
+        delivered = list(row.delivered)
+        published = {entry["assetId"] for entry in delivered}
         for n, asset_id in enumerate(job.asset_ids, start=1):
+            if asset_id in published:
+                continue  # an earlier attempt published it (and a preset may have taken it since)
             asset = self.client.get_asset(asset_id)
-            dest = outbox / f"{stem}_{n}.{EXTENSIONS.get(asset.mime_type, 'png')}"
-            digest = self._download(asset_id, asset.url, dest) if not dest.exists() else _digest(dest)
-            files.append({"file": dest.name, "assetId": asset_id, "mimeType": asset.mime_type, **digest})
-        manifest = outbox / f"{stem}.manifest.json"
-        body = json.dumps(self._manifest(row, job, files), indent=2, ensure_ascii=False).encode() + b"\n"
-        write_atomic(manifest, lambda out: out.write(body))
-        return [str(Path(stem).parent / f["file"]) for f in files] + [f"{stem}.manifest.json"]
+            name = f"{Path(stem).name}_{n}.{EXTENSIONS.get(asset.mime_type, 'png')}"
+            dest, digest = self._download(asset, outbox / Path(stem).parent, name)
+            delivered.append({"file": dest.name, "assetId": asset_id, "mimeType": asset.mime_type, **digest})
+            self.store.published(row.id, delivered)
+        body = json.dumps(self._manifest(row, job, delivered), indent=2, ensure_ascii=False).encode() + b"\n"
+        manifest = self._publish_bytes(outbox / Path(stem).parent, f"{Path(stem).name}.manifest.json", body)
+        with contextlib.suppress(OSError):  # the stem is held by its manifest from now on
+            (outbox / Path(stem).parent / STEM_MARKER.format(name=Path(stem).name)).unlink()
+        parent = Path(stem).parent
+        return (*(str(parent / entry["file"]) for entry in delivered), str(parent / manifest.name))
 
-    def _download(self, asset_id: str, url: str, dest: Path) -> dict[str, Any]:
-        """Write one output; its size and sha256, taken from the temp file before it is published
-        (once published, a preset folder on the outbox may take it away at once)."""
-        digest: dict[str, Any] = {}
+    def _download(self, asset: Asset, folder: Path, name: str) -> tuple[Path, dict[str, Any]]:
+        """Stream one output into a temp file, take its digest there, then publish it under a free name.
 
-        def fill(out: IO[bytes], url: str) -> None:
-            """Write the downloaded bytes into the temp file."""
+        The digest comes from the temp file before publication: once published, a preset folder on
+        the outbox may take it away at once.
+        """
+        temp = temp_path(folder / name)
+        try:
+            try:
+                self._fetch(asset.url, temp)
+            except UrlExpired:  # signed URLs expire: ask for the asset again and use the fresh URL once
+                self._fetch(self.client.get_asset(asset.asset_id).url, temp)
+            digest = _digest(temp)
+            self._sizes.append(digest["size"])
+            return self._publish(temp, folder, name), digest
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _fetch(self, url: str, temp: Path) -> None:
+        with temp.open("wb") as out:
             self.client.download(url, out)
             out.flush()
-            digest.update(_digest(Path(out.name)))
+            os.fsync(out.fileno())
 
+    def _publish(self, temp: Path, folder: Path, name: str) -> Path:
+        """Rename `temp` to `name`, or `name-2` ... when anyone else holds the name; never replaces."""
+        base, ext = os.path.splitext(name)
+        n = 1
+        while True:
+            dest = folder / (name if n == 1 else f"{base}-{n}{ext}")
+            n += 1
+            try:
+                rename_noreplace(temp, dest)
+            except FileExistsError:
+                log.info("output.name_taken", file=dest.name, note="someone else's file: the next name")
+                continue
+            fsync_dir(folder)
+            return dest
+
+    def _publish_bytes(self, folder: Path, name: str, body: bytes) -> Path:
+        temp = temp_path(folder / name)
         try:
-            write_atomic(dest, lambda out: fill(out, url))
-        except UrlExpired:
-            # Signed URLs expire: ask for the asset again and use the fresh URL once.
-            fresh = self.client.get_asset(asset_id)
-            write_atomic(dest, lambda out: fill(out, fresh.url))
-        return digest
+            with temp.open("xb") as out:
+                out.write(body)
+                out.flush()
+                os.fsync(out.fileno())
+            return self._publish(temp, folder, name)
+        finally:
+            temp.unlink(missing_ok=True)
 
     def _manifest(self, row: Row, job: Job, files: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -140,84 +171,9 @@ class Outbox:
             "timings": {
                 "claimedAt": iso(row.claimed_at),
                 "submittedAt": iso(row.submitted_at),
-                "writtenAt": iso(datetime.now(UTC).timestamp()),
+                "writtenAt": iso(self.clock.wall()),
             },
         }
-
-    def file_done(self, row: Row) -> Path:
-        """Move a done prompt's file into done/ (its subfolder kept)."""
-        rel = Path(row.file)
-        return move_no_clobber(Path(row.claimed), self.folders.done / rel.parent, rel.name)
-
-    def file_failed(self, row: Row, stage: str, error: str, hint: str | None) -> Path:
-        """Put the original next to `<stem>.error.json` in failed/ (the error file first)."""
-        with self._reserve_lock:  # two prompts of one name failing at once must not swap reports
-            return self._file_failed(row, stage, error, hint)
-
-    def _file_failed(self, row: Row, stage: str, error: str, hint: str | None) -> Path:
-        rel = Path(row.file)
-        failed = self.folders.failed / rel.parent
-        failed.mkdir(parents=True, exist_ok=True)
-        dest = free_name(failed, rel.name)
-        report: dict[str, Any] = {"error": error, "stage": stage, "file": row.file}
-        if row.job_id:
-            report["jobId"] = row.job_id
-        if hint:
-            report["hint"] = hint
-        report["at"] = iso(datetime.now(UTC).timestamp())
-        body = json.dumps(report, indent=2, ensure_ascii=False).encode() + b"\n"
-        error_file = error_file_for(dest)
-        error_file.unlink(missing_ok=True)  # a stale report of an earlier failure under the same name
-        write_atomic(error_file, lambda out: out.write(body))
-        return move_no_clobber(Path(row.claimed), failed, dest.name)
-
-    def fail(self, row: Row, stage: str, error: str, hint: str | None = None) -> bool:
-        """Record a prompt as failed and file it with its error file; False: filing must be retried."""
-        self.store.failed(row.id, stage, error, hint)
-        log.warning("prompt.failed", stage=stage, error=error, **({"hint": hint} if hint else {}))
-        return self.file(self.store.get(row.id))
-
-    def file(self, row: Row) -> bool:
-        """Move a finished prompt to done/ or failed/ and record where; False: try again later."""
-        claimed = Path(row.claimed)
-        if not os.path.lexists(claimed):  # lexists: a dangling symlink is still there to file
-            self._filed(row, claimed)
-            return True
-        try:
-            if row.state == State.DONE:
-                dest = self.file_done(row)
-            else:
-                dest = self.file_failed(row, row.stage or "?", row.error or "failed", row.hint)
-        except OSError as exc:  # the prompt stays in .processing meanwhile
-            log.error("prompt.filing_failed", error=str(exc))
-            return False
-        self._filed(row, dest)
-        return True
-
-    def _filed(self, row: Row, dest: Path) -> None:
-        """Record where the prompt ended, with its hook owed in the same write, then start the hook."""
-        hook = self.hook is not None and self.hook.wants(row.state)
-        self.store.filed(row.id, dest, hook=hook)
-        if hook and self.hook is not None:
-            self.hook.run(row.id)
-
-    def release_references(self, row: Row) -> None:
-        """With [watch] move_references, move reference files to done/ with the last prompt using them."""
-        if not self.move_references:
-            return
-        with self._release_lock:  # two last users finishing at once must not both move the file
-            self._release_references(row)
-
-    def _release_references(self, row: Row) -> None:
-        in_use = {e for other in self.store.active() for e in (other.inputs or {}).get("referenceImages", [])}
-        folder = row.folder(self.folders.inbox)
-        for ref in row.references:
-            entry = ref.get("file")
-            path = folder / entry if entry else None
-            if path is None or entry in in_use or path.parent != folder or not path.is_file():
-                continue  # still needed, already moved, or outside the inbox (a reference root)
-            dest = move_no_clobber(path, self.folders.done, path.name)
-            log.info("reference.moved", reference=entry, to=str(dest))
 
 
 def _digest(path: Path) -> dict[str, Any]:

@@ -33,6 +33,10 @@ log = logs.get()
 GENERATION_TYPES = frozenset({"custom", "custom-generation"})
 # While a verdict must wait (quiet period, an identical request in flight), list again this often.
 LIST_AGAIN = 5.0
+# A lost answer whose server did answer (a 5xx with a body) made its job already, or none: the quiet
+# period only covers the listing's own lag, a listing or two this far apart.
+ANSWERED_QUIET = 4.0
+ANSWERED_LIST_AGAIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -146,10 +150,12 @@ class Reconciler:
                 )
                 return Verdict(wait=LIST_AGAIN, reason=reason)
         waited = self.clock() - (row.sent_at or 0.0)
-        if waited < self.quiet:
-            return Verdict(
-                wait=min(LIST_AGAIN, self.quiet - waited), reason="the server may still be creating it"
-            )
+        quiet, again = (self.quiet, LIST_AGAIN)
+        if row.answered:
+            quiet, again = min(quiet, ANSWERED_QUIET), ANSWERED_LIST_AGAIN
+        if waited < quiet:
+            reason = "the listing may lag behind" if row.answered else "the server may still be creating it"
+            return Verdict(wait=min(again, quiet - waited), reason=reason)
         return Verdict(resend=True, reason=f"no job after {waited:.0f} s")
 
     def orphans(self, row: Row) -> list[Job]:

@@ -1,24 +1,23 @@
 """Recovery after a restart: finish filings, resume every prompt where the journal left it, run owed hooks.
 
-The order matters: temp files of interrupted writes go first, then prompts that finished but were not
-filed, then the unfinished ones by state (a lost generate answer is reconciled before anything is
-resent), then claims the journal never heard of (a crash between the rename and the record).
+What runs for each prompt is `lifecycle.next_task`, the same table the live path reads. The order
+matters: temp files of interrupted writes go first, then the prompts by journal order (a lost
+generate answer is reconciled before anything is resent: it goes first in the queue), then claims
+the journal never heard of (a crash between the rename and the record).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import structlog
 
 from . import logs
 from .config import FolderSettings
 from .files import remove_temp_files
+from .finisher import Finisher
 from .hooks import HookRunner
 from .intake import Intake
-from .outbox import Outbox
-from .rows import State
-from .scheduler import Outcome, Scheduler, Task
+from .lifecycle import State, Task, next_task
+from .scheduler import Scheduler
 from .store import Store
 
 log = logs.get()
@@ -28,11 +27,10 @@ def recover(
     *,
     folders: FolderSettings,
     store: Store,
-    outbox: Outbox,
+    finisher: Finisher,
     scheduler: Scheduler,
     intake: Intake,
     hooks: HookRunner,
-    accept: Callable[[int], None],
     now: float,
 ) -> None:
     """Resume what a previous run left: finish filings, requeue, re-poll, reconcile, redo, run hooks."""
@@ -41,27 +39,21 @@ def recover(
         if removed:
             log.info("recover.temp_removed", folder=str(folder), count=removed)
     known = set()
-    for row in store.unfiled():
+    for row in store.unfinished():
         known.add(row.claimed)
-        scheduler.done(row.id, Task.REFILE, Outcome.ended(outbox.file(row)), now)
-    for row in store.active():
-        known.add(row.claimed)
+        task = next_task(row)
+        if task is None:
+            continue
         logs.bind(file=row.file, job_id=row.job_id)
-        log.info("recover.resume", state=str(row.state))
-        if row.state == State.CLAIMED and row.inputs is None:
-            accept(row.id)
-        elif row.state == State.CLAIMED:
-            scheduler.enqueue(row.id)
-        elif row.state == State.SUBMITTING:
-            scheduler.enqueue(row.id, first=True)  # submit reconciles before it sends anything
-        elif row.state == State.SUBMITTED:
-            scheduler.resume_job(row.id, now)
+        log.info("recover.resume", state=str(row.state), task=task.value)
+        if task == Task.FILE:
+            scheduler.after(row.id, Task.FILE, finisher.file(row), None, now)
         else:
-            scheduler.at(now, row.id, Task.DOWNLOAD)
+            scheduler.resume(row.id, task, now, first=row.state == State.SUBMITTING)
         structlog.contextvars.clear_contextvars()
     # A crash between the claim (rename) and the journal entry leaves an unknown file there.
     for claim in intake.unknown_claims(known):
-        accept(store.add(claim.name, claim.path, claim.preset))
+        scheduler.resume(store.add(claim.name, claim.path, claim.preset), Task.ACCEPT, now)
     # Filed before the crash, hook not run yet (at least once: it may have been running).
     owed = hooks.resume()
     if owed:

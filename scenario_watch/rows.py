@@ -1,27 +1,14 @@
-"""A prompt's journey (State) and one prompt as the journal knows it (Row): what the store hands out."""
+"""One prompt as the journal knows it (Row): what the store hands out. Its states: lifecycle.py."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
-from enum import StrEnum
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class State(StrEnum):
-    """A prompt's journey; every transition is one store call."""
-
-    CLAIMED = "claimed"  # renamed into .processing, not yet sent
-    SUBMITTING = "submitting"  # generate POST about to be / being sent: reconcile after a crash
-    SUBMITTED = "submitted"  # job id known: poll, never resend
-    DOWNLOADING = "downloading"  # job succeeded: outputs being written
-    DONE = "done"
-    FAILED = "failed"
-
-
-ACTIVE = (State.CLAIMED, State.SUBMITTING, State.SUBMITTED, State.DOWNLOADING)
+from .lifecycle import State
 
 
 @dataclass(frozen=True)
@@ -56,6 +43,9 @@ class Row:
     updated_at: float
     preset: str | None = None
     hook: str | None = None
+    delivered: list[dict[str, Any]] = field(default_factory=list)  # outputs published so far
+    answered: bool = False  # the lost attempt's server answered (a 5xx with a body): a short quiet period
+    file_sha256: str | None = None  # the prompt file's content, for adopting a retried timeout's job
 
     def folder(self, inbox: Path) -> Path:
         """The inbox folder the prompt arrived in (`file` is relative to the inbox): its references too."""
@@ -92,6 +82,9 @@ def from_db(row: sqlite3.Row) -> Row:
         updated_at=row["updated_at"],
         preset=row["preset"],
         hook=row["hook"],
+        delivered=_json(row["delivered"], []),
+        answered=bool(row["answered"]),
+        file_sha256=row["file_sha256"],
     )
 
 

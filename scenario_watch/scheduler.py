@@ -1,8 +1,9 @@
 """*When* each thing is due: timers, the waiting queue, free slots, pauses, poll times, backoff.
 
 No I/O and no threads: the main loop passes `now` (monotonic seconds) in and hands out what is due;
-a worker reports facts about what happened (an `Outcome`: attempts, Retry-After, a duration), and
-this module turns those facts into times. It is unit-tested with a plain float clock.
+a task reports facts about what happened (a result of lifecycle.py: attempts, Retry-After, a pause,
+a duration), the lifecycle says which task follows, and this module turns those facts into times.
+It is unit-tested with a plain float clock.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import itertools
 import random
 from collections import deque
 from dataclasses import dataclass
-from enum import StrEnum
 
 from .config import JobSettings
+from .lifecycle import WORKER_TASKS, Advanced, Again, Ended, Pause, Paused, Result, Task
 
-# Credentials refused: try them again after this long (someone may have fixed them meanwhile).
+# Credentials refused: try submitting again after this long (someone may have fixed them meanwhile);
+# a poll or download that met the refusal asks again after AUTH_PROBE (an answer ends the pause at once).
 AUTH_RETRY = 300.0
+AUTH_PROBE = 15.0
 # Backoff after transient faults: poll_interval x 2^attempt, jittered, at most this.
 BACKOFF_MAX = 60.0
 BACKOFF_EXPONENT_CAP = 10
@@ -37,56 +40,10 @@ PROBE_DOWN = 0.01
 MISSED_RETRY_SHARE = 0.1
 # A prompt that could not be moved to done/ or failed/ (a full disk) is tried again this much later.
 REFILE_DELAY = 10.0
+# A download that could not write the outbox is tried again this much later (submissions wait).
+WRITE_RETRY = 10.0
 # While an output folder cannot be written, submissions stop and a probe file is tried this often.
 PROBE_EVERY = 5.0
-
-
-class Task(StrEnum):
-    """What the loop runs for a prompt when it is due."""
-
-    ACCEPT = "accept"  # validate a claimed prompt again: a reference it names may have arrived
-    SUBMIT = "submit"  # send it (or reconcile a lost answer first)
-    POLL = "poll"  # ask Scenario how the job is doing
-    DOWNLOAD = "download"  # write the outputs
-    REFILE = "refile"  # move a finished prompt to done/ or failed/ (an earlier attempt failed)
-
-
-WORKER_TASKS = frozenset({Task.SUBMIT, Task.POLL, Task.DOWNLOAD})
-
-
-class Step(StrEnum):
-    """What a task says comes next for its prompt."""
-
-    ACCEPT = "accept"  # validate again shortly: a reference it names is not there yet
-    SUBMIT = "submit"  # (after accept) queue it; (after submit) again after a backoff
-    POLL = "poll"  # the job runs at Scenario: poll when it should be done
-    DOWNLOAD = "download"  # download (again)
-    RATE_LIMITED = "rate_limited"  # 429: pause every submission
-    AUTH = "auth"  # credentials refused: stop submitting until they work again
-    BUDGET = "budget"  # the daily budget would be passed: stop submitting for `delay` seconds (next day)
-    REFILE = "refile"  # finished, but the file could not be moved yet: try again later
-    FINISHED = "finished"  # nothing left to do
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The facts a task reports; the scheduler turns them into the time of the next step."""
-
-    step: Step
-    attempt: int = 0  # failed attempts so far (0: go on at once)
-    retry_after: float | None = None  # the API's Retry-After, seconds
-    delay: float | None = None  # a fixed wait that is right whatever the attempt (a full disk)
-    duration: float | None = None  # a finished job's generation time by the API's clock
-    limit: int | None = None  # a 429's parallel-job limit (details.actionLimit)
-    reason: str = ""
-    unwritable: str | None = None  # an output folder could not be written: why (submissions stop)
-
-    @classmethod
-    def ended(cls, filed: bool) -> Outcome:
-        """A prompt that finished: nothing more, or (the move to done/failed failed) a refile later."""
-        if filed:
-            return cls(Step.FINISHED)
-        return cls(Step.REFILE, delay=REFILE_DELAY, unwritable="done/ or failed/ not writable")
 
 
 @dataclass
@@ -137,11 +94,16 @@ class Scheduler:
         """Run `task` for a prompt at `when`."""
         heapq.heappush(self._timers, (when, next(self._order), prompt_id, task))
 
-    def resume_job(self, prompt_id: int, now: float) -> None:
-        """A job already at Scenario (found at start): it holds a slot and is polled at once."""
-        self.slots.add(prompt_id)
-        self._running[prompt_id] = _Job(started=now, interval=self.jobs.poll_interval)
-        self.at(now, prompt_id, Task.POLL)
+    def resume(self, prompt_id: int, task: Task, now: float, *, first: bool = False) -> None:
+        """A prompt found in the journal at start: its next task (lifecycle.next_task) from now on."""
+        if task == Task.SUBMIT:
+            self.enqueue(prompt_id, first=first)
+        elif task == Task.POLL:  # a job already at Scenario: it holds a slot and is polled at once
+            self.slots.add(prompt_id)
+            self._running[prompt_id] = _Job(started=now, interval=self.jobs.poll_interval)
+            self.at(now, prompt_id, Task.POLL)
+        else:
+            self.at(now, prompt_id, task)
 
     # -- what is due -----------------------------------------------------------------------------------
 
@@ -204,57 +166,87 @@ class Scheduler:
 
     # -- facts into times ------------------------------------------------------------------------------
 
-    def done(self, prompt_id: int, task: Task, outcome: Outcome, now: float) -> bool:
-        """Take a finished task's outcome; True when it newly blocked submission (auth: log it once)."""
+    def after(self, prompt_id: int, ran: Task, result: Result, following: Task | None, now: float) -> None:
+        """Take a finished task's result; `following` is what the lifecycle says runs next."""
         self.busy.discard(prompt_id)
-        step = outcome.step
-        if outcome.unwritable is not None:
-            self.probed(outcome.unwritable, now)
-        if step != Step.POLL:  # the job is over at Scenario, or a retry waits for a free slot again
-            self.slots.discard(prompt_id)
-        if step == Step.DOWNLOAD:
-            if task == Task.POLL:
-                self._learn(prompt_id, outcome, now)
-            self._running.pop(prompt_id, None)
-            self.at(now + self._delay(outcome), prompt_id, Task.DOWNLOAD)
-        elif step == Step.POLL:
-            self._poll_later(prompt_id, task, outcome, now)
-        elif step == Step.SUBMIT and task == Task.ACCEPT:
-            self.waiting.append(prompt_id)
-        elif step == Step.SUBMIT:
-            self.at(now + self._delay(outcome), prompt_id, Task.SUBMIT)
-        elif step == Step.ACCEPT:
-            self.at(now + self._delay(outcome), prompt_id, Task.ACCEPT)
-        elif step == Step.RATE_LIMITED:
-            pause = outcome.retry_after if outcome.retry_after is not None else self._delay(outcome)
-            self.paused_until = max(self.paused_until, now + pause)
-            if outcome.limit is not None and 1 <= outcome.limit < self.limit:
-                self.limit = outcome.limit  # the plan's parallel limit: more in flight only meets 429s
-            self.waiting.appendleft(prompt_id)
-        elif step == Step.BUDGET:
-            self.budget_until = max(self.budget_until, now + (outcome.delay or 0.0))
-            self.waiting.appendleft(prompt_id)
-        elif step == Step.AUTH:
-            newly = not self.auth_blocked
-            self.auth_blocked = True
-            self._auth_retry_at = now + AUTH_RETRY
-            self.waiting.appendleft(prompt_id)
-            return newly
-        elif step == Step.REFILE:
+        if isinstance(result, Ended):
             self.forget(prompt_id)
-            self.at(now + (outcome.delay or 0.0), prompt_id, Task.REFILE)
+            if not result.filed:  # done/ or failed/ cannot be written: submissions wait too
+                self.probed(result.problem, now)
+                self.at(now + REFILE_DELAY, prompt_id, Task.FILE)
+        elif isinstance(result, Paused):
+            self._pause(prompt_id, ran, result, now)
+        elif isinstance(result, Again):
+            if ran in (Task.POLL, Task.SUBMIT) and result.attempt == 0:
+                self.credentials_work()
+            if ran == Task.POLL:
+                self._poll_later(prompt_id, result, now)
+                return
+            if ran == Task.SUBMIT:  # it waits for a free slot again when due
+                self.slots.discard(prompt_id)
+            self.at(now + self._delay(result), prompt_id, ran)
+        elif isinstance(result, Advanced):
+            if ran in (Task.POLL, Task.SUBMIT):
+                self.credentials_work()
+            self._advance(prompt_id, ran, result, following, now)
+
+    def _advance(
+        self, prompt_id: int, ran: Task, result: Advanced, following: Task | None, now: float
+    ) -> None:
+        if following == Task.SUBMIT:  # checked (or certainly not sent): wait for a slot
+            self.slots.discard(prompt_id)
+            self.waiting.append(prompt_id)
+        elif following == Task.POLL:  # just submitted (or a lost answer's job adopted)
+            self._running[prompt_id] = _Job(started=now, interval=self.jobs.poll_interval)
+            self._poll_later(prompt_id, Again(), now)
+        elif following == Task.DOWNLOAD:  # terminal at Scenario: its slot is free while outputs download
+            if ran == Task.POLL:
+                self._learn(prompt_id, result.duration, now)
+            self.forget(prompt_id)
+            self.at(now, prompt_id, Task.DOWNLOAD)
+        elif following is not None:
+            self.forget(prompt_id)
+            self.at(now, prompt_id, following)
         else:
             self.forget(prompt_id)
-        return False
+
+    def _pause(self, prompt_id: int, ran: Task, result: Paused, now: float) -> None:
+        """One rule per kind of pause, wherever it was met: submissions wait, the task waits, jobs stay."""
+        if result.kind == Pause.RATE:
+            pause = result.retry_after if result.retry_after is not None else self.backoff(1)
+            self.paused_until = max(self.paused_until, now + pause)
+            if result.limit is not None and 1 <= result.limit < self.limit:
+                self.limit = result.limit  # the plan's parallel limit: more in flight only meets 429s
+        elif result.kind == Pause.CREDENTIALS:
+            if not self.auth_blocked:
+                self._auth_retry_at = now + AUTH_RETRY
+            self.auth_blocked = True
+        elif result.kind == Pause.BUDGET:
+            self.budget_until = max(self.budget_until, now + (result.delay or 0.0))
+        else:
+            self.probed(result.reason, now)
+        if ran == Task.SUBMIT:  # not sent: first in line when submitting resumes
+            self.slots.discard(prompt_id)
+            self.waiting.appendleft(prompt_id)
+        elif ran == Task.POLL:  # the job runs on at Scenario: ask again later, its slot kept
+            delay = AUTH_PROBE if result.kind == Pause.CREDENTIALS else max(result.retry_after or 0.0, 1.0)
+            self._poll_later(prompt_id, Again(delay=delay), now)
+        else:
+            delay = AUTH_PROBE if result.kind == Pause.CREDENTIALS else (result.delay or WRITE_RETRY)
+            self.at(now + delay, prompt_id, ran)
+
+    def credentials_work(self) -> None:
+        """The API just accepted the credentials: a credentials pause is over."""
+        self.auth_blocked, self._auth_retry_at = False, None
 
     def forget(self, prompt_id: int) -> None:
         """Drop what is kept about a prompt whose job is over."""
         self._running.pop(prompt_id, None)
         self.slots.discard(prompt_id)
 
-    def _poll_later(self, prompt_id: int, task: Task, outcome: Outcome, now: float) -> None:
+    def _poll_later(self, prompt_id: int, outcome: Again, now: float) -> None:
         job = self._running.get(prompt_id)
-        if job is None or task == Task.SUBMIT:  # just submitted (or adopted after a lost answer)
+        if job is None:  # a poll found at start without its job's start (resume() makes one)
             job = self._running[prompt_id] = _Job(started=now, interval=self.jobs.poll_interval)
         elif job.polled_at is not None and outcome.retry_after is None and outcome.attempt == 0:
             job.running_at = job.polled_at - job.started  # it was still running then
@@ -282,7 +274,7 @@ class Scheduler:
         job.interval = min(self.jobs.poll_max_interval, current * POLL_GROWTH)
         return current * self._rng.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)
 
-    def _learn(self, prompt_id: int, outcome: Outcome, now: float) -> None:
+    def _learn(self, prompt_id: int, duration: float | None, now: float) -> None:
         """Learn the generation time from a job that just finished.
 
         The estimate is an upper quantile of recent generation times, so most jobs are done when
@@ -291,7 +283,7 @@ class Scheduler:
         expected time says only "at most this", which counts as a little less than was assumed,
         probing the estimate down.
         """
-        sample = outcome.duration
+        sample = duration
         job = self._running.get(prompt_id)
         if sample is None and job is not None and job.polled_at is not None:
             if job.estimate is not None and not job.missed:
@@ -305,7 +297,7 @@ class Scheduler:
         ordered = sorted(self._samples)
         self.typical = ordered[min(len(ordered) - 1, int(ESTIMATE_QUANTILE * len(ordered)))]
 
-    def _delay(self, outcome: Outcome) -> float:
+    def _delay(self, outcome: Again) -> float:
         if outcome.delay is not None:
             return outcome.delay
         return 0.0 if outcome.attempt == 0 else self.backoff(outcome.attempt)

@@ -15,7 +15,8 @@ from .config import BudgetSettings
 from .heartbeat import HEARTBEAT_EVERY, META_KEY, iso
 from .instance import holder, lock_path
 from .jobs import format_cost
-from .rows import Row, State
+from .lifecycle import State
+from .rows import Row
 from .store import Store
 
 JOURNAL, SANDBOX_JOURNAL = "journal.sqlite3", "sandbox.sqlite3"

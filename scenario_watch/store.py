@@ -1,96 +1,55 @@
-"""The SQLite journal: every prompt's state, written before each side effect."""
+"""The SQLite journal: every prompt's state, written before each side effect, through checked transitions."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from .rows import ACTIVE, Row, State, from_db
+from . import logs
+from .clock import SYSTEM, Clock
+from .errors import ScenarioWatchError
+from .journal_schema import migrate
+from .lifecycle import ACTIVE, TRANSITIONS, State
+from .rows import Row, from_db
+
+log = logs.get()
 
 # A job that failed at Scenario (this stage) is refunded: it does not count as spent.
 REFUNDED_STAGE = "generation"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS prompts (
-    id INTEGER PRIMARY KEY,
-    file TEXT NOT NULL,              -- name as it arrived in the inbox (relative to the inbox)
-    claimed TEXT NOT NULL,           -- its path under <inbox>/.processing/
-    state TEXT NOT NULL,
-    inputs TEXT,                     -- JSON body of the generate request, once known
-    stem TEXT,                       -- requested output stem
-    out_stem TEXT,                   -- the stem reserved in the outbox (after -2, -3 ...)
-    job_id TEXT UNIQUE,
-    submit_started TEXT,             -- ISO 8601 UTC: createdAfter for reconciling a lost answer
-    submit_attempts INTEGER NOT NULL DEFAULT 0,
-    cost REAL,                       -- creative units (may be fractional)
-    asset_ids TEXT,                  -- JSON list
-    outputs TEXT,                    -- JSON list of outbox file names
-    refs TEXT,                       -- JSON list: each reference's file, sha256 and asset id
-    stage TEXT, error TEXT, hint TEXT,
-    final_path TEXT,                 -- where the prompt file ended (done/ or failed/)
-    progress REAL,                   -- the job's progress (0..1) at the last poll
-    preset TEXT,                     -- [presets.NAME] whose folder the file arrived in
-    hook TEXT,                       -- 'pending' from filing until its hook ran, then 'ran'
-    sent_at REAL,                    -- when the latest generate POST was sent (the quiet period's start)
-    lost_since TEXT,                 -- createdAfter of a lost attempt that was resent (orphan check)
-    download_attempts INTEGER NOT NULL DEFAULT 0,
-    claimed_at REAL NOT NULL,
-    submitted_at REAL,
-    finished_at REAL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS prompts_state ON prompts(state);
-CREATE TABLE IF NOT EXISTS uploads (
-    sha256 TEXT PRIMARY KEY,
-    asset_id TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS orphans (  -- jobs a lost answer created after all, once resent: paid twice
-    job_id TEXT PRIMARY KEY,
-    prompt_id INTEGER NOT NULL,
-    cost REAL,
-    found_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (     -- small named values the daemon keeps (e.g. the model's schema)
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL,
-    updated_at REAL NOT NULL
-);
-"""
+
+class TransitionRefused(ScenarioWatchError):
+    """A state change the lifecycle table does not allow from the prompt's current state (a bug)."""
 
 
-# Columns added since the first release: journals written by an older version get them at start.
-ADDED_COLUMNS = {
-    "progress": "REAL",
-    "sent_at": "REAL",
-    "lost_since": "TEXT",
-    "preset": "TEXT",
-    "hook": "TEXT",
-}
+def journal_problem(exc: sqlite3.Error) -> str:
+    """What a journal error means for a person: full, locked, or something else."""
+    text = str(exc).lower()
+    if "full" in text:
+        return "the journal's disk is full: free space where the journal is"
+    if "locked" in text or "busy" in text:
+        return "the journal is locked by another program: stop whatever holds it"
+    return f"the journal cannot be written ({exc})"
 
 
 class Store:
     """A thread-safe journal over one SQLite connection in WAL mode."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Clock = SYSTEM) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a process crash (kill -9); only power loss may lose the last commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(prompts)")}
-        for column, kind in ADDED_COLUMNS.items():
-            if column not in have:
-                self._db.execute(f"ALTER TABLE prompts ADD COLUMN {column} {kind}")
+        migrate(self._db)
 
     def close(self) -> None:
         """Close the connection."""
@@ -102,15 +61,34 @@ class Store:
             return self._db.execute(sql, args)
 
     def _update(self, prompt_id: int, **values: Any) -> None:
-        values["updated_at"] = time.time()
+        """Columns that are not the state (the state changes only through _transition)."""
+        values["updated_at"] = self.clock.wall()
         columns = ", ".join(f"{key} = ?" for key in values)
         self._write(f"UPDATE prompts SET {columns} WHERE id = ?", *values.values(), prompt_id)
+
+    def _transition(self, prompt_id: int, to: State, sql: str = "", **values: Any) -> None:
+        """Move a prompt to `to` from a state the lifecycle allows; TransitionRefused (logged) otherwise."""
+        sources = TRANSITIONS[to]
+        values = {"state": to.value, **values, "updated_at": self.clock.wall()}
+        columns = ", ".join([*(f"{key} = ?" for key in values), *([sql] if sql else [])])
+        marks = ", ".join("?" for _ in sources)
+        with self._lock:
+            cur = self._db.execute(
+                f"UPDATE prompts SET {columns} WHERE id = ? AND state IN ({marks})",
+                (*values.values(), prompt_id, *sources),
+            )
+            if cur.rowcount == 1:
+                return
+            row = self._db.execute("SELECT state FROM prompts WHERE id = ?", (prompt_id,)).fetchone()
+        found = None if row is None else str(row[0])
+        log.error("journal.transition_refused", prompt_id=prompt_id, to=to.value, state=found)
+        raise TransitionRefused(f"prompt {prompt_id}: {found} -> {to.value} is not an allowed transition")
 
     # -- transitions ----------------------------------------------------------------------------------
 
     def add(self, file: str, claimed: Path, preset: str | None = None) -> int:
         """Journal a claimed file; its prompt id."""
-        now = time.time()
+        now = self.clock.wall()
         cur = self._write(
             "INSERT INTO prompts (file, claimed, state, claimed_at, updated_at, preset)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -124,23 +102,50 @@ class Store:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    def set_prompt(self, prompt_id: int, inputs: dict[str, Any], stem: str) -> None:
-        """Record the validated inputs and the output stem."""
-        self._update(prompt_id, inputs=json.dumps(inputs, sort_keys=True), stem=stem)
+    def queued(self, prompt_id: int, inputs: dict[str, Any], stem: str, file_sha256: str) -> None:
+        """Checked: record the inputs, the output stem and the file's content hash; it waits for a slot."""
+        inputs_json = json.dumps(inputs, sort_keys=True)
+        self._transition(prompt_id, State.QUEUED, inputs=inputs_json, stem=stem, file_sha256=file_sha256)
 
     def submitting(self, prompt_id: int, inputs: dict[str, Any], started: str) -> None:
         """Record the intent to POST before sending it (crash-safety: reconcile, never resend blindly)."""
-        with self._lock:
-            now = time.time()
-            self._db.execute(
-                "UPDATE prompts SET state = ?, inputs = ?, submit_started = ?, sent_at = ?,"
-                " submit_attempts = submit_attempts + 1, updated_at = ? WHERE id = ?",
-                (State.SUBMITTING, json.dumps(inputs, sort_keys=True), started, now, now, prompt_id),
-            )
+        self._transition(
+            prompt_id,
+            State.SUBMITTING,
+            "submit_attempts = submit_attempts + 1",
+            inputs=json.dumps(inputs, sort_keys=True),
+            submit_started=started,
+            sent_at=self.clock.wall(),
+            answered=0,
+        )
 
     def submitted(self, prompt_id: int, job_id: str, cost: float | None) -> None:
         """The job id is known: from now on the prompt is polled, never resent."""
-        self._update(prompt_id, state=State.SUBMITTED, job_id=job_id, cost=cost, submitted_at=time.time())
+        self._transition(prompt_id, State.SUBMITTED, job_id=job_id, cost=cost, submitted_at=self.clock.wall())
+
+    def back_to_queued(self, prompt_id: int) -> None:
+        """The POST certainly created nothing: the prompt waits for its turn again."""
+        self._transition(prompt_id, State.QUEUED)
+
+    def downloading(self, prompt_id: int, asset_ids: list[str], cost: float | None) -> None:
+        """The job succeeded: its assets are being written."""
+        self._transition(prompt_id, State.DOWNLOADING, asset_ids=json.dumps(asset_ids), cost=cost)
+
+    def done(self, prompt_id: int, outputs: list[str]) -> None:
+        """Every output is written."""
+        self._transition(prompt_id, State.DONE, outputs=json.dumps(outputs), finished_at=self.clock.wall())
+
+    def failed(self, prompt_id: int, stage: str, error: str, hint: str | None) -> None:
+        """The prompt failed at `stage`, with the error and hint a person reads."""
+        self._transition(
+            prompt_id, State.FAILED, stage=stage, error=error, hint=hint, finished_at=self.clock.wall()
+        )
+
+    # -- facts beside the state -----------------------------------------------------------------------
+
+    def answered(self, prompt_id: int) -> None:
+        """The lost attempt's server answered (a 5xx with a body): its work on the request is over."""
+        self._write("UPDATE prompts SET answered = 1 WHERE id = ?", prompt_id)
 
     def resending(self, prompt_id: int, lost_since: str) -> None:
         """A lost answer created no job after the quiet period: the prompt is sent again (noted)."""
@@ -155,7 +160,7 @@ class Store:
             job_id,
             prompt_id,
             cost,
-            time.time(),
+            self.clock.wall(),
         )
 
     def orphans(self) -> list[tuple[str, str, float | None, float]]:
@@ -167,10 +172,6 @@ class Store:
             ).fetchall()
         return [(str(r[0]), str(r[1]), r[2], float(r[3])) for r in rows]
 
-    def back_to_claimed(self, prompt_id: int) -> None:
-        """The POST certainly created nothing: the prompt waits for its turn again."""
-        self._update(prompt_id, state=State.CLAIMED)
-
     def set_references(self, prompt_id: int, references: list[dict[str, Any]]) -> None:
         """Record each reference's file, sha256 and asset id (for the manifest)."""
         self._update(prompt_id, refs=json.dumps(references))
@@ -179,13 +180,13 @@ class Store:
         """The job's progress at the latest poll (for `status`)."""
         self._write("UPDATE prompts SET progress = ? WHERE id = ?", progress, prompt_id)
 
-    def downloading(self, prompt_id: int, asset_ids: list[str], cost: float | None) -> None:
-        """The job succeeded: its assets are being written."""
-        self._update(prompt_id, state=State.DOWNLOADING, asset_ids=json.dumps(asset_ids), cost=cost)
-
     def reserve_out_stem(self, prompt_id: int, out_stem: str) -> None:
         """Record the output stem chosen for the prompt."""
         self._update(prompt_id, out_stem=out_stem)
+
+    def published(self, prompt_id: int, delivered: list[dict[str, Any]]) -> None:
+        """The outputs published so far (a redo after a failure or a crash skips them)."""
+        self._update(prompt_id, delivered=json.dumps(delivered))
 
     def download_failed(self, prompt_id: int) -> int:
         """Count one failed download attempt; the new count."""
@@ -197,16 +198,6 @@ class Store:
                 "SELECT download_attempts FROM prompts WHERE id = ?", (prompt_id,)
             ).fetchone()
         return int(row[0])
-
-    def done(self, prompt_id: int, outputs: list[str]) -> None:
-        """Every output is written."""
-        self._update(prompt_id, state=State.DONE, outputs=json.dumps(outputs), finished_at=time.time())
-
-    def failed(self, prompt_id: int, stage: str, error: str, hint: str | None) -> None:
-        """The prompt failed at `stage`, with the error and hint a person reads."""
-        self._update(
-            prompt_id, state=State.FAILED, stage=stage, error=error, hint=hint, finished_at=time.time()
-        )
 
     def filed(self, prompt_id: int, final_path: Path, *, hook: bool = False) -> None:
         """The prompt file reached done/ or failed/: nothing is left to do for it but its hook, if any."""
@@ -220,6 +211,30 @@ class Store:
     def hooks_pending(self) -> list[Row]:
         """Filed prompts whose hook has not run yet (a crash or a stop in between), oldest first."""
         return self._select("WHERE hook = 'pending' ORDER BY id")
+
+    # -- retried timeouts -----------------------------------------------------------------------------
+
+    def adopt_later(self, file: str, sha256: str, job_id: str) -> None:
+        """`retry` of a timed-out prompt: when this file comes back, ask Scenario about its job first."""
+        self._write(
+            "INSERT OR REPLACE INTO adoptions (file, sha256, job_id, created_at) VALUES (?, ?, ?, ?)",
+            file,
+            sha256,
+            job_id,
+            self.clock.wall(),
+        )
+
+    def adoption(self, file: str, sha256: str) -> str | None:
+        """The job a retried file's earlier attempt made (None: pay for a new one)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id FROM adoptions WHERE file = ? AND sha256 = ?", (file, sha256)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def adopted(self, file: str, sha256: str) -> None:
+        """The retried file's job was asked about: forget the note."""
+        self._write("DELETE FROM adoptions WHERE file = ? AND sha256 = ?", file, sha256)
 
     # -- reference uploads ----------------------------------------------------------------------------
 
@@ -235,7 +250,7 @@ class Store:
             "INSERT OR REPLACE INTO uploads (sha256, asset_id, created_at) VALUES (?, ?, ?)",
             sha256,
             asset_id,
-            time.time(),
+            self.clock.wall(),
         )
 
     # -- named values ---------------------------------------------------------------------------------
@@ -249,7 +264,10 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         """Keep a named value (replacing the old one)."""
         self._write(
-            "INSERT OR REPLACE INTO meta (key, value, updated_at) VALUES (?, ?, ?)", key, value, time.time()
+            "INSERT OR REPLACE INTO meta (key, value, updated_at) VALUES (?, ?, ?)",
+            key,
+            value,
+            self.clock.wall(),
         )
 
     # -- queries --------------------------------------------------------------------------------------
@@ -266,11 +284,10 @@ class Store:
         marks = ", ".join("?" for _ in ACTIVE)
         return self._select(f"WHERE state IN ({marks}) ORDER BY id", *ACTIVE)
 
-    def unfiled(self) -> list[Row]:
-        """Finished prompts whose file has not reached done/ or failed/ yet (a crash in between)."""
-        return self._select(
-            "WHERE state IN (?, ?) AND final_path IS NULL ORDER BY id", State.DONE, State.FAILED
-        )
+    def unfinished(self) -> list[Row]:
+        """Prompts with something left to do (active, or finished but not filed), oldest first."""
+        marks = ", ".join("?" for _ in ACTIVE)
+        return self._select(f"WHERE state IN ({marks}) OR final_path IS NULL ORDER BY id", *ACTIVE)
 
     def recent(self, state: State, limit: int = 20) -> list[Row]:
         """The latest prompts in a state, newest first."""
@@ -283,6 +300,12 @@ class Store:
                 "SELECT job_id FROM prompts WHERE job_id IS NOT NULL UNION SELECT job_id FROM orphans"
             ).fetchall()
         return {str(row[0]) for row in rows}
+
+    def owns_job(self, job_id: str) -> bool:
+        """Whether a prompt of this journal made the job."""
+        with self._lock:
+            found = self._db.execute("SELECT 1 FROM prompts WHERE job_id = ?", (job_id,)).fetchone()
+        return found is not None
 
     def lost_answers(self) -> list[Row]:
         """Prompts whose generate POST may have created a job nobody has recorded yet."""

@@ -1,34 +1,31 @@
-"""The tracker: poll a job at Scenario, give up on one that takes too long, download what it made.
+"""The tracker: poll a job at Scenario, give up on one that runs too long, download what it made.
 
 A job that succeeded is paid for: its download is retried for a long time (it is never resubmitted),
-and a prompt whose outputs cannot be written yet (a full disk) simply waits.
+a prompt whose outputs cannot be written yet (a full disk) waits, and a refusal of the credentials
+pauses (the job is kept, whatever `[jobs] timeout` says). Only an answer of Scenario ends a job here:
+a timeout counts while the API says the job still runs, never while it cannot be asked.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 from . import health, logs
 from .client import ScenarioClient
+from .clock import SYSTEM, Clock
 from .config import JobSettings
 from .errors import ApiError, AuthError, NotFound, RateLimited, ScenarioWatchError, TransientError
 from .jobs import Job
+from .lifecycle import Advanced, Again, Delivered, Failed, Pause, Paused, Result, State
 from .outbox import Outbox
 from .reconcile import Reconciler
-from .rows import Row, State
-from .scheduler import Outcome, Step
+from .rows import Row
 from .store import Store
 
 log = logs.get()
 
 # A paid job's download gives up only after this many attempts spread over at least [jobs] timeout.
 MAX_DOWNLOAD_ATTEMPTS = 8
-# A download that failed on rejected credentials waits like the 6th failed attempt (about a minute).
-AUTH_WAIT_ATTEMPT = 6
-# An outbox that cannot be written (full disk, permissions) is tried again after at most this long.
-WRITE_RETRY_MAX = 30.0
 
 
 class Tracker:
@@ -41,7 +38,7 @@ class Tracker:
         store: Store,
         outbox: Outbox,
         reconciler: Reconciler,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.jobs = jobs
         self.client = client
@@ -52,38 +49,43 @@ class Tracker:
         self._failing_since: dict[int, float] = {}  # prompt id → first failed download (monotonic)
         self._lock = threading.Lock()  # workers share the dict
 
-    def poll(self, prompt_id: int) -> Outcome:
+    def poll(self, prompt_id: int) -> Result:
         """Ask Scenario how the job is doing; on success, the download is next (the slot frees)."""
         row = self.store.get(prompt_id)
         logs.bind(file=row.file, job_id=row.job_id)
         if row.state != State.SUBMITTED or row.job_id is None:
-            return Outcome(Step.DOWNLOAD if row.state == State.DOWNLOADING else Step.FINISHED)
+            return Advanced()  # a step retried after it had already happened: the state says what's next
         try:
             job = self.client.get_job(row.job_id)
         except NotFound:
             error = f"Scenario does not know job {row.job_id}"
             hint = "the job is gone (another account, or a sandbox without its state file); retry the prompt"
-            return Outcome.ended(self.outbox.fail(row, "poll", error, hint))
-        except (ScenarioWatchError, OSError) as exc:  # transient, 429, 401/403, odd answers: ask again
-            if self._expired(row):
-                return self._time_out(row, "unknown")
+            return Failed("poll", error, hint)
+        except AuthError as exc:  # the job runs on (and is paid): wait for the credentials, keep it
+            return Paused(Pause.CREDENTIALS, f"HTTP {exc.status}: {exc.reason}")
+        except (ScenarioWatchError, OSError) as exc:  # transient, 429, odd answers: ask again
             log.warning("job.poll_failed", error=str(exc))
             retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
-            return Outcome(Step.POLL, attempt=1, retry_after=retry_after)
+            return Again(attempt=1, retry_after=retry_after)
         self.store.polled(row.id, job.progress)
         if job.status == "success":
             self._note_orphans(row)
             cost = row.cost if row.cost is not None else job.cost
             self.store.downloading(row.id, list(job.asset_ids), cost)
             log.info("job.succeeded", assets=len(job.asset_ids))
-            return Outcome(Step.DOWNLOAD, duration=job.duration)
+            return Advanced(duration=job.duration)
         if job.final:
             error = f"generation {job.status}: {job.error or f'the job ended with status {job.status}'}"
-            return Outcome.ended(self.outbox.fail(row, "generation", error, job.hint))
+            return Failed("generation", error, job.hint)
         if self._expired(row):
-            return self._time_out(row, job.status)
+            error = f"the job did not finish within {self.jobs.timeout:g} s (last status {job.status})"
+            hint = (
+                f"raise [jobs] timeout if generations are slow today; job {row.job_id} may still finish: "
+                "`scenario-watch retry` asks Scenario about it first and delivers it if it did (no new cost)"
+            )
+            return Failed("timeout", error, hint)
         log.debug("job.status", status=job.status, progress=job.progress)
-        return Outcome(Step.POLL)
+        return Again()
 
     def _note_orphans(self, row: Row) -> None:
         """After a resend, the lost attempt may have made a job after all: say so (it was paid for)."""
@@ -104,28 +106,19 @@ class Tracker:
 
     def _expired(self, row: Row) -> bool:
         """The job is older than [jobs] timeout (wall clock: the journal's times survive a restart)."""
-        return row.submitted_at is not None and time.time() - row.submitted_at > self.jobs.timeout
+        return row.submitted_at is not None and self.clock.wall() - row.submitted_at > self.jobs.timeout
 
-    def _time_out(self, row: Row, status: str) -> Outcome:
-        error = f"the job did not finish within {self.jobs.timeout:g} s (last status {status})"
-        hint = (
-            f"raise [jobs] timeout if generations are slow today; job {row.job_id} may still finish at "
-            "Scenario (check it there before retrying: a retry generates and pays again)"
-        )
-        return Outcome.ended(self.outbox.fail(row, "timeout", error, hint))
-
-    def download(self, prompt_id: int) -> Outcome:
-        """Write the job's outputs and manifest, then file the prompt under done/."""
+    def download(self, prompt_id: int) -> Result:
+        """Deliver the job's outputs and manifest into the outbox."""
         row = self.store.get(prompt_id)
         logs.bind(file=row.file, job_id=row.job_id)
         if row.state != State.DOWNLOADING or row.job_id is None:
-            return Outcome(Step.FINISHED)
+            return Advanced()
         job = Job(job_id=row.job_id, status="success", asset_ids=tuple(row.asset_ids), cost=row.cost)
         try:
             outputs = self.outbox.deliver(row, job)
         except AuthError as exc:  # not the download's fault: wait for the credentials to be fixed
-            log.error("output.auth_failed", error=str(exc))
-            return Outcome(Step.DOWNLOAD, attempt=AUTH_WAIT_ATTEMPT)
+            return Paused(Pause.CREDENTIALS, f"HTTP {exc.status}: {exc.reason}")
         except (TransientError, ApiError) as exc:
             return self._download_failed(row, exc)
         except OSError as exc:
@@ -133,33 +126,26 @@ class Tracker:
             # and no new prompt is sent (paid) until the outbox can be written again.
             hint = "free disk space or fix the outbox permissions; submitting waits until then"
             log.error("output.write_failed", error=str(exc), hint=hint)
-            delay = min(WRITE_RETRY_MAX, 2 * self.jobs.poll_max_interval)
-            return Outcome(
-                Step.DOWNLOAD, delay=delay, unwritable=health.unwritable(self.outbox.folders.outbox, exc)
-            )
+            return Paused(Pause.UNWRITABLE, health.unwritable(self.outbox.folders.outbox, exc))
         with self._lock:
             self._failing_since.pop(row.id, None)
-        self.store.done(row.id, outputs)
-        done = self.store.get(row.id)
-        filed = self.outbox.file(done)
-        self.outbox.release_references(done)
-        log.info("prompt.done", outputs=outputs)
-        return Outcome.ended(filed)
+        return Delivered(outputs)
 
-    def _download_failed(self, row: Row, exc: ScenarioWatchError) -> Outcome:
+    def _download_failed(self, row: Row, exc: ScenarioWatchError) -> Result:
         attempts = self.store.download_failed(row.id)
-        now = self.clock()
+        now = self.clock.monotonic()
         with self._lock:
             failing_for = now - self._failing_since.setdefault(row.id, now)
         # The job is paid for: give up only after many attempts spread over [jobs] timeout.
         if attempts < MAX_DOWNLOAD_ATTEMPTS or failing_for < self.jobs.timeout:
             log.warning("output.download_failed", error=str(exc), attempt=attempts)
-            return Outcome(Step.DOWNLOAD, attempt=attempts)
+            return Again(attempt=attempts)
         with self._lock:
             self._failing_since.pop(row.id, None)
         error = f"downloading the outputs failed {attempts} times: {exc}"
         hint = (
             f"job {row.job_id} succeeded (and was paid for): fetch its assets "
-            f"{', '.join(row.asset_ids)} from Scenario; a retry would generate and pay again"
+            f"{', '.join(row.asset_ids)} from Scenario, or `scenario-watch retry` it: that downloads again, "
+            "without paying again"
         )
-        return Outcome.ended(self.outbox.fail(row, "download", error, hint))
+        return Failed("download", error, hint)

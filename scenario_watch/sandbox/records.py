@@ -8,6 +8,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
@@ -91,15 +92,16 @@ class Snapshot:
 class Signer:
     """Signs CDN paths with an expiry (HMAC-SHA256, a random key per sandbox) and checks them."""
 
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, clock: Callable[[], float] = time.time) -> None:
         self.key = key or secrets.token_bytes(32)
+        self.clock = clock
 
     def _mac(self, path: str, expires: str) -> str:
         return hmac.new(self.key, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
     def sign(self, base: str, path: str, ttl: float) -> tuple[str, int]:
         """A signed URL for the path, valid for ttl seconds; and its expiry (epoch seconds)."""
-        expires = int(time.time() + ttl)
+        expires = int(self.clock() + ttl)
         query = f"Expires={expires}&Key-Pair-Id=sandbox&Signature={self._mac(path, str(expires))}"
         return f"{base}{path}?{query}", expires
 
@@ -110,7 +112,7 @@ class Signer:
             raise CdnError(403, "Missing Key-Pair-Id, Expires or Signature query parameter")
         if not hmac.compare_digest(self._mac(path, expires), signature):
             raise CdnError(403, "Invalid signature")
-        if not expires.isdigit() or time.time() > int(expires):
+        if not expires.isdigit() or self.clock() > int(expires):
             raise CdnError(403, "Request has expired")
 
 

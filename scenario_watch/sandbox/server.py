@@ -55,6 +55,7 @@ class Sandbox:
         url_ttl: float = 86400.0,
         rng_seed: int = 0,
         state_file: Path | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`state_file`: keep jobs, assets, uploads and the signing key there, across restarts."""
         self.host, self.port, self.cdn_port = host, port, cdn_port
@@ -66,7 +67,7 @@ class Sandbox:
             "url_ttl": url_ttl,
             "rng_seed": rng_seed,
         }
-        self.world = World(knobs, persist.load(state_file) if state_file else None)
+        self.world = World(knobs, persist.load(state_file) if state_file else None, clock)
         self.faults = FaultQueue()
         self.recorder = Recorder()
         self._stopping = threading.Event()

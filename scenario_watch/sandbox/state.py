@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .images import dimensions, make_png, sniff_mime
@@ -74,7 +75,10 @@ class World:
     rng_seed: int
     terminal_history: bool
 
-    def __init__(self, knobs: dict[str, Any], snapshot: Snapshot | None = None) -> None:
+    def __init__(
+        self, knobs: dict[str, Any], snapshot: Snapshot | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.clock = clock  # wall seconds: a test may share a manual clock with the daemon it drives
         self._lock = threading.RLock()
         self.cdn_url = ""
         self.changed = threading.Event()  # set on every change a state file should keep
@@ -85,7 +89,7 @@ class World:
         self._failures: deque[tuple[str, str, str | None]] = deque()  # (status, error, hint)
         self._images: dict[str, bytes] = {}
         snap = snapshot or Snapshot(secrets.token_bytes(32), 0, [], [], [], [])
-        self.signer = Signer(snap.key)
+        self.signer = Signer(snap.key, clock)
         self._next_seq = snap.next_seq
         self.generate_jobs: list[str] = list(snap.generate_jobs)
         self._jobs = {job.job_id: job for job in sorted(snap.jobs, key=lambda job: job.seq)}
@@ -181,7 +185,7 @@ class World:
             model_id=model_id,
             author=author,
             input=stored,
-            created=time.time(),
+            created=self.clock(),
             duration=duration,
             cost=cost_of(body, self.cost_per_output) if body is not None else 0,
             asset_ids=asset_ids or [],
@@ -221,7 +225,7 @@ class World:
             return self._new_job("custom", model_id, TEAMMATE, input, self.generation_seconds).job_id
 
     def _running(self) -> int:
-        now = time.time()
+        now = self.clock()
         done = {j for j in self._unfinished if now - self._jobs[j].created >= self._jobs[j].duration}
         self._unfinished -= done  # each job leaves the set once, so this stays cheap with many jobs
         return len(self._unfinished)
@@ -241,7 +245,7 @@ class World:
 
     def _render(self, job: JobRecord) -> dict[str, Any]:
         """The job as the API shows it now: status, progress and history follow the elapsed time."""
-        elapsed, d = time.time() - job.created, job.duration
+        elapsed, d = self.clock() - job.created, job.duration
         steps = TIMELINE if job.job_type == "custom" else TIMELINE[:1]  # an upload job just runs, then ends
         history = [(status, share * d) for status, share in steps if share * d <= elapsed or share == 0]
         if elapsed >= d:
@@ -415,7 +419,7 @@ class World:
         asset_id = "asset_" + secrets.token_hex(12)
         metadata = {"name": name} if name else {}
         self._assets[asset_id] = AssetRecord(
-            asset_id, mime, data, seed or asset_id, time.time(), author=author, metadata=metadata
+            asset_id, mime, data, seed or asset_id, self.clock(), author=author, metadata=metadata
         )
         self._touch()
         return asset_id
@@ -446,7 +450,7 @@ class World:
             raise ApiError(400, "parts must be an integer from 1 to 10000")
         if not is_int(size) or size < 1:
             raise ApiError(400, "fileSize must be a positive integer")
-        upload = UploadRecord("upload_" + secrets.token_hex(12), copy.deepcopy(body), time.time())
+        upload = UploadRecord("upload_" + secrets.token_hex(12), copy.deepcopy(body), self.clock())
         with self._lock:
             self._uploads[upload.upload_id] = upload
             self._touch()
@@ -511,7 +515,7 @@ class World:
             answer["updatedAt"] = answer["createdAt"]
             answer["parts"] = [self._part(upload, n) for n in range(1, upload.body["parts"] + 1)]
             return answer
-        age, changed = time.time() - upload.completed, 0.0
+        age, changed = self.clock() - upload.completed, 0.0
         if status is None:
             if age < UPLOAD_VALIDATED_AT:
                 status = "validating"

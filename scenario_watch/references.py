@@ -1,0 +1,80 @@
+"""Reference images: the local files a prompt names, uploaded once per content (sha256) as assets."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import logs
+from .client import ScenarioClient
+from .errors import PromptError
+from .files import read_regular
+from .presets import Preset, prompt_folder
+from .prompt import MAX_REFERENCE_BYTES, check_reference
+from .rows import Row
+from .store import Store
+
+log = logs.get()
+
+# Uploads of one content are serialised by one of this many locks (picked by the content's hash):
+# ten prompts editing one photo upload it once, and the locks do not grow with the photos seen.
+UPLOAD_LOCKS = 64
+
+
+class References:
+    """Turns a prompt's reference entries into asset ids, uploading each content once."""
+
+    def __init__(
+        self,
+        client: ScenarioClient,
+        store: Store,
+        inbox: Path,
+        roots: list[Path],
+        presets: Mapping[str, Preset],
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.inbox = inbox
+        self.roots = roots
+        self.presets = presets
+        self._locks = [threading.Lock() for _ in range(UPLOAD_LOCKS)]
+
+    def resolve(self, row: Row) -> dict[str, Any]:
+        """The inputs to send: local reference files uploaded once per content (sha256)."""
+        inputs = dict(row.inputs or {})
+        entries = inputs.get("referenceImages")
+        if not entries:
+            return inputs
+        resolved: list[str] = []
+        records: list[dict[str, Any]] = []
+        folder = prompt_folder(row, self.inbox, self.presets)
+        for entry in entries:
+            ref = check_reference(entry, folder, self.roots)
+            if ref.asset_id is not None:
+                resolved.append(ref.asset_id)
+                records.append({"assetId": ref.asset_id})
+                continue
+            assert ref.path is not None and ref.mime_type is not None
+            data = read_regular(ref.path, MAX_REFERENCE_BYTES)  # never through a link swapped in since
+            if len(data) > MAX_REFERENCE_BYTES:
+                raise PromptError([f"referenceImages: {entry!r} grew past {MAX_REFERENCE_BYTES >> 20} MiB"])
+            digest = hashlib.sha256(data).hexdigest()
+            resolved.append(self._upload_once(digest, data, ref.path.name, ref.mime_type, entry))
+            records.append({"file": entry, "sha256": digest, "size": len(data), "assetId": resolved[-1]})
+        inputs["referenceImages"] = resolved
+        if not row.references:  # a resend sees asset ids only: keep the first, fuller record
+            self.store.set_references(row.id, records)
+        return inputs
+
+    def _upload_once(self, digest: str, data: bytes, name: str, mime_type: str, entry: str) -> str:
+        """The asset id of this content, uploading it only if no earlier prompt did."""
+        with self._locks[int(digest[:8], 16) % UPLOAD_LOCKS]:
+            asset_id = self.store.uploaded_asset(digest)
+            if asset_id is None:
+                asset_id = self.client.upload_image(data, name, mime_type)
+                self.store.remember_upload(digest, asset_id)
+                log.info("reference.uploaded", reference=entry, asset_id=asset_id, size=len(data))
+        return asset_id
