@@ -311,9 +311,13 @@ class Daemon:
     def _finished(self, prompt_id: int, task: Task, result: Result) -> None:
         """Take a task's result: the lifecycle says what follows, the scheduler when."""
         scheduler = self.scheduler
-        limit, blocked = scheduler.limit, scheduler.auth_blocked
+        limit, blocked, unwritable = scheduler.limit, scheduler.auth_blocked, scheduler.unwritable
         following = next_task(self.store.get(prompt_id)) if isinstance(result, Advanced) else None
         scheduler.after(prompt_id, task, result, following, self.clock.monotonic())
+        if scheduler.unwritable and not unwritable:  # said once; health.recheck says when it is over
+            log.error(
+                "output.unwritable", reason=scheduler.unwritable, note="nothing is sent (paid) until then"
+            )
         if scheduler.limit != limit:
             log.warning("api.parallel_limit", limit=scheduler.limit, note="lowered to the plan's limit")
         if scheduler.auth_blocked and not blocked:  # one clear error for everyone, not one per prompt

@@ -48,7 +48,8 @@ def output_bytes(inputs: Mapping[str, Any], learned: int | None) -> int:
     count = outputs if isinstance(outputs, int) and not isinstance(outputs, bool) and outputs > 0 else 4
     if learned is not None:
         return count * learned
-    return count * OUTPUT_BYTES.get(resolution if isinstance(resolution, str) else "", OUTPUT_BYTES["4K"])
+    # Without a resolution the API makes 2K images (its documented default).
+    return count * OUTPUT_BYTES.get(resolution if isinstance(resolution, str) else "2K", OUTPUT_BYTES["4K"])
 
 
 def deliverable(folders: Sequence[Path], outbox_bytes: int) -> str | None:

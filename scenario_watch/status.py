@@ -24,6 +24,7 @@ RECENT = 10
 # A heartbeat older than this while the lock is held: the daemon runs but does not answer.
 STALE_AFTER = 3 * HEARTBEAT_EVERY
 NOT_RUNNING = "the daemon to run"
+CREDENTIALS_KEPT = "credentials (the API refuses them; the job is kept and delivered once they work)"
 
 
 def pick_journal(state: Path, sandbox: bool) -> tuple[Path, str | None]:
@@ -75,16 +76,16 @@ def _job(row: Row, live: dict[str, Any], running: bool, now: float) -> dict[str,
 
 
 def _waiting_for(row: Row, live: dict[str, Any], running: bool) -> str | None:
-    """Why a prompt not yet at Scenario waits (None: it is being worked on, or runs at Scenario)."""
-    if row.state not in (State.CLAIMED, State.SUBMITTING):
-        return None
+    """Why a prompt waits (None: it is being worked on, or runs at Scenario unhindered)."""
+    if row.state in (State.SUBMITTED, State.DOWNLOADING):  # at Scenario, paid: only credentials hold it
+        return CREDENTIALS_KEPT if running and live.get("auth_blocked") else None
     if not running:
         return NOT_RUNNING
     special = (live.get("waiting") or {}).get(str(row.id))
     if special:
         return str(special)
-    if row.inputs is None:
-        return None  # being validated right now
+    if row.state == State.CLAIMED:
+        return None  # being checked right now
     return str(live.get("queue") or "a free slot")
 
 

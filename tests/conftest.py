@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import HereDaemon, capture_logs
 
+from scenario_watch.clock import ManualClock
 from scenario_watch.sandbox import Sandbox
 
 KEY, SECRET = "sandbox-key", "sandbox-secret"
@@ -34,9 +36,21 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         time.sleep(0.02)
 
 
+def in_process(request: pytest.FixtureRequest) -> bool:
+    """Whether the test's module asks for in-process daemons (`IN_PROCESS = True`: see harness.py)."""
+    return bool(getattr(request.module, "IN_PROCESS", False))
+
+
 @pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(generation_seconds=0.3) as sb:
+def clock() -> ManualClock:
+    """A manual clock, starting at the real time (journal and API timestamps look real)."""
+    return ManualClock(wall=time.time())
+
+
+@pytest.fixture
+def sandbox(request: pytest.FixtureRequest, clock: ManualClock) -> Iterator[Sandbox]:
+    """The sandbox; for an in-process module, on the manual clock its daemons share."""
+    with Sandbox(generation_seconds=0.3, clock=clock.wall if in_process(request) else time.time) as sb:
         yield sb
 
 
@@ -186,7 +200,24 @@ StartDaemon = Callable[..., DaemonProcess]
 
 
 @pytest.fixture
-def daemon(folders: Folders) -> Iterator[StartDaemon]:
+def daemon(
+    request: pytest.FixtureRequest, folders: Folders, sandbox: Sandbox, clock: ManualClock
+) -> Iterator[StartDaemon]:
+    """Start daemons on the folders' config: processes, or (IN_PROCESS modules) in this process."""
+    if in_process(request):
+        with contextlib.ExitStack() as stack:
+            capture = stack.enter_context(contextlib.contextmanager(capture_logs)())
+            here: list[HereDaemon] = []
+
+            def start_here(*extra: str, env: dict[str, str] | None = None) -> HereDaemon:
+                here.append(HereDaemon(folders.config, sandbox, clock, capture, env, once="--once" in extra))
+                return here[-1]
+
+            yield start_here  # type: ignore[misc]
+            for d in here:
+                if not d.daemon.closed:
+                    d.stop()
+        return
     started: list[DaemonProcess] = []
 
     def start(*extra: str, env: dict[str, str] | None = None) -> DaemonProcess:

@@ -125,6 +125,7 @@ def test_the_journal_counts_reported_costs_since_a_time_not_refunds_nor_excluded
     try:
         ids = [store.add(f"p{n}.json", tmp_path / f"p{n}.json") for n in range(4)]
         for n, prompt_id in enumerate(ids):
+            store.queued(prompt_id, {"prompt": f"p{n}"}, f"p{n}", "0" * 64)
             store.submitted(prompt_id, f"job_{n}", 5.0)
         store.failed(ids[1], "generation", "generation failure: refunded", None)  # not paid
         store.failed(ids[2], "timeout", "too slow", None)  # may still be paid: counts

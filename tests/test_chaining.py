@@ -96,8 +96,8 @@ def test_three_images_in_a_preset_folder_three_jobs_named_after_them(
         assert manifest["parameters"]["numOutputs"] == 2
         assert manifest["references"][0]["sha256"] == hashlib.sha256(data).hexdigest()
         assert (folders.done / "recolor" / f"{stem}.png").read_bytes() == data  # the image, filed
-    assert folders.names(folders.failed / "recolor") == ["notanimage.error.json", "notanimage.png"]
-    report = json.loads((folders.failed / "recolor" / "notanimage.error.json").read_text())
+    assert folders.names(folders.failed / "recolor") == ["notanimage.png", "notanimage.png.error.json"]
+    report = json.loads((folders.failed / "recolor" / "notanimage.png.error.json").read_text())
     assert "notanimage.png is not a PNG, JPEG" in report["error"] and report["stage"] == "validate"
     assert folders.names(recolor) == []  # nothing lost, nothing left behind
 

@@ -1,4 +1,8 @@
-"""Faults injected into the sandbox for real: the daemon finishes every prompt, and pays once."""
+"""Faults injected into the sandbox for real: the daemon finishes every prompt, and pays once.
+
+The daemon runs in-process (harness.py) on a manual clock shared with the sandbox: backoffs, quiet
+periods and timeouts pass without waiting, while every request is real HTTP over loopback.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,25 @@ import json
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import DaemonProcess, Folders, StartDaemon, generate_posts, wait_for, write_config
+from conftest import Folders, generate_posts, wait_for, write_config
+from harness import HereDaemon
 
+from scenario_watch.clock import ManualClock
 from scenario_watch.sandbox import Fault, Sandbox
+
+IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 
 
 def finish_one(
     folders: Folders,
-    daemon: StartDaemon,
+    daemon: Any,
     name: str = "p",
     body: dict[str, object] | None = None,
     timeout: float = 40.0,
-) -> DaemonProcess:
+) -> HereDaemon:
     proc = daemon()
     folders.drop(f"{name}.json", body or {"prompt": f"fault test {name}"})
     wait_for(
@@ -66,7 +75,7 @@ def assert_done_once(folders: Folders, sandbox: Sandbox, name: str = "p") -> Non
     ids=lambda f: f"{f.route}-{f.kind}-{f.status}",
 )
 def test_transient_faults_never_fail_a_prompt(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, fault: Fault
+    folders: Folders, sandbox: Sandbox, daemon: Any, fault: Fault
 ) -> None:
     sandbox.inject(fault)
     finish_one(folders, daemon)
@@ -86,7 +95,7 @@ def test_transient_faults_never_fail_a_prompt(
     ids=lambda f: f"after-{f.kind}-{f.status}",
 )
 def test_lost_generate_answer_is_reconciled_not_resent(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, fault: Fault
+    folders: Folders, sandbox: Sandbox, daemon: Any, fault: Fault
 ) -> None:
     sandbox.inject(fault)
     proc = finish_one(folders, daemon)
@@ -105,7 +114,7 @@ def test_lost_generate_answer_is_reconciled_not_resent(
     ids=lambda f: f"before-{f.kind}-{f.status}",
 )
 def test_generate_that_created_nothing_is_sent_again_once(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, fault: Fault
+    folders: Folders, sandbox: Sandbox, daemon: Any, fault: Fault
 ) -> None:
     sandbox.inject(fault)
     finish_one(folders, daemon)
@@ -113,9 +122,7 @@ def test_generate_that_created_nothing_is_sent_again_once(
     assert len(generate_posts(sandbox)) == 1 + fault.times
 
 
-def test_reconcile_survives_a_failing_job_listing(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
-) -> None:
+def test_reconcile_survives_a_failing_job_listing(folders: Folders, sandbox: Sandbox, daemon: Any) -> None:
     sandbox.inject(Fault(route="generate", kind="status", status=500, after=True))
     sandbox.inject(Fault(route="jobs", kind="status", status=500, times=6))
     finish_one(folders, daemon, timeout=60)
@@ -123,7 +130,7 @@ def test_reconcile_survives_a_failing_job_listing(
 
 
 def test_429_on_generate_pauses_submitting_and_resumes(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+    folders: Folders, sandbox: Sandbox, daemon: Any
 ) -> None:
     sandbox.inject(Fault(route="generate", kind="status", status=429, retry_after=1.0, times=3))
     proc = daemon()
@@ -135,7 +142,7 @@ def test_429_on_generate_pauses_submitting_and_resumes(
 
 
 def test_parallel_limit_429_is_backpressure_not_failure(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+    folders: Folders, sandbox: Sandbox, daemon: Any
 ) -> None:
     sandbox.parallel_limit = 2
     write_config(folders, sandbox.base_url, jobs={"max_in_flight": 6})
@@ -148,7 +155,7 @@ def test_parallel_limit_429_is_backpressure_not_failure(
 
 
 def test_bad_credentials_stop_submitting_and_keep_prompts(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+    folders: Folders, sandbox: Sandbox, daemon: Any
 ) -> None:
     from conftest import cli_env
 
@@ -175,7 +182,7 @@ def test_bad_credentials_stop_submitting_and_keep_prompts(
     )
 
 
-def test_api_400_fails_with_the_reason(folders: Folders, sandbox: Sandbox, daemon: StartDaemon) -> None:
+def test_api_400_fails_with_the_reason(folders: Folders, sandbox: Sandbox, daemon: Any) -> None:
     finish_one(folders, daemon, body={"prompt": "edit", "referenceImages": ["asset_doesnotexist"]})
     report = json.loads((folders.failed / "p.error.json").read_text())
     assert report["stage"] == "submit"
@@ -183,9 +190,7 @@ def test_api_400_fails_with_the_reason(folders: Folders, sandbox: Sandbox, daemo
     assert sandbox.generate_jobs == []
 
 
-def test_canceled_job_fails_with_a_clear_error(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
-) -> None:
+def test_canceled_job_fails_with_a_clear_error(folders: Folders, sandbox: Sandbox, daemon: Any) -> None:
     sandbox.fail_next_jobs(1, error="Canceled by an admin", hint="", status="canceled")
     finish_one(folders, daemon)
     report = json.loads((folders.failed / "p.error.json").read_text())
@@ -193,9 +198,7 @@ def test_canceled_job_fails_with_a_clear_error(
     assert "canceled" in report["error"]
 
 
-def test_job_timeout_fails_with_stage_timeout(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
-) -> None:
+def test_job_timeout_fails_with_stage_timeout(folders: Folders, sandbox: Sandbox, daemon: Any) -> None:
     sandbox.generation_seconds = 30.0
     write_config(folders, sandbox.base_url, jobs={"timeout": 1.0})
     finish_one(folders, daemon)
@@ -205,7 +208,7 @@ def test_job_timeout_fails_with_stage_timeout(
 
 
 def test_download_that_keeps_failing_ends_in_failed_with_a_hint(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+    folders: Folders, sandbox: Sandbox, daemon: Any
 ) -> None:
     sandbox.inject(Fault(route="cdn", kind="status", status=404, times=-1))
     write_config(folders, sandbox.base_url, jobs={"timeout": 3.0})  # also the bound on download failures
@@ -218,9 +221,7 @@ def test_download_that_keeps_failing_ends_in_failed_with_a_hint(
     assert [n for n in folders.names(folders.outbox) if n.endswith(".png")] == []
 
 
-def test_connection_refused_until_the_api_comes_up(
-    folders: Folders, tmp_path: Path, daemon: StartDaemon
-) -> None:
+def test_connection_refused_until_the_api_comes_up(folders: Folders, tmp_path: Path, daemon: Any) -> None:
     """Nothing listens at first (refused: certainly not sent); once the server is up, one job is made."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -236,7 +237,7 @@ def test_connection_refused_until_the_api_comes_up(
 
 
 def test_unknown_model_fails_with_a_hint_instead_of_looping(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+    folders: Folders, sandbox: Sandbox, daemon: Any
 ) -> None:
     write_config(folders, sandbox.base_url, api={"model_id": "model_does-not-exist"})
     finish_one(folders, daemon)
@@ -245,19 +246,26 @@ def test_unknown_model_fails_with_a_hint_instead_of_looping(
     assert sandbox.generate_jobs == []
 
 
-def test_a_job_whose_polls_keep_failing_still_times_out(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+def test_a_job_that_cannot_be_asked_about_is_kept_past_the_timeout(
+    folders: Folders, sandbox: Sandbox, daemon: Any, clock: ManualClock
 ) -> None:
+    """Only Scenario's answer ends a job: polls failing for 10 x [jobs] timeout do not fail a paid job."""
     sandbox.inject(Fault(route="job", kind="status", status=500, times=-1))
-    write_config(folders, sandbox.base_url, jobs={"timeout": 1.0})
-    finish_one(folders, daemon)
-    report = json.loads((folders.failed / "p.error.json").read_text())
-    assert report["stage"] == "timeout" and report["jobId"] == sandbox.generate_jobs[0]
-    assert "pays again" in report["hint"]
+    write_config(
+        folders, sandbox.base_url, jobs={"timeout": 1.0, "poll_interval": 2.0, "poll_max_interval": 5.0}
+    )
+    proc = daemon()
+    folders.drop("p.json", {"prompt": "asked about later"})
+    start = clock.monotonic()
+    wait_for(lambda: clock.monotonic() - start > 10, what="ten timeouts of failing polls")
+    assert folders.names(folders.failed) == [] and not (folders.done / "p.json").exists()
+    sandbox.clear_faults()
+    wait_for(lambda: (folders.done / "p.json").exists(), what="delivered once the API answers")
+    assert len(sandbox.generate_jobs) == 1 and proc.saw("job.poll_failed")
 
 
 def test_twin_prompts_with_lost_answers_each_keep_their_own_job(
-    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+    folders: Folders, sandbox: Sandbox, daemon: Any
 ) -> None:
     """Same text twice, both answers lost: each adopts its own job, none is paid twice or shared."""
     sandbox.inject(Fault(route="generate", kind="status", status=502, after=True, times=2))
