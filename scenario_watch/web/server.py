@@ -6,6 +6,7 @@ pictures are named by journal id and number (`/picture/12/1`), never by a path f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -67,6 +68,7 @@ class Listener:
         self.static = {name: (package / name).read_bytes() for name in STATIC}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @classmethod
     def from_settings(
@@ -108,19 +110,30 @@ class Listener:
             raise ConfigError(f"[http] listen = {self.host}:{self.port}: {exc.strerror or exc}") from exc
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, args=(self._server,), name="http", daemon=True)
         self._thread.start()
         log.info("http.listening", url=self.url, token=self.gate.token is not None)
+
+    def _serve(self, server: ThreadingHTTPServer) -> None:
+        # handle_request blocks until a connection comes (server.timeout is None): an idle listener
+        # never wakes, where serve_forever would poll twice a second. close() wakes it by connecting.
+        while not self._stopping:
+            server.handle_request()
 
     def close(self) -> None:
         """Stop serving and release the port."""
         server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        if server is None:
+            return
+        self._stopping = True
+        wake = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        with contextlib.suppress(OSError), socket.create_connection((wake, self.port), timeout=2):
+            pass
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        server.server_close()
 
 
 class _Server6(ThreadingHTTPServer):
