@@ -123,7 +123,11 @@ class Metrics:
     """The daemon's metrics; the event methods are thread-safe and cheap (a lock and an add)."""
 
     def __init__(
-        self, presets: Iterable[str] = (), base_url: str | None = None, version: str = __version__
+        self,
+        presets: Iterable[str] = (),
+        base_url: str | None = None,
+        budget_daily: float = 0.0,
+        version: str = __version__,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.presets = frozenset(presets)
@@ -161,6 +165,10 @@ class Metrics:
             f"{P}last_success_timestamp_seconds", "Unix time the last prompt was done.", registry=r
         )
         Info(f"{P}build", "The running version.", registry=r).info({"version": version})
+        if budget_daily > 0:  # the cap, beside what is left of it: alerts take the ratio
+            Gauge(
+                f"{P}budget_daily_creative_units", "[budget] daily: creative units per UTC day.", registry=r
+            ).set(budget_daily)
         # Zeros from the start: rate() and absent() alerts need the series before the first event.
         for preset in ("", *self.presets):
             self.taken.labels(preset)

@@ -70,7 +70,7 @@ def test_events_count_by_bounded_labels_and_names_follow_the_rules() -> None:
 
 
 def test_gauges_come_from_the_snapshot_at_scrape_time() -> None:
-    m = Metrics()
+    m = Metrics(budget_daily=100)
     state = {"in_flight": 0}
     m.set_snapshot(
         lambda: Snapshot(
@@ -87,10 +87,13 @@ def test_gauges_come_from_the_snapshot_at_scrape_time() -> None:
     assert value(m, "scenario_watch_prompts_waiting", reason="slot") == 1
     assert value(m, "scenario_watch_prompts_waiting", reason="credentials") == 0  # every reason, always
     assert value(m, "scenario_watch_budget_remaining_creative_units") == 7.5
+    assert value(m, "scenario_watch_budget_daily_creative_units") == 100
     assert value(m, "scenario_watch_watcher_up") == 0
 
+    m = Metrics()
     m.set_snapshot(lambda: Snapshot())  # no daily cap: no budget series at all
     assert value(m, "scenario_watch_budget_remaining_creative_units") is None
+    assert value(m, "scenario_watch_budget_daily_creative_units") is None
 
     def broken() -> Snapshot:
         raise RuntimeError("the daemon is shutting down")
