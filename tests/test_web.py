@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, wait_for
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from web_site import API_KEY, API_SECRET, Site
@@ -18,6 +19,7 @@ from web_site import API_KEY, API_SECRET, Site
 from scenario_watch.config import HttpSettings, load_settings
 from scenario_watch.errors import ConfigError
 from scenario_watch.web import Listener
+from scenario_watch.web.server import MAX_CONNECTIONS
 
 TOKEN = "t0ken-for-the-web-tests-0123"
 CSP = (
@@ -266,3 +268,24 @@ def test_a_non_loopback_address_needs_a_token(tmp_path: Path) -> None:
     unchecked = HttpSettings.model_construct(listen="0.0.0.0:0", token=None)
     with pytest.raises(ConfigError, match="not a loopback address"):
         Listener(unchecked, dict, None, None, None)  # type: ignore[arg-type]
+
+
+def test_a_flood_of_idle_connections_costs_no_more_than_the_limit(site: Site) -> None:
+    idle = [socket.create_connection(("127.0.0.1", site.listener.port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        # Every slot holds a connection that sends nothing: one more is closed unread, at once.
+        def dropped() -> bool:
+            with socket.create_connection(("127.0.0.1", site.listener.port), timeout=5) as extra:
+                extra.sendall(b"GET /status.json HTTP/1.0\r\n\r\n")
+                return extra.recv(100) == b""
+
+        wait_for(dropped, 10, "a connection beyond the limit to be dropped")
+    finally:
+        for conn in idle:
+            conn.close()
+    wait_for(lambda: site.get("/status.json").status == 200, 10, "the slots to come back")
+
+
+def test_login_without_a_token_configured_just_goes_to_the_page(site: Site) -> None:
+    login = site.get("/login?token=anything")
+    assert login.status == 303 and login.headers["location"] == "/" and "set-cookie" not in login.headers

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..listen import is_loopback
-from ..logs import Redactor
+from ..logs import MASK, Redactor
 
 COOKIE = "sw_session"
 # Every answer carries these: no script but our own files, no framing, no sniffing, no referrer.
@@ -89,11 +89,12 @@ def _cookie(raw: str | None) -> str | None:
 class Scrubber:
     """Takes the host's folder paths and any secret out of what the listener answers."""
 
-    def __init__(self, folders: Mapping[str, Path], secrets: Iterable[str]) -> None:
+    def __init__(self, folders: Mapping[str, Path], api: Iterable[str], token: str | None = None) -> None:
         # Longest path first, so a preset folder inside the inbox is named as the preset's.
         pairs = [(os.path.normpath(path), label) for label, path in folders.items()]
         self.folders = sorted(pairs, key=lambda pair: -len(pair[0]))
-        self.secrets = Redactor(secrets)
+        self.secrets = Redactor(api)  # the key and secret (and their Basic-auth form)
+        self.token = token
 
     def text(self, value: str, *, any_path: bool = True) -> str:
         """One string, with folders named by their label (`outbox/x_1.png`) and secrets masked;
@@ -102,7 +103,8 @@ class Scrubber:
             value = value.replace(path + "/", label + "/").replace(path, label)
         if any_path:
             value = _ABSOLUTE.sub(lambda m: m.group(1) or "/", value)
-        return str(self.secrets.mask(value))
+        value = str(self.secrets.mask(value))
+        return value.replace(self.token, MASK) if self.token else value
 
     def value(self, value: Any, key: str = "") -> Any:
         """A JSON-like value with every string in it scrubbed (a prompt's own text keeps its slashes)."""

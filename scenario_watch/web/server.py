@@ -39,6 +39,8 @@ STATIC = {  # name -> content type: the only files /static/ serves, read once fr
 _PICTURE = re.compile(r"/(picture|thumb|reference|reference-thumb)/(\d{1,12})/(\d{1,3})")
 # A client that sends nothing for this long loses its thread (no slow-loris holding threads forever).
 REQUEST_TIMEOUT = 15.0
+# Connections served at once (a page, its pictures, a scraper); beyond that they are closed unread.
+MAX_CONNECTIONS = 32
 
 
 class Listener:
@@ -66,7 +68,7 @@ class Listener:
         package = resources.files(__package__) / "static"
         self.page = (package / "index.html").read_bytes()
         self.static = {name: (package / name).read_bytes() for name in STATIC}
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -103,19 +105,18 @@ class Listener:
     def start(self) -> None:
         """Bind and serve in a daemon thread; OSError (port taken, address not here) as a ConfigError."""
         handler = type("Handler", (_Handler,), {"listener": self})
-        server_class = _Server6 if ":" in self.host else ThreadingHTTPServer
+        server_class = _Server6 if ":" in self.host else _Server
         try:
             self._server = server_class((self.host, self.port), handler)
         except OSError as exc:
             raise ConfigError(f"[http] listen = {self.host}:{self.port}: {exc.strerror or exc}") from exc
-        self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, args=(self._server,), name="http", daemon=True)
         self._thread.start()
         log.info("http.listening", url=self.url, token=self.gate.token is not None)
 
-    def _serve(self, server: ThreadingHTTPServer) -> None:
+    def _serve(self, server: _Server) -> None:
         # handle_request blocks until a connection comes (server.timeout is None): an idle listener
         # never wakes, where serve_forever would poll twice a second. close() wakes it by connecting.
         while not self._stopping:
@@ -136,7 +137,36 @@ class Listener:
         server.server_close()
 
 
-class _Server6(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    """One thread a connection, at most MAX_CONNECTIONS at once: more are closed at once, unread."""
+
+    daemon_threads = True
+    request_queue_size = 64  # listen() backlog: socketserver's 5 drops a page's burst of thumbnail requests
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve in a thread if a slot is free; else drop the connection (a flood costs no threads)."""
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The thread's work; its slot is given back at the end."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
@@ -243,12 +273,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._text(HTTPStatus.INTERNAL_SERVER_ERROR, "see the daemon's log")
 
     def _login(self, token: str) -> None:
-        cookie = self.listener.gate.login(token)
-        if cookie is None:
-            self._text(HTTPStatus.UNAUTHORIZED, "wrong token (or none configured: no login needed)")
+        gate = self.listener.gate
+        cookie = gate.login(token)
+        if cookie is None and gate.token is not None:
+            self._text(HTTPStatus.UNAUTHORIZED, "wrong token")
             return
         self.send_response(HTTPStatus.SEE_OTHER)
-        self.send_header("Set-Cookie", cookie)
+        if cookie is not None:  # none configured: nothing to log in to, straight to the page
+            self.send_header("Set-Cookie", cookie)
         self.send_header("Location", "/")  # the token leaves the address bar at once
         self.send_header("Content-Length", "0")
         self.send_header("Cache-Control", "no-store")
