@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import socket
@@ -289,3 +290,11 @@ def test_a_flood_of_idle_connections_costs_no_more_than_the_limit(site: Site) ->
 def test_login_without_a_token_configured_just_goes_to_the_page(site: Site) -> None:
     login = site.get("/login?token=anything")
     assert login.status == 303 and login.headers["location"] == "/" and "set-cookie" not in login.headers
+
+
+def test_the_token_and_the_basic_auth_form_of_the_key_never_show(locked: Site) -> None:
+    basic = base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()
+    locked.failed("x.json", "submit", f"Authorization: Basic {basic}; token {TOKEN}", None)
+    body = locked.get("/status.json", {"Authorization": f"Bearer {TOKEN}"}).body.decode()
+    assert "Authorization: Basic ********; token ********" in body
+    assert basic not in body and TOKEN not in body

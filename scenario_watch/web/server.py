@@ -85,15 +85,14 @@ class Listener:
         folders = settings.folders
         presets = dict(preset_folders or {})
         roots = settings.watch.reference_roots
-        secrets = [
-            s.get_secret_value() for s in (settings.api.key, settings.api.secret, settings.http.token) if s
-        ]
+        api = [s.get_secret_value() for s in (settings.api.key, settings.api.secret) if s]
+        token = settings.http.token.get_secret_value() if settings.http.token else None
         return cls(
             settings.http,
             status,
             metrics,
             Pictures(store, folders, presets, roots),
-            Scrubber(_labels(folders, presets, roots), secrets),
+            Scrubber(_labels(folders, presets, roots), api, token),
         )
 
     @property
