@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
+from .listen import is_loopback, split_listen
 from .logs import MASK
 
 MODEL_ID = "model_google-gemini-pro-image-editing"
@@ -28,6 +29,7 @@ NumOutputs = Annotated[int, Field(strict=True, ge=1, le=4)]
 SEED_MAX = 2147483647
 Seed = Annotated[int, Field(strict=True, ge=0, le=SEED_MAX)]
 StrictBool = Annotated[bool, Field(strict=True)]
+MIN_TOKEN = 16  # [http] token: shorter ones can be guessed over the network
 
 CONFIG_SEARCH = (
     Path("scenario-watch.toml"),
@@ -133,6 +135,39 @@ class BudgetSettings(_Section):
     max_per_prompt: float = Field(0.0, ge=0)  # a prompt estimated above it fails; 0: no limit
 
 
+class HttpSettings(_Section):
+    """[http]: the listener for /metrics, /status.json and the live page (off unless `listen` is set)."""
+
+    listen: str | None = None  # HOST:PORT ([::1]:PORT for IPv6); port 0 takes a free one
+    token: SecretStr | None = None  # required unless `listen` is a loopback address
+
+    @field_validator("listen", "token")  # in this order, even when unset: `token` sees a checked `listen`
+    @classmethod
+    def _check(cls, value: Any, info: ValidationInfo) -> Any:
+        listen = value if info.field_name == "listen" else info.data.get("listen")
+        host = split_listen(listen)[0] if listen is not None else None
+        if info.field_name == "listen":
+            return value
+        if value is not None and len(value.get_secret_value()) < MIN_TOKEN:
+            raise ValueError(f"at least {MIN_TOKEN} characters (e.g. `openssl rand -hex 16`)")
+        # Anyone who can reach the port would see every prompt and picture: outside loopback, a token.
+        if host is not None and not is_loopback(host) and value is None:
+            raise ValueError(f"listen = {listen!r} is not a loopback address: set [http] token")
+        return value
+
+
+class MetricsSettings(_Section):
+    """[metrics]: the Prometheus text also written to a file (node_exporter's textfile collector)."""
+
+    textfile: Path | None = None
+    interval: float = Field(15.0, gt=0, le=86400)
+
+    @field_validator("textfile")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.abspath(value.expanduser()))
+
+
 class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -154,6 +189,8 @@ class Settings(BaseSettings):
     presets: dict[str, PresetSettings] = Field(default_factory=dict)
     hooks: HookSettings = Field(default_factory=HookSettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -269,7 +306,7 @@ def describe(loaded: Loaded) -> list[tuple[str, str, str]]:
     """(key, value, origin) for every setting, secrets masked."""
     rows = []
     for key, value in _flatten(loaded.settings.model_dump(mode="json")).items():
-        if key in ("api.key", "api.secret") and value is not None:
+        if key in ("api.key", "api.secret", "http.token") and value is not None:
             value = MASK
         rows.append((key, "" if value is None else str(value), loaded.origins.get(key, "default")))
     return rows

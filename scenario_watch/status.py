@@ -21,6 +21,11 @@ from .store import Store
 
 JOURNAL, SANDBOX_JOURNAL = "journal.sqlite3", "sandbox.sqlite3"
 RECENT = 10
+# Done prompts whose times make the typical job length (progress_estimate), newest first.
+TYPICAL_OF = 20
+# An estimated bar stops short of full: only the API's answer says a job is done.
+ESTIMATE_CAP = 0.95
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 # A heartbeat older than this while the lock is held: the daemon runs but does not answer.
 STALE_AFTER = 3 * HEARTBEAT_EVERY
 NOT_RUNNING = "the daemon to run"
@@ -47,6 +52,8 @@ def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[
     beat = published.get("heartbeat")
     live = published if running else {}  # a dead daemon's pauses and waits say nothing any more
     budget_until = live.get("budget_until")
+    done = store.recent(State.DONE, max(RECENT, TYPICAL_OF))
+    typical = _typical_seconds(done)
     return {
         "daemon": {
             "running": running,
@@ -54,25 +61,46 @@ def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[
             "heartbeat_age_s": round(now - beat, 1) if isinstance(beat, int | float) else None,
         },
         "counts": store.counts(),
-        "jobs": [_job(row, live, running, now) for row in store.active()],
+        "jobs": [_job(row, live, running, now, typical) for row in store.active()],
         "budget": {
             "daily": budget.daily,
             "spent_today": round(store.spent_since(day_start(now)), 4),
             "resumes_at": iso(budget_until) if budget_until else None,
         },
-        "recent": _recent(store),
+        "recent": _recent(store, done[:RECENT]),
     }
 
 
-def _job(row: Row, live: dict[str, Any], running: bool, now: float) -> dict[str, Any]:
+def _job(row: Row, live: dict[str, Any], running: bool, now: float, typical: float | None) -> dict[str, Any]:
+    submitted = row.state == State.SUBMITTED
+    estimate = None
+    if submitted and typical and row.submitted_at is not None:
+        estimate = round(min(ESTIMATE_CAP, max(0.0, now - row.submitted_at) / typical), 3)
     return {
         "name": row.file,
         "state": row.state.value,
         "job_id": row.job_id,
-        "progress": row.progress if row.state == State.SUBMITTED else None,
+        "progress": row.progress if submitted else None,
         "age_s": round(now - row.claimed_at, 1),
         "waiting_for": _waiting_for(row, live, running),
+        # For the live page (pictures are served by this id, never by a path).
+        "id": row.id,
+        "preset": row.preset,
+        "prompt": _prompt_text(row),
+        # The time since submission against the typical job's (None: no job yet, or none done yet).
+        "progress_estimate": estimate,
     }
+
+
+def _typical_seconds(done: list[Row]) -> float | None:
+    """The median time from submission to done of recent prompts (None when there are none)."""
+    times = sorted(r.finished_at - r.submitted_at for r in done if r.finished_at and r.submitted_at)
+    return max(times[len(times) // 2], 0.1) if times else None
+
+
+def _prompt_text(row: Row) -> str | None:
+    prompt = (row.inputs or {}).get("prompt")
+    return prompt if isinstance(prompt, str) else None
 
 
 def _waiting_for(row: Row, live: dict[str, Any], running: bool) -> str | None:
@@ -89,8 +117,8 @@ def _waiting_for(row: Row, live: dict[str, Any], running: bool) -> str | None:
     return str(live.get("queue") or "a free slot")
 
 
-def _recent(store: Store) -> list[dict[str, Any]]:
-    rows = store.recent(State.DONE, RECENT) + store.recent(State.FAILED, RECENT)
+def _recent(store: Store, done: list[Row]) -> list[dict[str, Any]]:
+    rows = done + store.recent(State.FAILED, RECENT)
     rows.sort(key=lambda row: row.finished_at or row.updated_at, reverse=True)
     return [
         {
@@ -100,6 +128,13 @@ def _recent(store: Store) -> list[dict[str, Any]]:
             "job_id": row.job_id,
             "error": row.error,
             "hint": row.hint,
+            # For the live page: /picture/<id>/<n> for n <= outputs, /reference/<id>/<n> likewise.
+            "id": row.id,
+            "preset": row.preset,
+            "prompt": _prompt_text(row),
+            "stage": row.stage,
+            "outputs": sum(1 for name in row.outputs if name.lower().endswith(IMAGE_SUFFIXES)),
+            "references": sum(1 for ref in row.references if ref.get("file")),  # asset ids: no picture
         }
         for row in rows[:RECENT]
     ]
