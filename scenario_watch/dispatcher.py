@@ -174,14 +174,14 @@ class Dispatcher:
         except (TransientError, ApiError) as exc:
             failed = ("submit", "cannot ask Scenario about the earlier job", "retry it again later")
             return self._api_fault(row, exc, "job.retry_lookup_failed", *failed)
-        self.store.adopted(row.file, row.file_sha256)
         if job is not None and (job.status == "success" or not job.final):
-            self.store.submitted(row.id, job_id, job.cost)
+            self.store.adopt(row.id, job_id, job.cost, row.file, row.file_sha256)
             logs.bind(job_id=job_id)
             log.info(
                 "job.adopted", status=job.status, note="the retried prompt's earlier job: not paid again"
             )
             return Advanced()
+        self.store.adopted(row.file, row.file_sha256)
         status = "unknown to Scenario" if job is None else job.status
         log.info(
             "job.retry_new", earlier_job_id=job_id, status=status, note="the earlier job did not succeed"

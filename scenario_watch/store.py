@@ -123,6 +123,35 @@ class Store:
         """The job id is known: from now on the prompt is polled, never resent."""
         self._transition(prompt_id, State.SUBMITTED, job_id=job_id, cost=cost, submitted_at=self.clock.wall())
 
+    def adopt(self, prompt_id: int, job_id: str, cost: float | None, file: str, sha256: str) -> None:
+        """A retried prompt takes over its failed attempt's job (one transaction: in one row, never lost)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "UPDATE prompts SET job_id = NULL WHERE job_id = ? AND state = ?", (job_id, State.FAILED)
+                )
+                self._db.execute("DELETE FROM adoptions WHERE file = ? AND sha256 = ?", (file, sha256))
+                cur = self._db.execute(
+                    "UPDATE prompts SET state = ?, job_id = ?, cost = ?, submitted_at = ?, updated_at = ?"
+                    " WHERE id = ? AND state = ?",
+                    (
+                        State.SUBMITTED,
+                        job_id,
+                        cost,
+                        self.clock.wall(),
+                        self.clock.wall(),
+                        prompt_id,
+                        State.QUEUED,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    raise TransitionRefused(f"prompt {prompt_id}: only a queued prompt adopts a job")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def back_to_queued(self, prompt_id: int) -> None:
         """The POST certainly created nothing: the prompt waits for its turn again."""
         self._transition(prompt_id, State.QUEUED)

@@ -206,7 +206,7 @@ def daemon(
     """Start daemons on the folders' config: processes, or (IN_PROCESS modules) in this process."""
     if in_process(request):
         with contextlib.ExitStack() as stack:
-            capture = stack.enter_context(contextlib.contextmanager(capture_logs)())
+            capture = stack.enter_context(capture_logs())
             here: list[HereDaemon] = []
 
             def start_here(*extra: str, env: dict[str, str] | None = None) -> HereDaemon:

@@ -8,6 +8,7 @@ real sandbox server, every file is real, and the real watchdog observer watches 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ class LogCapture:
             return list(self.entries)
 
 
+@contextlib.contextmanager
 def capture_logs() -> Iterator[LogCapture]:
     """Route structlog into a LogCapture for the duration (context variables merged, as the CLI does)."""
     saved = structlog.get_config()

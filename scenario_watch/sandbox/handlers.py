@@ -38,7 +38,8 @@ class RequestRecord:
     body: Any
     has_auth: bool
     status: int
-    time: float
+    time: float  # monotonic, this process's (latency benchmarks)
+    at: float  # wall, the sandbox's clock (a test's manual clock moves it)
 
 
 class Recorder:
@@ -209,6 +210,7 @@ class Handler(BaseHTTPRequestHandler):
             "Authorization" in self.headers,
             0,
             time.monotonic(),
+            ctx.world.clock(),
         )
         self._record_index = ctx.recorder.add(record)
         try:

@@ -1,0 +1,241 @@
+"""One owner for a prompt's life: the state table, checked transitions, the journal's migration, and the
+situations that used to lose paid work (credentials refused while jobs run, an unwritable outbox, a
+retried timeout, an answered 5xx). In-process on a manual clock shared with the sandbox."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Folders, cli_env, generate_posts, run_cli, wait_for, write_config
+from harness import capture_logs
+
+from scenario_watch.clock import ManualClock
+from scenario_watch.config import BudgetSettings, FolderSettings, HookSettings, JobSettings, WatchSettings
+from scenario_watch.finisher import Finisher
+from scenario_watch.hooks import HookRunner
+from scenario_watch.instance import InstanceLock, lock_path
+from scenario_watch.intake import Intake
+from scenario_watch.lifecycle import NEXT, TRANSITIONS, Advanced, State, Task, next_task
+from scenario_watch.recovery import recover
+from scenario_watch.sandbox import Fault, Sandbox
+from scenario_watch.scheduler import Scheduler
+from scenario_watch.status import build
+from scenario_watch.store import Store, TransitionRefused, journal_problem
+
+IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+
+def put_in_state(store: Store, state: State, tmp: Path) -> int:
+    """A prompt driven to `state` through the journal's own transitions."""
+    prompt_id = store.add(f"{state}.json", tmp / f"{state}.json")
+    path = {
+        State.CLAIMED: [],
+        State.QUEUED: ["queued"],
+        State.SUBMITTING: ["queued", "submitting"],
+        State.SUBMITTED: ["queued", "submitting", "submitted"],
+        State.DOWNLOADING: ["queued", "submitting", "submitted", "downloading"],
+        State.DONE: ["queued", "submitting", "submitted", "downloading", "done"],
+        State.FAILED: ["failed"],
+    }[state]
+    steps = {
+        "queued": lambda: store.queued(prompt_id, {"prompt": "p"}, "p", "0" * 64),
+        "submitting": lambda: store.submitting(prompt_id, {"prompt": "p"}, "2026-01-01T00:00:00.000Z"),
+        "submitted": lambda: store.submitted(prompt_id, f"job_{state}", 5.0),
+        "downloading": lambda: store.downloading(prompt_id, ["asset_1"], 5.0),
+        "done": lambda: store.done(prompt_id, ["p_1.png"]),
+        "failed": lambda: store.failed(prompt_id, "validate", "bad", None),
+    }
+    for step in path:
+        steps[step]()
+    assert store.get(prompt_id).state == state
+    return prompt_id
+
+
+def test_recovery_and_the_live_path_read_one_state_to_task_table(tmp_path: Path) -> None:
+    """Every state, walked through both: what recovery resumes is what the live path runs next."""
+    folders = FolderSettings(
+        inbox=tmp_path / "inbox",
+        outbox=tmp_path / "out",
+        done=tmp_path / "done",
+        failed=tmp_path / "failed",
+        state=tmp_path / "state",
+    )
+    for folder in (folders.inbox, folders.outbox, folders.done, folders.failed, folders.state):
+        folder.mkdir()
+    store = Store(folders.state / "journal.sqlite3")
+    ids = {state: put_in_state(store, state, tmp_path) for state in State}
+    assert set(NEXT) == set(State)  # the table covers every state
+    scheduler = Scheduler(JobSettings())
+    hooks = HookRunner(HookSettings(), store, folders.outbox, {"PATH": "/usr/bin"})
+    recover(
+        folders=folders,
+        store=store,
+        finisher=Finisher(folders, store, hook=hooks),
+        scheduler=scheduler,
+        intake=Intake(folders.inbox, folders.state, WatchSettings(), lambda path, moved: None, {}),
+        hooks=hooks,
+        now=0.0,
+    )
+    recovered = dict(scheduler.due(0.0)) | {pid: Task.SUBMIT for pid in scheduler.waiting}
+    for state, prompt_id in ids.items():
+        row = store.get(prompt_id)
+        if state in (State.DONE, State.FAILED):  # filed by recovery (nothing was claimed): nothing left
+            assert next_task(row) is None and row.final_path is not None
+            continue
+        assert recovered[prompt_id] == NEXT[state] == next_task(row), state
+        live = Scheduler(JobSettings())  # the live path: the same row's next task after an Advanced
+        live.busy.add(prompt_id)
+        live.after(prompt_id, Task.ACCEPT, Advanced(), next_task(row), 0.0)
+        handed = dict(live.due(10.0)) | {pid: Task.SUBMIT for pid in live.waiting}
+        assert handed[prompt_id] == NEXT[state], state
+    hooks.close(0.0)
+    store.close()
+
+
+def test_a_transition_the_table_does_not_allow_is_refused_and_logged(tmp_path: Path) -> None:
+    store = Store(tmp_path / "journal.sqlite3")
+    done = put_in_state(store, State.DONE, tmp_path)
+    with capture_logs() as logs:
+        with pytest.raises(TransitionRefused):
+            store.failed(done, "timeout", "late", None)  # done is final: nothing may follow it
+        with pytest.raises(TransitionRefused):
+            store.downloading(put_in_state(store, State.QUEUED, tmp_path), [], None)  # skips submitting
+    refused = [e for e in logs.events() if e["event"] == "journal.transition_refused"]
+    assert [(e["state"], e["to"]) for e in refused] == [("done", "failed"), ("queued", "downloading")]
+    assert store.get(done).state == State.DONE
+    assert all(State.DONE not in sources and State.FAILED not in sources for sources in TRANSITIONS.values())
+    store.close()
+
+
+def test_journal_errors_say_full_locked_or_other() -> None:
+    assert "full" in journal_problem(sqlite3.OperationalError("database or disk is full"))
+    assert "locked" in journal_problem(sqlite3.OperationalError("database is locked"))
+    assert "cannot be written" in journal_problem(sqlite3.OperationalError("disk I/O error"))
+
+
+# -- paid work is never lost --------------------------------------------------------------------------
+
+
+def test_credentials_refused_while_six_jobs_run_delays_them_and_loses_none(
+    folders: Folders, sandbox: Sandbox, daemon: Any, clock: ManualClock
+) -> None:
+    """401 for 20 s, [jobs] timeout = 12, 6 paid jobs running: all 6 delivered, none failed or paid twice."""
+    write_config(
+        folders, sandbox.base_url, jobs={"timeout": 12.0, "poll_interval": 1.0, "poll_max_interval": 3.0}
+    )
+    sandbox.generation_seconds = 5.0
+    folders.state.mkdir()
+    lock = InstanceLock.acquire(lock_path(folders.state, "journal.sqlite3"))  # status sees it running
+    try:
+        proc = daemon()
+        for n in range(6):
+            folders.drop(f"c{n}.json", {"prompt": f"credentials {n}"})
+        wait_for(lambda: len(sandbox.generate_jobs) == 6, what="six jobs paid")
+        sandbox.inject(Fault(route="any", kind="status", status=401, times=-1, reason="Unauthorized"))
+        refused_at = clock.wall()
+        wait_for(lambda: clock.wall() - refused_at > 20, what="20 s of refused credentials")
+        report = build(
+            Store(folders.state / "journal.sqlite3"),
+            lock_path(folders.state, "journal.sqlite3"),
+            BudgetSettings(),
+            clock.wall(),
+        )
+        waits = [job["waiting_for"] or "" for job in report["jobs"]]
+        assert len(waits) == 6 and all(w.startswith("credentials") for w in waits), report["jobs"]
+        assert folders.names(folders.failed) == []
+        sandbox.clear_faults()
+        wait_for(lambda: len(folders.names(folders.done)) == 6, what="all six delivered")
+        assert folders.names(folders.failed) == [] and len(sandbox.generate_jobs) == 6
+        assert len(generate_posts(sandbox)) == 6  # nothing paid twice
+        errors = [e for e in proc.events() if e.get("level") == "error"]
+        assert [e["event"] for e in errors] == ["api.auth_failed"], errors  # one line names the cause
+        assert proc.saw("api.auth_restored")
+    finally:
+        lock.release()
+
+
+@pytest.fixture
+def read_only_outbox(folders: Folders) -> Iterator[Callable[[str], None]]:
+    """The outbox as a tmpfs that the test can remount read-only and back (root only)."""
+    folders.outbox.mkdir(exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folders.outbox)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root only): {mounted.stderr.decode().strip()}")
+
+    def remount(mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(folders.outbox)], check=True)
+
+    yield remount
+    subprocess.run(["umount", "-l", str(folders.outbox)], check=False)
+
+
+def test_an_outbox_made_read_only_pays_for_nothing_until_writable(
+    folders: Folders, sandbox: Sandbox, daemon: Any, read_only_outbox: Any
+) -> None:
+    proc = daemon()
+    read_only_outbox("ro")
+    for n in range(3):
+        folders.drop(f"ro{n}.json", {"prompt": f"read-only {n}"})
+    wait_for(lambda: proc.saw("output.unwritable"), what="the outbox said unwritable")
+    wait_for(lambda: len(proc.daemon.scheduler.waiting) == 3, what="three prompts held back")
+    assert sandbox.generate_jobs == []  # 0 paid
+    read_only_outbox("rw")
+    wait_for(lambda: len(folders.names(folders.done)) == 3, what="three delivered")
+    assert len(sandbox.generate_jobs) == 3 and folders.names(folders.failed) == []
+
+
+def test_retrying_a_timed_out_prompt_delivers_its_job_instead_of_paying_again(
+    folders: Folders, sandbox: Sandbox, daemon: Any, clock: ManualClock
+) -> None:
+    write_config(folders, sandbox.base_url, jobs={"timeout": 1.0})
+    sandbox.generation_seconds = 60.0
+    daemon()
+    folders.drop("slow.json", {"prompt": "slower than the timeout"})
+    wait_for(lambda: (folders.failed / "slow.json").exists(), what="timed out")
+    report = json.loads((folders.failed / "slow.error.json").read_text())
+    assert report["stage"] == "timeout" and report["jobId"] == sandbox.generate_jobs[0]
+    clock.advance(60.0)  # meanwhile the job finished at Scenario
+    retried = run_cli("retry", "-c", str(folders.config), "slow", env=cli_env())
+    assert retried.returncode == 0 and "asked about first" in retried.stdout, retried.stdout
+    wait_for(lambda: (folders.done / "slow.json").exists(), timeout=30, what="delivered from the first job")
+    manifest = json.loads((folders.outbox / "slow.manifest.json").read_text())
+    assert manifest["jobId"] == sandbox.generate_jobs[0] and len(sandbox.generate_jobs) == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "quiet"),
+    [
+        # The server answered (a 502 with a body): its work on the request is over; a listing settles it.
+        (Fault(route="generate", kind="status", status=502), (0.0, 10.0)),
+        # A reset after sending: a job may still be in the making; the long quiet period holds.
+        (Fault(route="generate", kind="reset"), (180.0, 200.0)),
+    ],
+)
+def test_the_quiet_period_before_a_resend_fits_what_happened(
+    folders: Folders,
+    sandbox: Sandbox,
+    daemon: Any,
+    clock: ManualClock,
+    fault: Fault,
+    quiet: tuple[float, float],
+) -> None:
+    write_config(folders, sandbox.base_url, api={"lost_answer_wait": 180.0}, jobs={"timeout": 900.0})
+    sandbox.inject(fault)  # not `after`: nothing was created, so the prompt must be sent again, once
+    daemon()
+    folders.drop("q.json", {"prompt": "lost once"})
+    wait_for(lambda: (folders.done / "q.json").exists(), what="done")
+    posts = generate_posts(sandbox)
+    assert len(posts) == 2 and len(sandbox.generate_jobs) == 1
+    gap = posts[1].at - posts[0].at
+    assert quiet[0] <= gap <= quiet[1], gap
