@@ -251,9 +251,9 @@ def _reencode(
     if survey.frames > 1:
         changes.append(f"took the first of {survey.frames} frames (animated {fmt}): uploaded as a still")
     sampling = JpegImagePlugin.get_sampling(img) if fmt in ("JPEG", "MPO") else -1
-    out = to_srgb(img, survey.profile, survey.profile_name, changes, depth16=survey.depth16)
+    out = _release(img, to_srgb(img, survey.profile, survey.profile_name, changes, depth16=survey.depth16))
     if survey.orientation in ORIENTATIONS:
-        out = out.transpose(ORIENTATIONS[survey.orientation])
+        out = _release(out, out.transpose(ORIENTATIONS[survey.orientation]))
         changes.append(f"rotated upright (EXIF orientation {survey.orientation})")
     elif survey.orientation not in (None, 1):
         changes.append(f"ignored an invalid EXIF orientation ({survey.orientation})")
@@ -262,9 +262,9 @@ def _reencode(
         oriented = source_size[::-1] if survey.orientation in (5, 6, 7, 8) else source_size
         target = _fit(oriented, max_side)
         if out.mode == "1":
-            out = out.convert("L")  # Pillow resizes bilevel images by nearest neighbour only
+            out = _release(out, out.convert("L"))  # Pillow resizes bilevel images by nearest neighbour only
         if out.size != target:
-            out = out.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            out = _release(out, out.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0))
         changes.append(f"downscaled {oriented[0]}x{oriented[1]} → {out.size[0]}x{out.size[1]}")
     _note_metadata(survey, changes)
     buffer = io.BytesIO()
@@ -276,6 +276,13 @@ def _reencode(
     out.save(buffer, "PNG", compress_level=PNG_COMPRESSION)
     changes.append("re-encoded as PNG" + ("" if fmt == "PNG" else f" (from {fmt})"))
     return Normalized(buffer.getvalue(), "image/png", changes, sha)
+
+
+def _release(old: Image.Image, new: Image.Image) -> Image.Image:
+    """``new``, with the pixels of ``old`` freed now rather than at the end (memory: 10 in flight)."""
+    if new is not old:
+        old.close()
+    return new
 
 
 def _strip(img: Image.Image, data: bytes, survey: _Survey, sha: str) -> Normalized:
