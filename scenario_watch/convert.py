@@ -11,7 +11,9 @@ from PIL import Image, ImageCms, UnidentifiedImageError
 from .errors import BadImage
 
 # Only the formats Scenario accepts: never let Pillow guess among its other plugins (EPS, PSD...).
-FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "AVIF")
+# AVIF where this Pillow has the plugin (11.2 on).
+Image.init()
+FORMATS = tuple(name for name in ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "AVIF") if name in Image.OPEN)
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 Target = Literal["original", "png", "jpeg", "webp"]
 TARGET_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

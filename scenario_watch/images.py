@@ -21,7 +21,8 @@ MAX_PIXELS = 120_000_000
 # twice it, both of which normalize() reports as too large.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 DECODABLE = {"image/png", "image/jpeg", "image/gif", "image/webp", "image/tiff"} | (
-    {"image/avif"} if features.check_module("avif") else set()
+    # Pillow decodes AVIF from 11.2 on, when built with libavif (its wheels are)
+    {"image/avif"} if "avif" in features.modules and features.check_module("avif") else set()
 )
 JPEG_QUALITY = 95
 PNG_COMPRESSION = 6
@@ -249,7 +250,12 @@ def _reencode(
     changes: list[str] = []
     fmt = img.format or ""
     if survey.frames > 1:
-        changes.append(f"took the first of {survey.frames} frames (animated {fmt}): uploaded as a still")
+        what = (
+            f"{survey.frames} pages (multi-page TIFF)"
+            if fmt == "TIFF"
+            else f"{survey.frames} frames (animated {fmt})"
+        )
+        changes.append(f"took the first of {what}: uploaded as a still")
     sampling = JpegImagePlugin.get_sampling(img) if fmt in ("JPEG", "MPO") else -1
     out = _release(img, to_srgb(img, survey.profile, survey.profile_name, changes, depth16=survey.depth16))
     if survey.orientation in ORIENTATIONS:

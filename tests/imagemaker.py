@@ -91,9 +91,8 @@ def exif_block(orientation: int | None = None, gps: bool = False, camera: str = 
     exif[0x0110] = camera
     if orientation is not None:
         exif[0x0112] = orientation
-    if gps:
-        position = exif.get_ifd(0x8825)
-        position.update({1: "N", 2: (52.0, 22.0, 1.5), 3: "E", 4: (4.0, 53.0, 0.0)})
+    if gps:  # a dict, not get_ifd().update(): Pillow 11.0 writes only the former
+        exif[0x8825] = {1: "N", 2: (52.0, 22.0, 1.5), 3: "E", 4: (4.0, 53.0, 0.0)}
     return exif.tobytes()
 
 
