@@ -69,6 +69,7 @@ class _Survey:
     profile_name: str = ""
     depth16: bool = False
     frames: int = 1
+    upright: bool = False  # Pillow has already turned the pixels (it does for TIFF, as it loads)
 
 
 def normalize(data: bytes, *, max_side: int = 0, name: str = "the image") -> Normalized:
@@ -99,9 +100,12 @@ def normalize(data: bytes, *, max_side: int = 0, name: str = "the image") -> Nor
         if width * height > MAX_PIXELS:
             raise _too_large(name, img.size)
         jpeg = img.format in ("JPEG", "MPO")
+        tiff_orientation = img.tag_v2.get(0x0112) if img.format == "TIFF" else None  # type: ignore[attr-defined]
         if not jpeg:  # PNG text chunks after the pixels (XMP, EXIF) are read as the pixels are
             _load(img, name, claimed)
         survey = _survey(img, data, name, png_kinds)
+        if tiff_orientation is not None:  # Pillow applied it and dropped the tag as it loaded
+            survey.orientation, survey.upright = tiff_orientation, True
         pixels = _needs_pixels(img, survey, max_side)
         if jpeg:
             if pixels and max_side:
@@ -134,7 +138,6 @@ def _survey(img: Image.Image, data: bytes, name: str, png_kinds: set[bytes]) -> 
         survey.exif = True
     if img.format == "TIFF":
         tags = img.tag_v2  # type: ignore[attr-defined]
-        survey.orientation = tags.get(0x0112)
         survey.exif = 0x8769 in tags or 0x8825 in tags
         survey.gps = 0x8825 in tags
         survey.xmp = 700 in tags
@@ -259,7 +262,8 @@ def _reencode(
     sampling = JpegImagePlugin.get_sampling(img) if fmt in ("JPEG", "MPO") else -1
     out = _release(img, to_srgb(img, survey.profile, survey.profile_name, changes, depth16=survey.depth16))
     if survey.orientation in ORIENTATIONS:
-        out = _release(out, out.transpose(ORIENTATIONS[survey.orientation]))
+        if not survey.upright:
+            out = _release(out, out.transpose(ORIENTATIONS[survey.orientation]))
         changes.append(f"rotated upright (EXIF orientation {survey.orientation})")
     elif survey.orientation not in (None, 1):
         changes.append(f"ignored an invalid EXIF orientation ({survey.orientation})")

@@ -22,7 +22,7 @@ from PIL import Image, ImageCms
 
 from scenario_watch import containers
 from scenario_watch.errors import BadImage, PromptError
-from scenario_watch.images import MAX_PIXELS, normalize
+from scenario_watch.images import DECODABLE, MAX_PIXELS, normalize
 
 ADOBE = icc_profile("Adobe RGB (1998)", ADOBE_RGB, ADOBE_GAMMA)
 SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -314,3 +314,63 @@ def test_the_errors_carry_the_way_out() -> None:
         normalize(encode(photo(16, 16), "JPEG", icc_profile=b"nonsense" * 20))
     assert caught.value.hint is not None and "normalize = false" in caught.value.hint
     assert str(caught.value).startswith("the image has a corrupt ICC colour profile")
+
+
+# --- container edge cases -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"progressive": True}, {"restart_marker_blocks": 1}, {"optimize": True, "subsampling": 0}],
+    ids=["progressive", "restart-markers", "optimized-444"],
+)
+def test_exif_is_stripped_losslessly_from_every_kind_of_jpeg(options: dict[str, object]) -> None:
+    picture = photo(96, 64)
+    clean = encode(picture, "JPEG", quality=85, **options)
+    tagged = encode(picture, "JPEG", quality=85, exif=exif_block(gps=True), **options)
+    result = normalize(tagged)
+    assert result.data == clean and result.changes == ["stripped EXIF (including the GPS location)"]
+
+
+def test_xmp_alone_is_stripped_from_a_jpeg() -> None:
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+    clean = encode(photo(32, 32), "JPEG")
+    result = normalize(encode(photo(32, 32), "JPEG", xmp=xmp))
+    assert result.data == clean and result.changes == ["stripped XMP"]
+
+
+def test_orientation_in_a_tiff_tag_is_applied() -> None:
+    data = encode(sideways_photo(), "TIFF", tiffinfo={0x0112: 6})
+    result = normalize(data)
+    img = assert_clean(result.data)
+    assert img.size == (48, 64) and img.getpixel((40, 8))[0] > 200
+    assert result.mime_type == "image/png" and "re-encoded as PNG (from TIFF)" in result.changes
+
+
+@pytest.mark.skipif("image/avif" not in DECODABLE, reason="this Pillow cannot decode AVIF")
+def test_a_clean_avif_is_left_alone_and_an_oriented_one_made_png() -> None:
+    clean = encode(photo(40, 30), "AVIF")
+    assert normalize(clean).data is clean
+    rotated = normalize(encode(sideways_photo(), "AVIF", exif=exif_block(orientation=6)))
+    assert decode(rotated.data).size == (48, 64) and rotated.mime_type == "image/png"
+
+
+def test_exif_with_a_tag_pointing_outside_the_block_is_corrupt() -> None:
+    good = exif_block()
+    # IFD0's first entry (the camera model, an ASCII string over 4 bytes) gets an offset far away.
+    broken = good[: 6 + 8 + 2 + 8] + b"\x00\x00\xff\xf0" + good[6 + 8 + 2 + 12 :]
+    assert "corrupt EXIF block" in bad(encode(photo(16, 16), "JPEG", exif=broken), "exif")
+
+
+def test_a_png_icc_profile_pillow_cannot_unpack_is_corrupt() -> None:
+    # Pillow drops an iCCP chunk whose zlib data is broken without a word; the colours would shift.
+    data = encode(photo(16, 16), "PNG")
+    chunks = containers.png_chunks(data)
+    iccp = containers.png_chunk(b"iCCP", b"Broken profile\x00\x00" + b"not zlib data")
+    data = data[: chunks[1].start] + iccp + data[chunks[1].start :]
+    assert "corrupt ICC colour profile" in bad(data, "icc")
+
+
+def test_normalising_is_deterministic() -> None:
+    data = encode(photo(64, 48), "JPEG", exif=exif_block(orientation=8), icc_profile=ADOBE)
+    assert normalize(data).data == normalize(data).data
