@@ -1,4 +1,4 @@
-"""Byte-level walks of PNG chunks, JPEG segments and RIFF (WebP) chunks: edit metadata, never pixels."""
+"""Byte-level walks of PNG chunks, JPEG segments, EXIF and RIFF (WebP) chunks: metadata, never pixels."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SOI, EOI, SOS = 0xD8, 0xD9, 0xDA
 # Markers without a length field: TEM, RST0-7, SOI, EOI.
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), SOI, EOI})
+# Bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ... IFD).
+TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 
 
 class Malformed(ValueError):
@@ -147,6 +149,35 @@ def jpeg_segment(marker: int, payload: bytes) -> bytes:
     if len(payload) > 0xFFFF - 2:
         raise ValueError(f"a JPEG segment holds at most 65533 bytes, not {len(payload)}")
     return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
+
+
+# --- EXIF ---------------------------------------------------------------------------------------
+
+
+def exif_summary(raw: bytes) -> tuple[int | None, bool]:
+    """(orientation, has GPS) from an EXIF block's first IFD; Malformed if its structure is broken."""
+    tiff = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+    if len(tiff) < 8 or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+        raise Malformed("no TIFF header")
+    order = "<" if tiff[:2] == b"II" else ">"
+    (offset,) = struct.unpack(order + "I", tiff[4:8])
+    if offset < 8 or offset + 2 > len(tiff):
+        raise Malformed("IFD0 outside the block")
+    (count,) = struct.unpack(order + "H", tiff[offset : offset + 2])
+    if offset + 2 + 12 * count + 4 > len(tiff):  # the entries, then the next IFD's offset
+        raise Malformed("IFD0 runs past the block")
+    orientation, gps = None, False
+    for i in range(count):
+        entry = offset + 2 + 12 * i
+        tag, kind, number, value = struct.unpack(order + "HHI4s", tiff[entry : entry + 12])
+        size = number * TIFF_TYPE_SIZES.get(kind, 0)
+        if size > 4 and struct.unpack(order + "I", value)[0] + size > len(tiff):
+            raise Malformed(f"tag {tag:#06x} points outside the block")
+        if tag == 0x0112 and kind == 3:  # SHORT
+            orientation = struct.unpack(order + "H", value[:2])[0]
+        elif tag == 0x8825:
+            gps = True
+    return orientation, gps
 
 
 # --- RIFF (WebP) --------------------------------------------------------------------------------

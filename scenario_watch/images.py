@@ -37,7 +37,6 @@ ORIENTATIONS = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 NAMES = {"image/heic": "HEIC", "image/heif": "HEIF", "image/avif": "AVIF", "image/webp": "WebP"}
 NORMALIZE_OFF = "or set [images] normalize = false to upload images exactly as they are"
 
@@ -132,7 +131,7 @@ def _survey(img: Image.Image, data: bytes, name: str, png_kinds: set[bytes]) -> 
         try:
             if not raw:
                 raw = bytes.fromhex("".join(str(text).split("\n")[3:]))
-            survey.orientation, survey.gps = _exif_summary(raw)
+            survey.orientation, survey.gps = containers.exif_summary(raw)
         except ValueError:  # Malformed, or hex that is not
             raise _corrupt_exif(name) from None
         survey.exif = True
@@ -167,32 +166,6 @@ def _survey(img: Image.Image, data: bytes, name: str, png_kinds: set[bytes]) -> 
     return survey
 
 
-def _exif_summary(raw: bytes) -> tuple[int | None, bool]:
-    """(orientation, has GPS) from an EXIF block's first IFD; Malformed if its structure is broken."""
-    tiff = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
-    if len(tiff) < 8 or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
-        raise Malformed("no TIFF header")
-    order = "<" if tiff[:2] == b"II" else ">"
-    (offset,) = struct.unpack(order + "I", tiff[4:8])
-    if offset < 8 or offset + 2 > len(tiff):
-        raise Malformed("IFD0 outside the block")
-    (count,) = struct.unpack(order + "H", tiff[offset : offset + 2])
-    if offset + 2 + 12 * count + 4 > len(tiff):  # the entries, then the next IFD's offset
-        raise Malformed("IFD0 runs past the block")
-    orientation, gps = None, False
-    for i in range(count):
-        entry = offset + 2 + 12 * i
-        tag, kind, number, value = struct.unpack(order + "HHI4s", tiff[entry : entry + 12])
-        size = number * TIFF_TYPE_SIZES.get(kind, 0)
-        if size > 4 and struct.unpack(order + "I", value)[0] + size > len(tiff):
-            raise Malformed(f"tag {tag:#06x} points outside the block")
-        if tag == 0x0112 and kind == 3:  # SHORT
-            orientation = struct.unpack(order + "H", value[:2])[0]
-        elif tag == 0x8825:
-            gps = True
-    return orientation, gps
-
-
 def _check_jpeg_exif(data: bytes, name: str) -> None:
     """Judge a JPEG's EXIF before Pillow does (it only warns, as it opens the file, and reads on)."""
     try:
@@ -203,7 +176,7 @@ def _check_jpeg_exif(data: bytes, name: str) -> None:
         payload = segment.payload(data)
         if segment.marker == 0xE1 and payload.startswith(b"Exif\x00\x00"):
             try:
-                _exif_summary(payload)
+                containers.exif_summary(payload)
             except Malformed:
                 raise _corrupt_exif(name) from None
             return  # Pillow reads the first EXIF segment only
