@@ -14,7 +14,10 @@ from .errors import BadImage
 # AVIF where this Pillow has the plugin (11.2 on).
 Image.init()
 FORMATS = tuple(name for name in ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "AVIF") if name in Image.OPEN)
-SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_SRGB = ImageCms.createProfile("sRGB")
+# Read once here, and each transform gets its own sRGB profile: Pillow builds transforms without
+# the GIL, and sharing one LittleCMS profile handle between threads is not something to rely on.
+SRGB_COLORANTS = (_SRGB.red_colorant, _SRGB.green_colorant, _SRGB.blue_colorant)
 Target = Literal["original", "png", "jpeg", "webp"]
 TARGET_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # From this quality up, JPEG chroma is kept at full resolution (as ImageMagick does): small
@@ -72,13 +75,11 @@ def profile_name(profile: ImageCms.ImageCmsProfile) -> str:
 
 def is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
     """Whether an ICC profile describes sRGB: an RGB matrix profile with sRGB's colorants."""
-    info, reference = profile.profile, SRGB.profile
+    info = profile.profile
     if info.xcolor_space.strip() != "RGB":
         return False
-    for ours, theirs in (
-        (info.red_colorant, reference.red_colorant),
-        (info.green_colorant, reference.green_colorant),
-        (info.blue_colorant, reference.blue_colorant),
+    for ours, theirs in zip(
+        (info.red_colorant, info.green_colorant, info.blue_colorant), SRGB_COLORANTS, strict=True
     ):
         if ours is None or theirs is None:
             return False  # a LUT profile: converting it is always right, if sometimes needless
@@ -122,7 +123,7 @@ def to_srgb(
             converted = ImageCms.profileToProfile(
                 colour,
                 profile,
-                SRGB,
+                ImageCms.createProfile("sRGB"),
                 renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
                 outputMode="RGB",
                 inPlace=in_place,
