@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from . import naming
 from .errors import ConfigError
 from .listen import is_loopback, split_listen
 from .logs import MASK
@@ -168,6 +170,30 @@ class MetricsSettings(_Section):
         return None if value is None else Path(os.path.abspath(value.expanduser()))
 
 
+class ImageSettings(_Section):
+    """[images]: what is done to input images before upload (images.py)."""
+
+    normalize: bool = True
+    max_side: int = Field(0, ge=0, le=65535)  # pixels; 0: no downscaling
+
+
+class OutboxSettings(_Section):
+    """[outbox]: how outputs are named, in which format, with what written into them."""
+
+    name: str = naming.DEFAULT
+    format: Literal["original", "png", "jpeg", "webp"] = "original"
+    quality: int = Field(90, ge=1, le=100)
+    metadata: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        try:
+            return naming.check(value)
+        except ConfigError as exc:  # reported with the key and where it came from, like any other
+            raise PydanticCustomError("name_template", str(exc)) from None
+
+
 class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -191,6 +217,9 @@ class Settings(BaseSettings):
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -35,6 +35,14 @@ class UnsafeFile(PromptError):
         self.kind = kind
 
 
+class BadImage(PromptError):
+    """An image that cannot be used as it is; ``reason`` says why (empty, truncated, damaged, exif...)."""
+
+    def __init__(self, reason: str, problem: str, hint: str | None = None) -> None:
+        super().__init__([problem], hint)
+        self.reason = reason
+
+
 class ApiError(ScenarioWatchError):
     """The Scenario API answered with an error status."""
 

@@ -72,7 +72,7 @@ function drawDaemon(daemon) {
 function drawSummary(report) {
   const counts = report.counts;
   $("n-running").textContent = counts.submitted + counts.downloading;
-  $("n-waiting").textContent = counts.claimed + counts.submitting;
+  $("n-waiting").textContent = counts.claimed + (counts.queued || 0) + counts.submitting;
   $("n-done").textContent = counts.done;
   $("n-failed").textContent = counts.failed;
   const budget = report.budget;
@@ -96,7 +96,7 @@ function jobTitle(job) {
 
 function drawJobs(jobs) {
   const running = jobs.filter((job) => job.state === "submitted" || job.state === "downloading");
-  const waiting = jobs.filter((job) => job.state === "claimed" || job.state === "submitting");
+  const waiting = jobs.filter((job) => ["claimed", "queued", "submitting"].includes(job.state));
   $("running").replaceChildren(
     ...running.map((job) =>
       el(
