@@ -101,6 +101,39 @@ def test_two_daemons_sharing_one_inbox_never_take_the_same_file(
     assert_each_finished_once(folders, sandbox, prompts)
 
 
+def test_two_daemons_on_one_outbox_deliver_every_paid_prompt_of_one_name(
+    folders: Folders, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """One file name dropped 12 times (each a new prompt) into an inbox two daemons share: 12/12 paid
+    prompts have all their images in the outbox, under names no other daemon took; 0 paid twice."""
+    second = tmp_path / "second.toml"
+    write_config(folders, sandbox.base_url)
+    second.write_text(folders.config.read_text().replace(str(folders.state), str(tmp_path / "state-b")))
+    a = DaemonProcess(folders.config, tmp_path / "a.log")
+    b = DaemonProcess(second, tmp_path / "b.log")
+    try:
+        for n in range(12):
+            folders.drop("same.json", {"prompt": f"crash same {n}", "numOutputs": 2})
+            wait_for(lambda: not (folders.inbox / "same.json").exists(), what="claimed before the next")
+        wait_for(lambda: len(folders.names(folders.done)) == 12, timeout=60, what="12 done")
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+    assert len(sandbox.generate_jobs) == 12 and len(generate_posts(sandbox)) == 12  # 0 paid twice
+    manifests = [json.loads(p.read_text()) for p in folders.outbox.glob("*.manifest.json")]
+    assert sorted(m["jobId"] for m in manifests) == sorted(sandbox.generate_jobs)  # 12/12 delivered
+    listed = set()
+    for manifest in manifests:
+        assert len(manifest["files"]) == 2
+        for entry in manifest["files"]:  # each file the manifest names is there, with that job's bytes
+            assert (folders.outbox / entry["file"]).read_bytes() == sandbox.asset_bytes(entry["assetId"])
+            listed.add(entry["file"])
+    assert len(listed) == 24 and folders.names(folders.failed) == []
+    assert sorted(
+        p.name for p in folders.outbox.iterdir() if not p.name.endswith(".manifest.json")
+    ) == sorted(listed)  # nothing else, no temp or marker left
+
+
 def test_leftover_temp_files_are_removed_at_start(folders: Folders, sandbox: Sandbox) -> None:
     folders.outbox.mkdir()
     leftover = folders.outbox / ".x_1.png.deadbeef.part"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,16 @@ import pytest
 from conftest import Folders, cli_env, generate_posts, run_cli, wait_for, write_config
 from harness import capture_logs
 
+from scenario_watch.client import ScenarioClient
 from scenario_watch.clock import ManualClock
-from scenario_watch.config import BudgetSettings, FolderSettings, HookSettings, JobSettings, WatchSettings
+from scenario_watch.config import (
+    MODEL_ID,
+    BudgetSettings,
+    FolderSettings,
+    HookSettings,
+    JobSettings,
+    WatchSettings,
+)
 from scenario_watch.finisher import Finisher
 from scenario_watch.hooks import HookRunner
 from scenario_watch.instance import InstanceLock, lock_path
@@ -239,3 +248,100 @@ def test_the_quiet_period_before_a_resend_fits_what_happened(
     assert len(posts) == 2 and len(sandbox.generate_jobs) == 1
     gap = posts[1].at - posts[0].at
     assert quiet[0] <= gap <= quiet[1], gap
+
+
+# -- the journal of the previous release ---------------------------------------------------------------
+
+# The journal of release 0.1 (before `queued`), as it created it.
+V0_SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompts (
+    id INTEGER PRIMARY KEY,
+    file TEXT NOT NULL,
+    claimed TEXT NOT NULL,
+    state TEXT NOT NULL,
+    inputs TEXT,
+    stem TEXT,
+    out_stem TEXT,
+    job_id TEXT UNIQUE,
+    submit_started TEXT,
+    submit_attempts INTEGER NOT NULL DEFAULT 0,
+    cost REAL,
+    asset_ids TEXT,
+    outputs TEXT,
+    refs TEXT,
+    stage TEXT, error TEXT, hint TEXT,
+    final_path TEXT,
+    progress REAL,
+    preset TEXT,
+    hook TEXT,
+    sent_at REAL,
+    lost_since TEXT,
+    download_attempts INTEGER NOT NULL DEFAULT 0,
+    claimed_at REAL NOT NULL,
+    submitted_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prompts_state ON prompts(state);
+CREATE TABLE IF NOT EXISTS uploads (
+    sha256 TEXT PRIMARY KEY,
+    asset_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orphans (
+    job_id TEXT PRIMARY KEY,
+    prompt_id INTEGER NOT NULL,
+    cost REAL,
+    found_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+def test_a_journal_of_the_previous_release_opens_migrated_and_resumes(
+    folders: Folders, sandbox: Sandbox, daemon: Any
+) -> None:
+    """Release 0.1 kept a checked prompt `claimed` with its inputs: it opens as `queued` and is sent;
+    a job it had submitted is polled and delivered, never sent again."""
+    client = ScenarioClient(sandbox.base_url, sandbox.key, sandbox.secret, model_id=MODEL_ID)
+    job, _ = client.generate({"prompt": "made by the old release"})
+    client.close()
+    claimed = folders.inbox / ".processing" / "old"
+    claimed.mkdir(parents=True)
+    folders.state.mkdir()
+    db = sqlite3.connect(folders.state / "journal.sqlite3")
+    db.executescript(V0_SCHEMA)
+    for n, (state, job_id) in enumerate([("claimed", None), ("submitted", job.job_id)]):
+        (claimed / f"old{n}.json").write_text(json.dumps({"prompt": f"old {n}"}))
+        db.execute(
+            "INSERT INTO prompts (file, claimed, state, inputs, stem, job_id, submit_attempts, claimed_at,"
+            " submitted_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            (
+                f"old{n}.json",
+                str(claimed / f"old{n}.json"),
+                state,
+                json.dumps({"prompt": f"old {n}"}),
+                f"old{n}",
+                job_id,
+                time.time(),
+                time.time() if job_id else None,
+                time.time(),
+            ),
+        )
+    db.commit()
+    db.close()
+    store = Store(folders.state / "journal.sqlite3")
+    assert [row.state for row in store.unfinished()] == [State.QUEUED, State.SUBMITTED]
+    store.close()
+    assert sqlite3.connect(folders.state / "journal.sqlite3").execute("PRAGMA user_version").fetchone() == (
+        1,
+    )
+    daemon()
+    wait_for(lambda: len(folders.names(folders.done)) == 2, what="both resumed and delivered")
+    assert len(sandbox.generate_jobs) == 2  # the old job, and one new job for the queued prompt
+    manifest = json.loads((folders.outbox / "old1.manifest.json").read_text())
+    assert manifest["jobId"] == job.job_id
