@@ -206,8 +206,12 @@ class Daemon:
     # -- the loop -------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """One iteration: claim what is ready, start what is due, keep the observer alive."""
+        """One iteration: claim what is ready, start what is due, keep the observer and workers alive."""
         try:
+            if not all(worker.is_alive() for worker in self.workers):  # one died of a BaseException
+                self.workers = [worker for worker in self.workers if worker.is_alive()]
+                log.error("worker.died", note="a worker thread ended; a new one takes its place")
+                self._add_worker()
             self._claim(now)
             if not self.stopping.is_set():
                 self.intake.tick(now)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from . import logs
 from .config import WatchSettings
-from .names import SkipLog
+from .names import SkipLog, is_json_name
 from .watcher import PROCESSING, Arrivals, Watcher, claim
 
 log = logs.get()
@@ -146,9 +146,10 @@ class Intake:
         """Files in the claim folders the journal does not know (a crash between claim and record)."""
         found = []
         for source in self.sources:
-            pattern = "*.json" if source.preset is None else "*"  # a preset folder takes images too
-            for path in sorted(source.processing.rglob(pattern)):
-                if path.is_file() and str(path) not in known:
+            for path in sorted(source.processing.rglob("*")):
+                # One rule for what a prompt file is (UPPER.JSON too); a preset folder takes images too.
+                wanted = source.preset is not None or is_json_name(path.name)
+                if wanted and path.is_file() and str(path) not in known:
                     found.append(
                         Claim(
                             source.name(source.folder / path.relative_to(source.processing)),
