@@ -194,15 +194,22 @@ def find_config(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
             raise ConfigError(f"config file {explicit} does not exist")
         return explicit
     if env.get("SCENARIO_WATCH_CONFIG"):
-        path = Path(env["SCENARIO_WATCH_CONFIG"]).expanduser()
+        path = _expand_home(Path(env["SCENARIO_WATCH_CONFIG"]), env)
         if not path.is_file():
             raise ConfigError(f"SCENARIO_WATCH_CONFIG names {path}, which does not exist")
         return path
     for candidate in CONFIG_SEARCH:
-        path = candidate.expanduser()
+        path = _expand_home(candidate, env)
         if path.is_file():
             return path
     return None
+
+
+def _expand_home(path: Path, env: Mapping[str, str]) -> Path:
+    """`~` against the HOME of `env` (the one load_settings was given), else the process's own."""
+    if path.parts[:1] == ("~",) and env.get("HOME"):
+        return Path(env["HOME"], *path.parts[1:])
+    return path.expanduser()
 
 
 def load_settings(
