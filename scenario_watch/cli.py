@@ -29,6 +29,7 @@ from .store import Store
 EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
 # The simulator's jobs and assets, kept beside its journal so a restarted `run --sandbox` resumes.
 SANDBOX_WORLD = "sandbox-world.json"
+IGNORED_CREDENTIALS = "ignoring real credentials: the sandbox needs none"
 
 DESCRIPTION = """\
 Turn a folder into a queue for Scenario's Gemini 3 Pro image-editing model.
@@ -140,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = logs.get()
     for warning in loaded.warnings:
         log.warning("config.warning", warning=warning)
+    if loaded.ignored_credentials:
+        log.info("sandbox.credentials_ignored", note=IGNORED_CREDENTIALS, sources=loaded.ignored_credentials)
     journal = SANDBOX_JOURNAL if args.sandbox else JOURNAL
     with _lock(settings.folders.state, journal):
         sandbox = None

@@ -1,0 +1,35 @@
+"""What a new user meets first (issue 18): the sandbox, the commands' edges, the messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Folders, cli_env, run_cli, write_config
+
+from scenario_watch.sandbox import Sandbox
+
+
+def test_run_sandbox_ignores_real_credentials_from_every_source(
+    tmp_path: Path, folders: Folders, sandbox: Sandbox
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "scenario-api-key").write_text("real-systemd-key\n")
+    (creds / "scenario-api-secret").write_text("real-systemd-secret\n")
+    write_config(folders, sandbox.base_url, api={"key": "real-toml-key", "secret": "real-toml-secret"})
+    env = cli_env(
+        SCENARIO_API_KEY="real-env-key",
+        SCENARIO_API_SECRET="real-env-secret",
+        SCENARIO_WATCH_API__KEY="real-nested-key",
+        SCENARIO_WATCH_API__SECRET="real-nested-secret",
+        CREDENTIALS_DIRECTORY=str(creds),
+    )
+    (folders.inbox / "p.json").write_text('{"prompt": "no account needed"}')
+    result = run_cli("run", "--once", "--sandbox", "-c", str(folders.config), env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert (folders.done / "p.json").exists(), out
+    assert out.count("ignoring real credentials: the sandbox needs none") == 1
+    for source in ("SCENARIO_API_KEY", "SCENARIO_WATCH_API__SECRET", "[api] key", "scenario-api-secret"):
+        assert source in out
+    assert "real-" not in out  # where they came from, never what they are
