@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from .status import JOURNAL, SANDBOX_JOURNAL
 from .store import Store
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141, as a shell reports a process killed by SIGPIPE
 # The simulator's jobs and assets, kept beside its journal so a restarted `run --sandbox` resumes.
 SANDBOX_WORLD = "sandbox-world.json"
 IGNORED_CREDENTIALS = "ignoring real credentials: the sandbox needs none"
@@ -52,15 +54,23 @@ exit codes: 0 ok, 1 a problem with your input, 2 a configuration or usage error.
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the command; the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         return int(args.handler(args))
     except ConfigError as exc:
         print(f"scenario-watch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:
+        # The reader left (`status | head`). Python's recipe: send what is still buffered to
+        # /dev/null so the flush at exit does not fail again, and exit as a process killed by
+        # SIGPIPE would (128 + 13, what `cat big | head` reports): `set -o pipefail` scripts can
+        # tell the output was cut short. SIGPIPE itself stays ignored: the daemon must not die of it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -321,6 +331,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
             for p in folders.failed.rglob("*.json")
             if not p.name.endswith(".error.json") and not p.name.startswith(".")
         )
+        if not names:
+            print(f"nothing to retry in {folders.failed}")
+            return EXIT_OK
     else:
         names = [n if n.endswith(".json") else f"{n}.json" for n in args.names]
     missing = 0

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import Folders, cli_env, run_cli, write_config
 
 from scenario_watch.sandbox import Sandbox
@@ -33,3 +37,43 @@ def test_run_sandbox_ignores_real_credentials_from_every_source(
     for source in ("SCENARIO_API_KEY", "SCENARIO_WATCH_API__SECRET", "[api] key", "scenario-api-secret"):
         assert source in out
     assert "real-" not in out  # where they came from, never what they are
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["status", "--json"],
+        ["config"],
+        ["config", "--json"],
+        ["validate", "{prompt}"],
+        ["estimate", "--sandbox", "{prompt}"],
+        ["retry", "--all"],
+    ],
+)
+def test_a_reader_that_leaves_early_gets_no_traceback(folders: Folders, command: list[str]) -> None:
+    """`status | head`: the pipe's reader is gone before the command writes (deterministically here)."""
+    prompt = folders.root / "p.json"
+    prompt.write_text('{"prompt": "x"}')
+    args = [part.format(prompt=prompt) for part in command] + ["-c", str(folders.config)]
+    read, write = os.pipe()
+    os.close(read)  # nobody will ever read: the first write fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "scenario_watch", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.returncode == 141, result.stderr
+
+
+def test_retry_all_with_nothing_failed_says_so(folders: Folders) -> None:
+    result = run_cli("retry", "--all", "-c", str(folders.config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"nothing to retry in {folders.failed}"
