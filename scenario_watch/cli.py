@@ -22,7 +22,7 @@ from .instance import InstanceLock, lock_path
 from .jobs import format_cost
 from .presets import prepare_file, select_preset
 from .prompt import rules_from_settings
-from .schema import BUILTIN, ModelSchema, parse_model
+from .schema import BUILTIN, ModelSchema, parse_model, show
 from .schema_source import cached_schema
 from .status import JOURNAL, SANDBOX_JOURNAL
 from .store import Store
@@ -216,7 +216,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             bad += 1
             print(f"{path}: cannot read: {exc.strerror}")
         else:
-            params = ", ".join(f"{k}={v}" for k, v in prompt.inputs.items() if k != "prompt")
+            # Values as JSON (the prompt file's language): useGoogleSearch=false, not Python's False.
+            params = ", ".join(f"{k}={show(v)}" for k, v in prompt.inputs.items() if k != "prompt")
             refs = f", {len(prompt.references)} reference(s)" if prompt.references else ""
             print(f"{path}: ok -> {prompt.stem}_N ({params or 'API defaults'}{refs})")
     return EXIT_INPUT if bad else EXIT_OK

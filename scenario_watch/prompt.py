@@ -198,9 +198,16 @@ def parse_prompt(data: bytes, *, name: str, base_dir: Path, rules: PromptRules) 
         if key not in values and (problem := check_value(schema, key, None)):
             problems.append(problem)
     stem = _stem(raw, name, problems)
+    try:
+        references = _references(values.pop(REFERENCES, None) or [], base_dir, rules.roots)
+    except PromptError as exc:
+        if not problems:
+            raise  # a missing file alone may still arrive (MissingReference)
+        # Every problem at once, references too: fixing one must not reveal the next. With other
+        # problems the file is invalid anyway, so a missing reference is not waited for.
+        raise PromptError(problems + exc.problems, hint=exc.hint) from None
     if problems:
         raise PromptError(problems)
-    references = _references(values.pop(REFERENCES, None) or [], base_dir, rules.roots)
     # Only what the schema lists reaches the API, in the schema's order.
     inputs = {key: values[key] for key in schema.inputs if key in values}
     return Prompt(inputs=inputs, stem=stem, references=references)

@@ -77,3 +77,22 @@ def test_retry_all_with_nothing_failed_says_so(folders: Folders) -> None:
     result = run_cli("retry", "--all", "-c", str(folders.config))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"nothing to retry in {folders.failed}"
+
+
+def test_validate_reports_every_problem_of_a_file(tmp_path: Path) -> None:
+    """numOutputs out of range used to hide the missing reference (found only after the first fix)."""
+    path = tmp_path / "two.json"
+    path.write_text('{"prompt": "x", "numOutputs": 9, "referenceImages": ["beach.jpg"]}')
+    result = run_cli("validate", str(path))
+    assert result.returncode == 1
+    assert "numOutputs: must be a whole number from 1 to 4 (got 9)" in result.stdout
+    assert "'beach.jpg' does not exist" in result.stdout, result.stdout
+
+
+def test_validate_shows_values_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "ok.json"
+    path.write_text('{"prompt": "x", "useGoogleSearch": false, "aspectRatio": "16:9", "numOutputs": 2}')
+    result = run_cli("validate", str(path))
+    assert result.returncode == 0, result.stdout
+    assert 'aspectRatio="16:9", useGoogleSearch=false, numOutputs=2)' in result.stdout, result.stdout
+    assert "False" not in result.stdout
