@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--preset", metavar="NAME", help="check images (or JSON files) as [presets.NAME] takes them"
     )
+    validate.add_argument(
+        "--sandbox", action="store_true", help="against the schema `run --sandbox` last saw (no account)"
+    )
     show = command(
         "status", "whether the daemon runs, each prompt in flight and what it waits for, spend", cmd_status
     )
@@ -125,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument(
         "--preset", metavar="NAME", help="price images (or JSON files) as [presets.NAME] takes them"
     )
-    estimate.add_argument("--sandbox", action="store_true", help="ask the built-in simulator")
+    estimate.add_argument(
+        "--sandbox", action="store_true", help="ask the built-in simulator: no credentials, no cost"
+    )
     config = command("config", "the effective settings and where each came from (secrets masked)", cmd_config)
     config.add_argument("--json", action="store_true", help="machine-readable output")
     sandbox = command("sandbox", "run the local Scenario API simulator alone", cmd_sandbox, config=False)
@@ -200,7 +205,9 @@ def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check prompt files offline, against the schema the daemon last fetched (else the built-in one)."""
     settings = _settings_or_none(args.config)
-    rules = rules_from_settings(settings, _schema(settings))
+    rules = rules_from_settings(
+        settings, _schema(settings, journal=SANDBOX_JOURNAL if args.sandbox else JOURNAL)
+    )
     preset = select_preset(settings, args.preset, rules.schema)
     bad = 0
     for path in args.files:
@@ -223,17 +230,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_INPUT if bad else EXIT_OK
 
 
-def _schema(settings: Settings | None, client: ScenarioClient | None = None) -> ModelSchema:
+def _schema(
+    settings: Settings | None, client: ScenarioClient | None = None, journal: str = JOURNAL
+) -> ModelSchema:
     """The model's schema: live if a client can ask, else as the daemon's journal cached it, else built in."""
     if client is not None:
         try:
             return parse_model(client.get_model(), "live", time.time())
         except (ScenarioWatchError, OSError, ValueError):
             pass
-    journal = settings.folders.state / JOURNAL if settings is not None else None
-    if journal is None or not journal.exists():
+    path = settings.folders.state / journal if settings is not None else None
+    if path is None or not path.exists():
         return BUILTIN
-    store = Store(journal)
+    store = Store(path)
     try:
         return cached_schema(store) or BUILTIN
     finally:
@@ -253,6 +262,14 @@ def _settings_or_none(config: Path | None) -> Settings | None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Price prompt files with a dry run, after the same checks as validate (against the live schema)."""
     loaded = load_settings(args.config, sandbox=args.sandbox)
+    if loaded.credentials is None:
+        raise ConfigError(
+            "estimate asks the Scenario API for a price (a dry run: nothing is generated or paid), which "
+            "needs credentials: set SCENARIO_API_KEY and SCENARIO_API_SECRET, or try "
+            "`scenario-watch estimate --sandbox FILE...` (the built-in simulator: no account, its own prices)"
+        )
+    if loaded.ignored_credentials:
+        print(f"scenario-watch: {IGNORED_CREDENTIALS}", file=sys.stderr)
     sandbox = None
     base_url = loaded.settings.api.base_url
     if args.sandbox:

@@ -96,3 +96,28 @@ def test_validate_shows_values_as_json(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout
     assert 'aspectRatio="16:9", useGoogleSearch=false, numOutputs=2)' in result.stdout, result.stdout
     assert "False" not in result.stdout
+
+
+def no_credentials() -> dict[str, str]:
+    return {k: v for k, v in cli_env().items() if not k.startswith("SCENARIO_API")}
+
+
+def test_estimate_and_validate_work_with_sandbox_and_no_account(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text('{"prompt": "x", "numOutputs": 2}')
+    priced = run_cli("estimate", "--sandbox", str(path), env=no_credentials())
+    assert priced.returncode == 0, priced.stdout + priced.stderr
+    assert "p.json: 10 creative units" in priced.stdout
+    checked = run_cli("validate", "--sandbox", str(path), env=no_credentials())
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "ok -> p_N" in checked.stdout
+
+
+def test_estimate_without_credentials_names_both_ways_out(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text('{"prompt": "x"}')
+    result = run_cli("estimate", str(path), env=no_credentials())
+    assert result.returncode == 2
+    assert "SCENARIO_API_KEY and SCENARIO_API_SECRET" in result.stderr
+    assert "scenario-watch estimate --sandbox" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
