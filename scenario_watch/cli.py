@@ -323,7 +323,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     while True:
         store = Store(path)
         try:
-            report = status.build(store, lock_path(state, path.name), settings.budget, time.time())
+            report = status.build(
+                store,
+                lock_path(state, path.name),
+                settings.budget,
+                time.time(),
+                reference_wait=settings.watch.reference_wait,
+            )
         finally:
             store.close()
         if args.json:
@@ -331,7 +337,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             if args.watch:
                 print("\x1b[H\x1b[2J", end="")  # clear the terminal: redraw in place
-            print(status.render(report, path, status.inbox_waiting(settings.folders.inbox)), flush=True)
+            waiting = status.inbox_waiting(settings.folders.inbox)
+            print(status.render(report, path, waiting, bars=args.watch), flush=True)
         if not args.watch:
             return EXIT_OK
         time.sleep(1.0)  # Ctrl-C ends it (main() turns KeyboardInterrupt into exit 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -20,6 +21,7 @@ MAX_REFERENCE_BYTES = 50 * 1024 * 1024
 MAX_NAME_LENGTH = 120
 NAME_RULE = "a plain file name without / or \\ (it names the outputs)"
 REFERENCES = "referenceImages"  # the input whose entries may be local files, uploaded before generate
+MISSING = "does not exist in"  # a missing reference file's problem: "'beach.jpg' does not exist in DIR"
 
 # Magic bytes of the image types Scenario accepts as references (AVIF and HEIC: see _iso_bmff).
 IMAGE_SIGNATURES = (
@@ -271,7 +273,7 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
         raise PromptError([problem]) from None
     except FileNotFoundError:
         raise MissingReference(
-            [f"referenceImages: {entry!r} does not exist in {path.parent}"],
+            [f"referenceImages: {entry!r} {MISSING} {path.parent}"],
             hint="drop the image into the inbox beside the prompt file, or fix the name",
         ) from None
     except OSError as exc:
@@ -282,6 +284,12 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
     if size > MAX_REFERENCE_BYTES:
         raise PromptError([f"referenceImages: {entry!r} is larger than {MAX_REFERENCE_BYTES >> 20} MiB"])
     return Reference(entry, path=target, mime_type=mime)  # the file that was checked is the one read
+
+
+def missing_reference_name(problem: str) -> str | None:
+    """The file a MissingReference problem names ("'beach.jpg' does not exist in ..."), else None."""
+    match = re.match(rf"(?:{REFERENCES}: )?('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\") {MISSING} ", problem)
+    return str(ast.literal_eval(match.group(1))) if match else None
 
 
 def image_type(head: bytes) -> str | None:

@@ -23,6 +23,8 @@ RECENT = 10
 # A heartbeat older than this while the lock is held: the daemon runs but does not answer.
 STALE_AFTER = 3 * HEARTBEAT_EVERY
 NOT_RUNNING = "the daemon to run"
+ESTIMATE_CAP = 0.99  # an estimate never says "done"
+BAR_WIDTH = 20
 
 
 def pick_journal(state: Path, sandbox: bool) -> tuple[Path, str | None]:
@@ -37,8 +39,13 @@ def pick_journal(state: Path, sandbox: bool) -> tuple[Path, str | None]:
     return real, None
 
 
-def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[str, Any]:
-    """The report: daemon, counts, jobs, budget, recent (the keys DESIGN.md promises)."""
+def build(
+    store: Store, lock: Path, budget: BudgetSettings, now: float, *, reference_wait: float | None = None
+) -> dict[str, Any]:
+    """The report: daemon, counts, jobs, budget, recent (the keys DESIGN.md promises).
+
+    `reference_wait` ([watch] reference_wait) says how long a prompt waits for a missing reference.
+    """
     running, pid = holder(lock)
     meta = store.get_meta(META_KEY)
     published: dict[str, Any] = json.loads(meta[0]) if meta else {}
@@ -52,7 +59,7 @@ def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[
             "heartbeat_age_s": round(now - beat, 1) if isinstance(beat, int | float) else None,
         },
         "counts": store.counts(),
-        "jobs": [_job(row, live, running, now) for row in store.active()],
+        "jobs": [_job(row, live, running, now, reference_wait) for row in store.active()],
         "budget": {
             "daily": budget.daily,
             "spent_today": round(store.spent_since(day_start(now)), 4),
@@ -62,26 +69,43 @@ def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[
     }
 
 
-def _job(row: Row, live: dict[str, Any], running: bool, now: float) -> dict[str, Any]:
+def _job(
+    row: Row, live: dict[str, Any], running: bool, now: float, reference_wait: float | None
+) -> dict[str, Any]:
+    progress = row.progress if row.state == State.SUBMITTED else None
     return {
         "name": row.file,
         "state": row.state.value,
         "job_id": row.job_id,
-        "progress": row.progress if row.state == State.SUBMITTED else None,
+        "progress": progress,
+        "progress_estimate": _estimate(row, live.get("typical"), now) if progress is None else None,
         "age_s": round(now - row.claimed_at, 1),
-        "waiting_for": _waiting_for(row, live, running),
+        "waiting_for": _waiting_for(row, live, running, reference_wait),
     }
 
 
-def _waiting_for(row: Row, live: dict[str, Any], running: bool) -> str | None:
+def _estimate(row: Row, typical: Any, now: float) -> float | None:
+    """How far a running job should be by now, from the generation time the daemon learned.
+
+    Learned polling asks once, when a job should be done, so until then the API's progress is unknown.
+    Capped below 1: a job is done only when Scenario says so.
+    """
+    if row.state != State.SUBMITTED or row.submitted_at is None:
+        return None
+    if not isinstance(typical, int | float) or typical <= 0:
+        return None
+    return round(min(ESTIMATE_CAP, max(0.0, now - row.submitted_at) / typical), 2)
+
+
+def _waiting_for(row: Row, live: dict[str, Any], running: bool, reference_wait: float | None) -> str | None:
     """Why a prompt not yet at Scenario waits (None: it is being worked on, or runs at Scenario)."""
     if row.state not in (State.CLAIMED, State.SUBMITTING):
         return None
     if not running:
         return NOT_RUNNING
     special = (live.get("waiting") or {}).get(str(row.id))
-    if special:
-        return str(special)
+    if special:  # a reference file that has not arrived (the only such wait the daemon publishes)
+        return f"{special} (up to {reference_wait:g} s)" if reference_wait is not None else str(special)
     if row.inputs is None:
         return None  # being validated right now
     return str(live.get("queue") or "a free slot")
@@ -103,8 +127,8 @@ def _recent(store: Store) -> list[dict[str, Any]]:
     ]
 
 
-def render(report: dict[str, Any], journal: Path, inbox_waiting: int) -> str:
-    """The report for a person, one fact a line."""
+def render(report: dict[str, Any], journal: Path, inbox_waiting: int, *, bars: bool = False) -> str:
+    """The report for a person, one fact a line (`bars`: a progress bar per running job, for --watch)."""
     daemon, budget = report["daemon"], report["budget"]
     age = daemon["heartbeat_age_s"]
     if daemon["running"]:
@@ -133,7 +157,7 @@ def render(report: dict[str, Any], journal: Path, inbox_waiting: int) -> str:
     if report["jobs"]:
         lines.append("jobs")
     for job in report["jobs"]:
-        progress = f"{job['progress']:.0%}" if job["progress"] is not None else "-"
+        progress = _progress(job, bars)
         line = f"  {job['state']:<12} {job['name']}  job={job['job_id'] or '-'}  {progress}"
         line += f"  {job['age_s']:.0f} s"
         if job["waiting_for"]:
@@ -149,6 +173,20 @@ def render(report: dict[str, Any], journal: Path, inbox_waiting: int) -> str:
         if item["hint"]:
             lines.append(f"      hint: {item['hint']}")
     return "\n".join(lines)
+
+
+def _progress(job: dict[str, Any], bar: bool) -> str:
+    """ "40 %" as the API said at the last poll, "~40 %" as estimated, "-" when neither is known."""
+    if job["progress"] is not None:
+        fraction, text = job["progress"], f"{job['progress']:.0%}".replace("%", " %")
+    elif job.get("progress_estimate") is not None:
+        fraction, text = job["progress_estimate"], "~" + f"{job['progress_estimate']:.0%}".replace("%", " %")
+    else:
+        return "-"
+    if not bar:
+        return text
+    filled = round(max(0.0, min(1.0, fraction)) * BAR_WIDTH)
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
 
 
 def _duration(seconds: float) -> str:

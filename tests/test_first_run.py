@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import Folders, cli_env, run_cli, write_config
+from conftest import Folders, StartDaemon, cli_env, run_cli, wait_for, write_config
 
 from scenario_watch.sandbox import Sandbox
 
@@ -121,3 +125,59 @@ def test_estimate_without_credentials_names_both_ways_out(tmp_path: Path) -> Non
     assert "SCENARIO_API_KEY and SCENARIO_API_SECRET" in result.stderr
     assert "scenario-watch estimate --sandbox" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def status_json(folders: Folders) -> dict[str, Any]:
+    result = run_cli("status", "--json", "-c", str(folders.config))
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_status_estimates_progress_from_the_learned_generation_time(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    """Learned polling asks once, when a job should be done: until then status estimates, and says so."""
+    sandbox.generation_seconds = 6.0
+    daemon()
+    folders.drop("first.json", {"prompt": "teach the daemon how long a generation takes"})
+    wait_for(lambda: (folders.done / "first.json").exists(), timeout=30, what="the first job done")
+    folders.drop("second.json", {"prompt": "now estimate me"})
+
+    def estimated() -> dict[str, Any] | None:
+        jobs = [job for job in status_json(folders)["jobs"] if job["progress_estimate"] is not None]
+        return jobs[0] if jobs else None
+
+    job = wait_for(estimated, timeout=10, what="a progress estimate")
+    assert job["name"] == "second.json" and job["state"] == "submitted"
+    assert job["progress"] is None  # the API's value: not asked yet
+    assert 0 <= job["progress_estimate"] <= 0.99
+    text = run_cli("status", "-c", str(folders.config)).stdout
+    assert re.search(r"second\.json  job=job_\w+  ~\d+ %", text), text
+    log = folders.root / "watch.out"
+    with log.open("w") as out:
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "scenario_watch", "status", "--watch", "-c", str(folders.config)],
+            env=cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            bar = re.compile(r"second\.json  job=job_\w+  \[#*\.*\] ~\d+ %")
+            wait_for(lambda: bar.search(log.read_text()), timeout=10, what="a progress bar")
+        finally:
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(10) == 0
+    assert re.search(r"\[[#.]{20}\]", log.read_text())
+
+
+def test_status_names_the_reference_a_prompt_waits_for(folders: Folders, daemon: StartDaemon) -> None:
+    daemon()
+    folders.drop("later.json", {"prompt": "x", "referenceImages": ["beach.jpg"]})
+
+    def waiting() -> str | None:
+        jobs = [job["waiting_for"] for job in status_json(folders)["jobs"]]
+        return jobs[0] if jobs and (jobs[0] or "").startswith("reference") else None
+
+    assert wait_for(waiting, what="the wait for beach.jpg") == "reference beach.jpg (up to 60 s)"
+    text = run_cli("status", "-c", str(folders.config)).stdout
+    assert "waiting for reference beach.jpg (up to 60 s)" in text, text
