@@ -52,6 +52,7 @@ def build(
     beat = published.get("heartbeat")
     live = published if running else {}  # a dead daemon's pauses and waits say nothing any more
     budget_until = live.get("budget_until")
+    active = store.active()
     return {
         "daemon": {
             "running": running,
@@ -59,13 +60,13 @@ def build(
             "heartbeat_age_s": round(now - beat, 1) if isinstance(beat, int | float) else None,
         },
         "counts": store.counts(),
-        "jobs": [_job(row, live, running, now, reference_wait) for row in store.active()],
+        "jobs": [_job(row, live, running, now, reference_wait) for row in active],
         "budget": {
             "daily": budget.daily,
             "spent_today": round(store.spent_since(day_start(now)), 4),
             "resumes_at": iso(budget_until) if budget_until else None,
         },
-        "recent": _recent(store),
+        "recent": _recent(store, active),
     }
 
 
@@ -111,7 +112,7 @@ def _waiting_for(row: Row, live: dict[str, Any], running: bool, reference_wait: 
     return str(live.get("queue") or "a free slot")
 
 
-def _recent(store: Store) -> list[dict[str, Any]]:
+def _recent(store: Store, active: list[Row]) -> list[dict[str, Any]]:
     rows = store.recent(State.DONE, RECENT) + store.recent(State.FAILED, RECENT)
     rows.sort(key=lambda row: row.finished_at or row.updated_at, reverse=True)
     return [
@@ -122,9 +123,22 @@ def _recent(store: Store) -> list[dict[str, Any]]:
             "job_id": row.job_id,
             "error": row.error,
             "hint": row.hint,
+            "retried": _retried(row, rows + active),
         }
         for row in rows[:RECENT]
     ]
+
+
+def _retried(row: Row, others: list[Row]) -> str | None:
+    """For a failure: the state of the latest prompt of the same name since (`retry` puts it back), or None.
+
+    Enough rows to see it: a later prompt that finished is newer than the failure, so it is among
+    the RECENT latest of its state whenever the failure is among the RECENT latest of all.
+    """
+    if row.state != State.FAILED:
+        return None
+    later = [other for other in others if other.file == row.file and other.id > row.id]
+    return max(later, key=lambda other: other.id).state.value if later else None
 
 
 def render(report: dict[str, Any], journal: Path, inbox_waiting: int, *, bars: bool = False) -> str:
@@ -167,6 +181,9 @@ def render(report: dict[str, Any], journal: Path, inbox_waiting: int, *, bars: b
         lines.append("recent")
     for item in report["recent"]:
         line = f"  {item['at']}  {item['state']:<6} {item['name']}"
+        if item.get("retried"):  # the failure is history: say what became of it, not how to fix it
+            lines.append(f"{line}  retried → {item['retried']}")
+            continue
         if item["error"]:
             line += f"  {item['error']}"
         lines.append(line)

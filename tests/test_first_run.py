@@ -181,3 +181,21 @@ def test_status_names_the_reference_a_prompt_waits_for(folders: Folders, daemon:
     assert wait_for(waiting, what="the wait for beach.jpg") == "reference beach.jpg (up to 60 s)"
     text = run_cli("status", "-c", str(folders.config)).stdout
     assert "waiting for reference beach.jpg (up to 60 s)" in text, text
+
+
+def test_recent_marks_a_failure_that_was_retried_and_since_done(folders: Folders) -> None:
+    (folders.inbox / "bad.json").write_text('{"prompt": "x", "numOutputs": 7}')
+    assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
+    [failed] = status_json(folders)["recent"]
+    assert failed["state"] == "failed" and failed["retried"] is None
+    (folders.failed / "bad.json").write_text('{"prompt": "x", "numOutputs": 2}')  # the person fixes it
+    assert run_cli("retry", "bad", "-c", str(folders.config)).returncode == 0
+    assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
+    recent = status_json(folders)["recent"]
+    assert [(item["name"], item["state"], item["retried"]) for item in recent] == [
+        ("bad.json", "done", None),
+        ("bad.json", "failed", "done"),
+    ]
+    text = run_cli("status", "-c", str(folders.config)).stdout
+    assert re.search(r"failed bad\.json  retried → done$", text, re.M), text
+    assert "numOutputs" not in text and "hint:" not in text  # nothing left to fix
