@@ -67,6 +67,8 @@ def test_the_suite_ignores_the_users_home_environment_and_working_directory(tmp_
             "no:cacheprovider",
             "--rootdir",
             str(TESTS.parent),
+            "--basetemp",
+            str(tmp_path / "inner"),  # its temp dirs stay inside this test's
             f"{TESTS / 'test_isolation.py'}::test_settings_a_test_sees_are_its_own",
             f"{TESTS / 'test_cli.py'}::test_example_toml_documents_every_key_with_its_default",
         ],
