@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import signal
 import sys
 import time
@@ -23,16 +24,18 @@ from .instance import InstanceLock, lock_path
 from .jobs import format_cost
 from .presets import prepare_file, select_preset
 from .prompt import rules_from_settings
-from .schema import BUILTIN, ModelSchema, parse_model
+from .schema import BUILTIN, ModelSchema, parse_model, show
 from .schema_source import cached_schema
 from .status import JOURNAL, SANDBOX_JOURNAL
 from .store import Store
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141, as a shell reports a process killed by SIGPIPE
 # The simulator's jobs and assets, kept beside its journal so a restarted `run --sandbox` resumes.
 SANDBOX_WORLD = "sandbox-world.json"
 # Failed at these stages, a prompt's job may have succeeded at Scenario: `retry` adopts it, never pays twice.
 RETRY_ADOPTS = frozenset({"timeout", "download"})
+IGNORED_CREDENTIALS = "ignoring real credentials: the sandbox needs none"
 
 DESCRIPTION = """\
 Turn a folder into a queue for Scenario's Gemini 3 Pro image-editing model.
@@ -55,15 +58,23 @@ exit codes: 0 ok, 1 a problem with your input, 2 a configuration or usage error.
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the command; the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         return int(args.handler(args))
     except ConfigError as exc:
         print(f"scenario-watch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:
+        # The reader left (`status | head`). Python's recipe: send what is still buffered to
+        # /dev/null so the flush at exit does not fail again, and exit as a process killed by
+        # SIGPIPE would (128 + 13, what `cat big | head` reports): `set -o pipefail` scripts can
+        # tell the output was cut short. SIGPIPE itself stays ignored: the daemon must not die of it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--preset", metavar="NAME", help="check images (or JSON files) as [presets.NAME] takes them"
     )
+    validate.add_argument(
+        "--sandbox", action="store_true", help="against the schema `run --sandbox` last saw (no account)"
+    )
     show = command(
         "status", "whether the daemon runs, each prompt in flight and what it waits for, spend", cmd_status
     )
@@ -118,7 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument(
         "--preset", metavar="NAME", help="price images (or JSON files) as [presets.NAME] takes them"
     )
-    estimate.add_argument("--sandbox", action="store_true", help="ask the built-in simulator")
+    estimate.add_argument(
+        "--sandbox", action="store_true", help="ask the built-in simulator: no credentials, no cost"
+    )
     config = command("config", "the effective settings and where each came from (secrets masked)", cmd_config)
     config.add_argument("--json", action="store_true", help="machine-readable output")
     sandbox = command("sandbox", "run the local Scenario API simulator alone", cmd_sandbox, config=False)
@@ -144,6 +160,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = logs.get()
     for warning in loaded.warnings:
         log.warning("config.warning", warning=warning)
+    if loaded.ignored_credentials:
+        log.info("sandbox.credentials_ignored", note=IGNORED_CREDENTIALS, sources=loaded.ignored_credentials)
     journal = SANDBOX_JOURNAL if args.sandbox else JOURNAL
     with _lock(settings.folders.state, journal):
         sandbox = None
@@ -191,7 +209,9 @@ def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check prompt files offline, against the schema the daemon last fetched (else the built-in one)."""
     settings = _settings_or_none(args.config)
-    rules = rules_from_settings(settings, _schema(settings))
+    rules = rules_from_settings(
+        settings, _schema(settings, journal=SANDBOX_JOURNAL if args.sandbox else JOURNAL)
+    )
     preset = select_preset(settings, args.preset, rules.schema)
     bad = 0
     for path in args.files:
@@ -207,23 +227,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
             bad += 1
             print(f"{path}: cannot read: {exc.strerror}")
         else:
-            params = ", ".join(f"{k}={v}" for k, v in prompt.inputs.items() if k != "prompt")
+            # Values as JSON (the prompt file's language): useGoogleSearch=false, not Python's False.
+            params = ", ".join(f"{k}={show(v)}" for k, v in prompt.inputs.items() if k != "prompt")
             refs = f", {len(prompt.references)} reference(s)" if prompt.references else ""
             print(f"{path}: ok -> {prompt.stem}_N ({params or 'API defaults'}{refs})")
     return EXIT_INPUT if bad else EXIT_OK
 
 
-def _schema(settings: Settings | None, client: ScenarioClient | None = None) -> ModelSchema:
+def _schema(
+    settings: Settings | None, client: ScenarioClient | None = None, journal: str = JOURNAL
+) -> ModelSchema:
     """The model's schema: live if a client can ask, else as the daemon's journal cached it, else built in."""
     if client is not None:
         try:
             return parse_model(client.get_model(), "live", time.time())
         except (ScenarioWatchError, OSError, ValueError):
             pass
-    journal = settings.folders.state / JOURNAL if settings is not None else None
-    if journal is None or not journal.exists():
+    path = settings.folders.state / journal if settings is not None else None
+    if path is None or not path.exists():
         return BUILTIN
-    store = Store(journal)
+    store = Store(path)
     try:
         return cached_schema(store) or BUILTIN
     finally:
@@ -243,6 +266,14 @@ def _settings_or_none(config: Path | None) -> Settings | None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Price prompt files with a dry run, after the same checks as validate (against the live schema)."""
     loaded = load_settings(args.config, sandbox=args.sandbox)
+    if loaded.credentials is None:
+        raise ConfigError(
+            "estimate asks the Scenario API for a price (a dry run: nothing is generated or paid), which "
+            "needs credentials: set SCENARIO_API_KEY and SCENARIO_API_SECRET, or try "
+            "`scenario-watch estimate --sandbox FILE...` (the built-in simulator: no account, its own prices)"
+        )
+    if loaded.ignored_credentials:
+        print(f"scenario-watch: {IGNORED_CREDENTIALS}", file=sys.stderr)
     sandbox = None
     base_url = loaded.settings.api.base_url
     if args.sandbox:
@@ -296,7 +327,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     while True:
         store = Store(path)
         try:
-            report = status.build(store, lock_path(state, path.name), settings.budget, time.time())
+            report = status.build(
+                store,
+                lock_path(state, path.name),
+                settings.budget,
+                time.time(),
+                reference_wait=settings.watch.reference_wait,
+            )
         finally:
             store.close()
         if args.json:
@@ -304,7 +341,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             if args.watch:
                 print("\x1b[H\x1b[2J", end="")  # clear the terminal: redraw in place
-            print(status.render(report, path, status.inbox_waiting(settings.folders.inbox)), flush=True)
+            waiting = status.inbox_waiting(settings.folders.inbox)
+            print(status.render(report, path, waiting, bars=args.watch), flush=True)
         if not args.watch:
             return EXIT_OK
         time.sleep(1.0)  # Ctrl-C ends it (main() turns KeyboardInterrupt into exit 0)
@@ -322,6 +360,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
             for p in folders.failed.rglob("*.json")
             if not p.name.endswith(".error.json") and not p.name.startswith(".")
         )
+        if not names:
+            print(f"nothing to retry in {folders.failed}")
+            return EXIT_OK
     else:
         names = [n if n.endswith(".json") else f"{n}.json" for n in args.names]
     missing = 0

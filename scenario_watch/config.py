@@ -243,6 +243,8 @@ class Loaded:
     path: Path | None
     origins: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Where real credentials were found and left unused (a sandbox run needs none): names, never values.
+    ignored_credentials: list[str] = field(default_factory=list)
 
     @property
     def credentials(self) -> tuple[str, str] | None:
@@ -260,15 +262,22 @@ def find_config(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
             raise ConfigError(f"config file {explicit} does not exist")
         return explicit
     if env.get("SCENARIO_WATCH_CONFIG"):
-        path = Path(env["SCENARIO_WATCH_CONFIG"]).expanduser()
+        path = _expand_home(Path(env["SCENARIO_WATCH_CONFIG"]), env)
         if not path.is_file():
             raise ConfigError(f"SCENARIO_WATCH_CONFIG names {path}, which does not exist")
         return path
     for candidate in CONFIG_SEARCH:
-        path = candidate.expanduser()
+        path = _expand_home(candidate, env)
         if path.is_file():
             return path
     return None
+
+
+def _expand_home(path: Path, env: Mapping[str, str]) -> Path:
+    """`~` against the HOME of `env` (the one load_settings was given), else the process's own."""
+    if path.parts[:1] == ("~",) and env.get("HOME"):
+        return Path(env["HOME"], *path.parts[1:])
+    return path.expanduser()
 
 
 def load_settings(
@@ -291,25 +300,29 @@ def load_settings(
     warnings: list[str] = []
 
     api = data.setdefault("api", {}) if isinstance(data.get("api", {}), dict) else {}
+    ignored: list[str] = []
     for name, env_name, file_name in (
         ("key", "SCENARIO_API_KEY", "scenario-api-key"),
         ("secret", "SCENARIO_API_SECRET", "scenario-api-secret"),
     ):
+        if sandbox:
+            ignored += _real_credentials(env, env_name, file_name, name, api, path)
+            api[name] = SANDBOX_KEY if name == "key" else SANDBOX_SECRET
+            origins[f"api.{name}"] = "sandbox"
+            continue
         value, origin = _credential(env, env_name, file_name)
         if value is not None:
             api[name] = value
             origins[f"api.{name}"] = origin
         elif name in api and path is not None and _readable_by_others(path):
             warnings.append(f"{path} holds api.{name} and is readable by other users: chmod 600 it")
-    if sandbox:
-        data.setdefault("api", {})
-        data["api"]["key"], data["api"]["secret"] = SANDBOX_KEY, SANDBOX_SECRET
-        origins["api.key"] = origins["api.secret"] = "sandbox"
 
     try:
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origins)) from exc
+    if sandbox:  # SCENARIO_WATCH_API__KEY outranks the file's values: the sandbox's own go in last
+        settings.api.key, settings.api.secret = SecretStr(SANDBOX_KEY), SecretStr(SANDBOX_SECRET)
     for name in ("key", "secret"):
         value = getattr(settings.api, name)
         if value is not None and not value.get_secret_value().isascii():
@@ -317,7 +330,7 @@ def load_settings(
             raise ConfigError(f"api.{name} (from {origins.get(f'api.{name}')}) has non-ASCII characters")
     if settings.jobs.poll_max_interval < settings.jobs.poll_interval:
         raise ConfigError("jobs.poll_max_interval must be at least jobs.poll_interval")
-    return Loaded(settings, path, origins, warnings)
+    return Loaded(settings, path, origins, warnings, ignored)
 
 
 def require_credentials(loaded: Loaded) -> tuple[str, str]:
@@ -350,6 +363,25 @@ def _credential(env: Mapping[str, str], env_name: str, file_name: str) -> tuple[
         if cred.is_file():
             return cred.read_text(encoding="utf-8").strip(), f"credential {file_name}"
     return None, ""
+
+
+def _real_credentials(
+    env: Mapping[str, str],
+    env_name: str,
+    file_name: str,
+    name: str,
+    api: Mapping[str, Any],
+    path: Path | None,
+) -> list[str]:
+    """Every place a real api.<name> was given (for a sandbox run to say it ignores them): names only."""
+    found = [f"env {env_name}"] if env.get(env_name) else []
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / file_name).is_file():
+        found.append(f"credential {file_name}")
+    if name in api:
+        found.append(f"file {path} [api] {name}")
+    found += [f"env {n}" for n in env if n.upper() == f"SCENARIO_WATCH_API__{name.upper()}"]
+    return found
 
 
 def _readable_by_others(path: Path) -> bool:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import logs
+from .prompt import missing_reference_name
 from .scheduler import Scheduler
 from .store import Store
 
@@ -31,6 +32,11 @@ HEARTBEAT_EVERY = 5.0
 def iso(wall: float) -> str:
     """A Unix time as ISO 8601 UTC, to the second (as status shows it)."""
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _reference(problem: str) -> str:
+    """What a prompt waits for: "reference beach.jpg" (the dispatcher keeps the whole problem text)."""
+    return f"reference {missing_reference_name(problem) or problem}"
 
 
 class Heartbeat:
@@ -84,9 +90,11 @@ class Heartbeat:
             "budget_until": wall(s.budget_until),
             "unwritable": s.unwritable,
             "queue": self._queue_reason(wall(s.paused_until), wall(s.budget_until)),
-            "waiting": {str(pid): f"reference {text}" for pid, text in self.awaiting_references.items()},
+            "waiting": {str(pid): _reference(text) for pid, text in self.awaiting_references.items()},
             "queued": len(s.waiting),
             "in_flight": len(s.slots),
+            # How long a generation takes, learned (None until a job finished): status estimates progress.
+            "typical": None if s.typical is None else round(s.typical, 2),
         }
 
     def _queue_reason(self, rate_limited_until: float | None, budget_until: float | None) -> str:

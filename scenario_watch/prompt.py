@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -20,6 +21,7 @@ MAX_REFERENCE_BYTES = 50 * 1024 * 1024
 MAX_NAME_LENGTH = 120
 NAME_RULE = "a plain file name without / or \\ (it names the outputs)"
 REFERENCES = "referenceImages"  # the input whose entries may be local files, uploaded before generate
+MISSING = "does not exist in"  # a missing reference file's problem: "'beach.jpg' does not exist in DIR"
 
 # Magic bytes of the image types Scenario accepts as references (AVIF and HEIC: see _iso_bmff).
 IMAGE_SIGNATURES = (
@@ -96,10 +98,7 @@ def parse_json(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
-        # Some messages already end in "at" ("Unterminated string starting at"): not "at at line 1".
-        where = f"line {exc.lineno} column {exc.colno}"
-        message = f"{exc.msg} {where}" if exc.msg.endswith(" at") else f"{exc.msg} at {where}"
-        raise PromptError([f"not valid JSON: {message}"]) from None
+        raise PromptError([f"not valid JSON: {json_problem(exc)}"]) from None
     except RecursionError:
         raise PromptError(["not a prompt: the JSON is nested too deeply"]) from None
     except ValueError as exc:
@@ -113,6 +112,55 @@ def parse_json(data: bytes) -> dict[str, Any]:
             hint='write a JSON object such as {"prompt": "a red fox"}',
         )
     return value
+
+
+# Python's JSON messages, said as what to look for: (what is wrong, what a person can do).
+JSON_MESSAGES = {
+    "Expecting ',' delimiter": ("expected ','", "a missing comma, quote or brace near here"),
+    "Expecting ':' delimiter": ("expected ':' after a key", "a missing colon or quote near here"),
+    "Expecting property name enclosed in double quotes": (
+        "expected a key in double quotes",
+        'a comma before a closing brace, or a key without "double quotes", near here',
+    ),
+    "Expecting value": (
+        "expected a value",
+        'a comma too many, a missing value, or text without "double quotes" near here',
+    ),
+    "Unterminated string starting at": ("a string starts here and never ends", "a missing closing quote"),
+    "Invalid control character at": (
+        "a line break or tab inside a string",
+        "write it as \\n or \\t, or close the string's quote",
+    ),
+    "Extra data": ("more text after the JSON object ends", "a brace too many, or a second object"),
+    "Invalid \\escape": ("a backslash that starts no escape", "write a backslash as \\\\ (or paths with /)"),
+    "Invalid \\uXXXX escape": ("a \\u escape without 4 hex digits", "write it as \\u00e9, or drop it"),
+}
+SHOW_LINE = 60  # characters of the offending line shown in the message
+
+
+def json_problem(exc: json.JSONDecodeError) -> str:
+    """A JSON syntax error for a person: where, what, what to look for, and the line itself."""
+    what, advice = JSON_MESSAGES.get(exc.msg, (exc.msg[:1].lower() + exc.msg[1:], "look near here"))
+    lines = exc.doc.splitlines() or [""]
+    line = lines[min(exc.lineno, len(lines)) - 1]
+    message = f"line {exc.lineno}, column {exc.colno}: {what} — {advice}: {_excerpt(line, exc.colno)}"
+    before = [number for number in range(exc.lineno - 1, 0, -1) if lines[number - 1].strip()]
+    if before and not line[: exc.colno - 1].strip():  # at the start of its line: the cause may end the last
+        last = lines[before[0] - 1]
+        message += f" (after line {before[0]}: {_excerpt(last, len(last))})"
+    return message
+
+
+def _excerpt(line: str, column: int) -> str:
+    """The line, shortened around `column` to SHOW_LINE characters."""
+    text = line.strip()
+    if len(text) > SHOW_LINE:
+        column -= len(line) - len(line.lstrip())
+        start = max(0, min(column - SHOW_LINE // 2, len(text) - SHOW_LINE))
+        end = start + SHOW_LINE
+        text = ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+    # A tab or other control character is shown escaped: a message stays one line.
+    return re.sub(r"[\x00-\x1f\x7f]", lambda match: repr(match.group())[1:-1], text)
 
 
 def prepare_prompt(path: Path, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
@@ -152,9 +200,16 @@ def parse_prompt(data: bytes, *, name: str, base_dir: Path, rules: PromptRules) 
         if key not in values and (problem := check_value(schema, key, None)):
             problems.append(problem)
     stem = _stem(raw, name, problems)
+    try:
+        references = _references(values.pop(REFERENCES, None) or [], base_dir, rules.roots)
+    except PromptError as exc:
+        if not problems:
+            raise  # a missing file alone may still arrive (MissingReference)
+        # Every problem at once, references too: fixing one must not reveal the next. With other
+        # problems the file is invalid anyway, so a missing reference is not waited for.
+        raise PromptError(problems + exc.problems, hint=exc.hint) from None
     if problems:
         raise PromptError(problems)
-    references = _references(values.pop(REFERENCES, None) or [], base_dir, rules.roots)
     # Only what the schema lists reaches the API, in the schema's order.
     inputs = {key: values[key] for key in schema.inputs if key in values}
     return Prompt(inputs=inputs, stem=stem, references=references)
@@ -218,7 +273,7 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
         raise PromptError([problem]) from None
     except FileNotFoundError:
         raise MissingReference(
-            [f"referenceImages: {entry!r} does not exist in {path.parent}"],
+            [f"referenceImages: {entry!r} {MISSING} {path.parent}"],
             hint="drop the image into the inbox beside the prompt file, or fix the name",
         ) from None
     except OSError as exc:
@@ -229,6 +284,12 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
     if size > MAX_REFERENCE_BYTES:
         raise PromptError([f"referenceImages: {entry!r} is larger than {MAX_REFERENCE_BYTES >> 20} MiB"])
     return Reference(entry, path=target, mime_type=mime)  # the file that was checked is the one read
+
+
+def missing_reference_name(problem: str) -> str | None:
+    """The file a MissingReference problem names ("'beach.jpg' does not exist in ..."), else None."""
+    match = re.match(rf"(?:{REFERENCES}: )?('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\") {MISSING} ", problem)
+    return str(ast.literal_eval(match.group(1))) if match else None
 
 
 def image_type(head: bytes) -> str | None:

@@ -21,15 +21,14 @@ from .store import Store
 
 JOURNAL, SANDBOX_JOURNAL = "journal.sqlite3", "sandbox.sqlite3"
 RECENT = 10
-# Done prompts whose times make the typical job length (progress_estimate), newest first.
-TYPICAL_OF = 20
-# An estimated bar stops short of full: only the API's answer says a job is done.
-ESTIMATE_CAP = 0.95
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 # A heartbeat older than this while the lock is held: the daemon runs but does not answer.
 STALE_AFTER = 3 * HEARTBEAT_EVERY
 NOT_RUNNING = "the daemon to run"
 CREDENTIALS_KEPT = "credentials (the API refuses them; the job is kept and delivered once they work)"
+ESTIMATE_CAP = 0.99  # an estimate never says "done"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+TYPICAL_OF = 20  # recent jobs whose median time stands in for a learned one
+BAR_WIDTH = 20
 
 
 def pick_journal(state: Path, sandbox: bool) -> tuple[Path, str | None]:
@@ -44,16 +43,22 @@ def pick_journal(state: Path, sandbox: bool) -> tuple[Path, str | None]:
     return real, None
 
 
-def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[str, Any]:
-    """The report: daemon, counts, jobs, budget, recent (the keys DESIGN.md promises)."""
+def build(
+    store: Store, lock: Path, budget: BudgetSettings, now: float, *, reference_wait: float | None = None
+) -> dict[str, Any]:
+    """The report: daemon, counts, jobs, budget, recent (the keys DESIGN.md promises).
+
+    `reference_wait` ([watch] reference_wait) says how long a prompt waits for a missing reference.
+    """
     running, pid = holder(lock)
     meta = store.get_meta(META_KEY)
     published: dict[str, Any] = json.loads(meta[0]) if meta else {}
     beat = published.get("heartbeat")
     live = published if running else {}  # a dead daemon's pauses and waits say nothing any more
     budget_until = live.get("budget_until")
-    done = store.recent(State.DONE, max(RECENT, TYPICAL_OF))
-    typical = _typical_seconds(done)
+    active = store.active()
+    if not live.get("typical"):  # nothing learned (or published) yet: the median of recent jobs
+        live = {**live, "typical": _typical_seconds(store.recent(State.DONE, TYPICAL_OF))}
     return {
         "daemon": {
             "running": running,
@@ -61,34 +66,32 @@ def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[
             "heartbeat_age_s": round(now - beat, 1) if isinstance(beat, int | float) else None,
         },
         "counts": store.counts(),
-        "jobs": [_job(row, live, running, now, typical) for row in store.active()],
+        "jobs": [_job(row, live, running, now, reference_wait) for row in active],
         "budget": {
             "daily": budget.daily,
             "spent_today": round(store.spent_since(day_start(now)), 4),
             "resumes_at": iso(budget_until) if budget_until else None,
         },
-        "recent": _recent(store, done[:RECENT]),
+        "recent": _recent(store, active),
     }
 
 
-def _job(row: Row, live: dict[str, Any], running: bool, now: float, typical: float | None) -> dict[str, Any]:
-    submitted = row.state == State.SUBMITTED
-    estimate = None
-    if submitted and typical and row.submitted_at is not None:
-        estimate = round(min(ESTIMATE_CAP, max(0.0, now - row.submitted_at) / typical), 3)
+def _job(
+    row: Row, live: dict[str, Any], running: bool, now: float, reference_wait: float | None
+) -> dict[str, Any]:
+    progress = row.progress if row.state == State.SUBMITTED else None
     return {
         "name": row.file,
         "state": row.state.value,
         "job_id": row.job_id,
-        "progress": row.progress if submitted else None,
+        "progress": progress,
+        "progress_estimate": _estimate(row, live.get("typical"), now) if progress is None else None,
         "age_s": round(now - row.claimed_at, 1),
-        "waiting_for": _waiting_for(row, live, running),
+        "waiting_for": _waiting_for(row, live, running, reference_wait),
         # For the live page (pictures are served by this id, never by a path).
         "id": row.id,
         "preset": row.preset,
         "prompt": _prompt_text(row),
-        # The time since submission against the typical job's (None: no job yet, or none done yet).
-        "progress_estimate": estimate,
     }
 
 
@@ -103,22 +106,35 @@ def _prompt_text(row: Row) -> str | None:
     return prompt if isinstance(prompt, str) else None
 
 
-def _waiting_for(row: Row, live: dict[str, Any], running: bool) -> str | None:
+def _estimate(row: Row, typical: Any, now: float) -> float | None:
+    """How far a running job should be by now, from the generation time the daemon learned.
+
+    Learned polling asks once, when a job should be done, so until then the API's progress is unknown.
+    Capped below 1: a job is done only when Scenario says so.
+    """
+    if row.state != State.SUBMITTED or row.submitted_at is None:
+        return None
+    if not isinstance(typical, int | float) or typical <= 0:
+        return None
+    return round(min(ESTIMATE_CAP, max(0.0, now - row.submitted_at) / typical), 2)
+
+
+def _waiting_for(row: Row, live: dict[str, Any], running: bool, reference_wait: float | None) -> str | None:
     """Why a prompt waits (None: it is being worked on, or runs at Scenario unhindered)."""
     if row.state in (State.SUBMITTED, State.DOWNLOADING):  # at Scenario, paid: only credentials hold it
         return CREDENTIALS_KEPT if running and live.get("auth_blocked") else None
     if not running:
         return NOT_RUNNING
     special = (live.get("waiting") or {}).get(str(row.id))
-    if special:
-        return str(special)
+    if special:  # a reference file that has not arrived (the only such wait the daemon publishes)
+        return f"{special} (up to {reference_wait:g} s)" if reference_wait is not None else str(special)
     if row.state == State.CLAIMED:
         return None  # being checked right now
     return str(live.get("queue") or "a free slot")
 
 
-def _recent(store: Store, done: list[Row]) -> list[dict[str, Any]]:
-    rows = done + store.recent(State.FAILED, RECENT)
+def _recent(store: Store, active: list[Row]) -> list[dict[str, Any]]:
+    rows = store.recent(State.DONE, RECENT) + store.recent(State.FAILED, RECENT)
     rows.sort(key=lambda row: row.finished_at or row.updated_at, reverse=True)
     return [
         {
@@ -128,6 +144,7 @@ def _recent(store: Store, done: list[Row]) -> list[dict[str, Any]]:
             "job_id": row.job_id,
             "error": row.error,
             "hint": row.hint,
+            "retried": _retried(row, rows + active),
             # For the live page: /picture/<id>/<n> for n <= outputs, /reference/<id>/<n> likewise.
             "id": row.id,
             "preset": row.preset,
@@ -140,8 +157,20 @@ def _recent(store: Store, done: list[Row]) -> list[dict[str, Any]]:
     ]
 
 
-def render(report: dict[str, Any], journal: Path, inbox_waiting: int) -> str:
-    """The report for a person, one fact a line."""
+def _retried(row: Row, others: list[Row]) -> str | None:
+    """For a failure: the state of the latest prompt of the same name since (`retry` puts it back), or None.
+
+    Enough rows to see it: a later prompt that finished is newer than the failure, so it is among
+    the RECENT latest of its state whenever the failure is among the RECENT latest of all.
+    """
+    if row.state != State.FAILED:
+        return None
+    later = [other for other in others if other.file == row.file and other.id > row.id]
+    return max(later, key=lambda other: other.id).state.value if later else None
+
+
+def render(report: dict[str, Any], journal: Path, inbox_waiting: int, *, bars: bool = False) -> str:
+    """The report for a person, one fact a line (`bars`: a progress bar per running job, for --watch)."""
     daemon, budget = report["daemon"], report["budget"]
     age = daemon["heartbeat_age_s"]
     if daemon["running"]:
@@ -170,7 +199,7 @@ def render(report: dict[str, Any], journal: Path, inbox_waiting: int) -> str:
     if report["jobs"]:
         lines.append("jobs")
     for job in report["jobs"]:
-        progress = f"{job['progress']:.0%}" if job["progress"] is not None else "-"
+        progress = _progress(job, bars)
         line = f"  {job['state']:<12} {job['name']}  job={job['job_id'] or '-'}  {progress}"
         line += f"  {job['age_s']:.0f} s"
         if job["waiting_for"]:
@@ -180,12 +209,29 @@ def render(report: dict[str, Any], journal: Path, inbox_waiting: int) -> str:
         lines.append("recent")
     for item in report["recent"]:
         line = f"  {item['at']}  {item['state']:<6} {item['name']}"
+        if item.get("retried"):  # the failure is history: say what became of it, not how to fix it
+            lines.append(f"{line}  retried → {item['retried']}")
+            continue
         if item["error"]:
             line += f"  {item['error']}"
         lines.append(line)
         if item["hint"]:
             lines.append(f"      hint: {item['hint']}")
     return "\n".join(lines)
+
+
+def _progress(job: dict[str, Any], bar: bool) -> str:
+    """ "40 %" as the API said at the last poll, "~40 %" as estimated, "-" when neither is known."""
+    if job["progress"] is not None:
+        fraction, text = job["progress"], f"{job['progress']:.0%}".replace("%", " %")
+    elif job.get("progress_estimate") is not None:
+        fraction, text = job["progress_estimate"], "~" + f"{job['progress_estimate']:.0%}".replace("%", " %")
+    else:
+        return "-"
+    if not bar:
+        return text
+    filled = round(max(0.0, min(1.0, fraction)) * BAR_WIDTH)
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
 
 
 def _duration(seconds: float) -> str:

@@ -22,6 +22,28 @@ from scenario_watch.clock import ManualClock
 from scenario_watch.sandbox import Sandbox
 
 KEY, SECRET = "sandbox-key", "sandbox-secret"
+# The base directories other programs (and a future scenario-watch) may read instead of HOME.
+XDG_DIRS = ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home of the test's own: the user's config, credentials and folders are never read or written.
+
+    HOME and the XDG base directories point into a temp dir, the working directory is that dir (so a
+    `./scenario-watch.toml` in the checkout is not found), and every SCENARIO_* variable and
+    $CREDENTIALS_DIRECTORY is removed: in-process settings and subprocesses (which inherit
+    os.environ, see cli_env) see only what a test sets.
+    """
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    for name in XDG_DIRS:
+        monkeypatch.setenv(name, str(home / name.lower()))
+    for name in list(os.environ):
+        if name.upper().startswith("SCENARIO_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(home)
+    return home
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

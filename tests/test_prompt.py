@@ -104,13 +104,25 @@ def test_nothing_outside_the_schema_reaches_the_inputs(tmp_path: Path) -> None:
     assert "seed" not in parse({"prompt": "x"}, tmp_path).inputs  # no seed is made up
 
 
-def test_json_errors_say_where(tmp_path: Path) -> None:
+def test_json_errors_say_where_what_to_look_for_and_show_the_line(tmp_path: Path) -> None:
     assert problems(b'{"prompt": "cut', tmp_path) == [
-        "not valid JSON: Unterminated string starting at line 1 column 12"
+        "not valid JSON: line 1, column 12: a string starts here and never ends — a missing closing quote: "
+        '{"prompt": "cut'
     ]
     assert problems(b'{"prompt" "x"}', tmp_path) == [
-        "not valid JSON: Expecting ':' delimiter at line 1 column 11"
+        "not valid JSON: line 1, column 11: expected ':' after a key — a missing colon or quote near here: "
+        '{"prompt" "x"}'
     ]
+    # The comma is missing at the end of line 1; Python notices on line 2: both are shown.
+    assert problems(b'{"prompt": "x"\n  "seed": 3}', tmp_path) == [
+        "not valid JSON: line 2, column 3: expected ',' — a missing comma, quote or brace near here: "
+        '"seed": 3} (after line 1: {"prompt": "x")'
+    ]
+    assert "a key in double quotes" in problems(b'{"prompt": "x",}', tmp_path)[0]
+    # A long line is cut around the fault; a tab stays escaped (one line per problem).
+    [long] = problems(b'{"prompt": "' + b"far " * 50 + b'" \t"seed": 1}', tmp_path)
+    assert long.endswith('far far " \\t"seed": 1}') and ": ...ar far" in long, long
+    assert len(long.partition("near here: ")[2]) <= 3 + 60 + 1  # "...", the excerpt, the escape's "\\"
 
 
 def test_a_missing_reference_alone_can_be_waited_for(tmp_path: Path) -> None:
