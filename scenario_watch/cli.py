@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -13,12 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs, status
+from . import __version__, logs, retry, status
 from .client import ScenarioClient
 from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
-from .files import move_no_clobber
-from .finisher import error_file_for
 from .health import cannot_write
 from .instance import InstanceLock, lock_path
 from .jobs import format_cost
@@ -33,8 +30,6 @@ EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141, as a shell reports a process killed by SIGPIPE
 # The simulator's jobs and assets, kept beside its journal so a restarted `run --sandbox` resumes.
 SANDBOX_WORLD = "sandbox-world.json"
-# Failed at these stages, a prompt's job may have succeeded at Scenario: `retry` adopts it, never pays twice.
-RETRY_ADOPTS = frozenset({"timeout", "download"})
 IGNORED_CREDENTIALS = "ignoring real credentials: the sandbox needs none"
 
 DESCRIPTION = """\
@@ -354,59 +349,17 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not args.names and not args.all:
         print("scenario-watch: name failed prompts to retry, or use --all", file=sys.stderr)
         return EXIT_CONFIG
-    if args.all:
-        names = sorted(
-            str(p.relative_to(folders.failed))
-            for p in folders.failed.rglob("*.json")
-            if not p.name.endswith(".error.json") and not p.name.startswith(".")
-        )
-        if not names:
-            print(f"nothing to retry in {folders.failed}")
-            return EXIT_OK
-    else:
-        names = [n if n.endswith(".json") else f"{n}.json" for n in args.names]
-    missing = 0
-    for name in names:
-        rel = Path(name)
-        src = folders.failed / rel
-        if rel.is_absolute() or ".." in rel.parts or not src.is_file():
-            print(f"{name}: not in {folders.failed}")
-            missing += 1
-            continue
-        error_file = error_file_for(src)
-        job_id = _paid_job(error_file)
-        if job_id is not None:  # its job may have finished: the daemon asks before paying again
-            _adopt_later(folders.state, rel, src, job_id)
-        dest = move_no_clobber(src, folders.inbox / rel.parent, rel.name)
-        error_file.unlink(missing_ok=True)
-        print(f"{name}: back in the inbox as {dest.relative_to(folders.inbox)}")
-        if job_id is not None:
-            print(f"{name}: its earlier job {job_id} is asked about first; it is delivered if it succeeded")
-    return EXIT_INPUT if missing else EXIT_OK
-
-
-def _paid_job(error_file: Path) -> str | None:
-    """The job of a prompt that failed after Scenario took it (timeout, download): it may have succeeded."""
-    try:
-        report = json.loads(error_file.read_text())
-    except (OSError, ValueError):
-        return None
-    job_id = report.get("jobId") if isinstance(report, dict) else None
-    return job_id if isinstance(job_id, str) and report.get("stage") in RETRY_ADOPTS else None
-
-
-def _adopt_later(state: Path, rel: Path, src: Path, job_id: str) -> None:
-    """Note in the journal that made the job: when this file comes back, ask about the job first."""
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    for name in (JOURNAL, SANDBOX_JOURNAL):
-        if not (state / name).exists():
-            continue
-        store = Store(state / name)
-        try:
-            if store.owns_job(job_id):
-                store.adopt_later(str(rel), digest, job_id)
-        finally:
-            store.close()
+    names = (
+        retry.everything(folders.failed)
+        if args.all
+        else [retry.name_in(folders.failed, n) for n in args.names]
+    )
+    if not names:
+        print(f"nothing to retry in {folders.failed}")
+        return EXIT_OK
+    lines = [line for name in names for line in retry.send_back(folders, name)]
+    print("\n".join(lines))
+    return EXIT_INPUT if any(line.endswith(f"not in {folders.failed}") for line in lines) else EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:

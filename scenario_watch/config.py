@@ -11,14 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from . import naming
 from .errors import ConfigError
-from .listen import is_loopback, split_listen
 from .logs import MASK
+from .sections import HttpSettings, ImageSettings, MetricsSettings, OutboxSettings, Section
 
 MODEL_ID = "model_google-gemini-pro-image-editing"
 SANDBOX_KEY = "sandbox-key"
@@ -31,7 +29,6 @@ NumOutputs = Annotated[int, Field(strict=True, ge=1, le=4)]
 SEED_MAX = 2147483647
 Seed = Annotated[int, Field(strict=True, ge=0, le=SEED_MAX)]
 StrictBool = Annotated[bool, Field(strict=True)]
-MIN_TOKEN = 16  # [http] token: shorter ones can be guessed over the network
 
 CONFIG_SEARCH = (
     Path("scenario-watch.toml"),
@@ -40,11 +37,7 @@ CONFIG_SEARCH = (
 )
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class ApiSettings(_Section):
+class ApiSettings(Section):
     base_url: str = "https://api.cloud.scenario.com/v1"
     model_id: str = MODEL_ID
     project_id: str | None = None
@@ -65,7 +58,7 @@ class ApiSettings(_Section):
         return value.rstrip("/")
 
 
-class FolderSettings(_Section):
+class FolderSettings(Section):
     inbox: Path = Path("~/scenario-watch/inbox")
     outbox: Path = Path("~/scenario-watch/outbox")
     done: Path = Path("~/scenario-watch/done")
@@ -78,7 +71,7 @@ class FolderSettings(_Section):
         return Path(os.path.abspath(value.expanduser()))
 
 
-class GenerateDefaults(_Section):
+class GenerateDefaults(Section):
     """Generate inputs applied where a prompt file is silent."""
 
     aspectRatio: AspectRatio | None = None
@@ -88,14 +81,14 @@ class GenerateDefaults(_Section):
     seed: Seed | None = None
 
 
-class JobSettings(_Section):
+class JobSettings(Section):
     max_in_flight: int = Field(8, ge=1, le=1000)
     poll_interval: float = Field(2.0, gt=0, le=3600)
     poll_max_interval: float = Field(15.0, gt=0, le=3600)
     timeout: float = Field(900.0, gt=0)
 
 
-class WatchSettings(_Section):
+class WatchSettings(Section):
     polling: bool | Literal["auto"] = "auto"
     settle: float = Field(2.0, ge=0, le=3600)
     rescan_interval: float = Field(60.0, gt=0)
@@ -124,7 +117,7 @@ class PresetSettings(BaseModel):
         return None if value is None else Path(os.path.abspath(value.expanduser()))
 
 
-class HookSettings(_Section):
+class HookSettings(Section):
     """Commands run after a prompt is filed (argv lists, no shell)."""
 
     on_done: list[str] = Field(default_factory=list)
@@ -132,69 +125,12 @@ class HookSettings(_Section):
     timeout: float = Field(60.0, gt=0, le=86400)
 
 
-class BudgetSettings(_Section):
+class BudgetSettings(Section):
     daily: float = Field(0.0, ge=0)  # creative units per UTC day; 0: no cap
     max_per_prompt: float = Field(0.0, ge=0)  # a prompt estimated above it fails; 0: no limit
 
 
-class HttpSettings(_Section):
-    """[http]: the listener for /metrics, /status.json and the live page (off unless `listen` is set)."""
-
-    listen: str | None = None  # HOST:PORT ([::1]:PORT for IPv6); port 0 takes a free one
-    token: SecretStr | None = None  # required unless `listen` is a loopback address
-
-    @field_validator("listen", "token")  # in this order, even when unset: `token` sees a checked `listen`
-    @classmethod
-    def _check(cls, value: Any, info: ValidationInfo) -> Any:
-        listen = value if info.field_name == "listen" else info.data.get("listen")
-        host = split_listen(listen)[0] if listen is not None else None
-        if info.field_name == "listen":
-            return value
-        if value is not None and len(value.get_secret_value()) < MIN_TOKEN:
-            raise ValueError(f"at least {MIN_TOKEN} characters (e.g. `openssl rand -hex 16`)")
-        # Anyone who can reach the port would see every prompt and picture: outside loopback, a token.
-        if host is not None and not is_loopback(host) and value is None:
-            raise ValueError(f"listen = {listen!r} is not a loopback address: set [http] token")
-        return value
-
-
-class MetricsSettings(_Section):
-    """[metrics]: the Prometheus text also written to a file (node_exporter's textfile collector)."""
-
-    textfile: Path | None = None
-    interval: float = Field(15.0, gt=0, le=86400)
-
-    @field_validator("textfile")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return None if value is None else Path(os.path.abspath(value.expanduser()))
-
-
-class ImageSettings(_Section):
-    """[images]: what is done to input images before upload (images.py)."""
-
-    normalize: bool = True
-    max_side: int = Field(0, ge=0, le=65535)  # pixels; 0: no downscaling
-
-
-class OutboxSettings(_Section):
-    """[outbox]: how outputs are named, in which format, with what written into them."""
-
-    name: str = naming.DEFAULT
-    format: Literal["original", "png", "jpeg", "webp"] = "original"
-    quality: int = Field(90, ge=1, le=100)
-    metadata: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        try:
-            return naming.check(value)
-        except ConfigError as exc:  # reported with the key and where it came from, like any other
-            raise PydanticCustomError("name_template", str(exc)) from None
-
-
-class LogSettings(_Section):
+class LogSettings(Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
 

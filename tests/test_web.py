@@ -17,8 +17,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from web_site import API_KEY, API_SECRET, Site
 
-from scenario_watch.config import HttpSettings, load_settings
+from scenario_watch.config import load_settings
 from scenario_watch.errors import ConfigError
+from scenario_watch.sections import HttpSettings
 from scenario_watch.web import Listener
 from scenario_watch.web.server import MAX_CONNECTIONS
 

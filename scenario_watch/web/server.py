@@ -21,10 +21,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .. import logs
-from ..config import FolderSettings, HttpSettings, Settings
+from ..config import FolderSettings, Settings
 from ..errors import ConfigError
 from ..listen import is_loopback, split_listen
 from ..metrics import CONTENT_TYPE, Metrics
+from ..sections import HttpSettings
 from ..store import Store
 from .guard import HEADERS, Gate, Scrubber
 from .pictures import NotFound, Opened, Pictures, Refused

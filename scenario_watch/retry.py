@@ -1,0 +1,76 @@
+"""`retry`: failed items back into the inbox; a prompt whose job may have succeeded is not paid twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .config import FolderSettings
+from .files import move_no_clobber
+from .finisher import error_file_for
+from .status import JOURNAL, SANDBOX_JOURNAL
+from .store import Store
+
+# Failed at these stages, a prompt's job may have succeeded at Scenario: `retry` adopts it, never pays twice.
+RETRY_ADOPTS = frozenset({"timeout", "download"})
+
+
+def everything(failed: Path) -> list[str]:
+    """Every failed item (prompt files, images of preset folders, anything filed there), by its name."""
+    return sorted(
+        str(p.relative_to(failed))
+        for p in failed.rglob("*")
+        if (p.is_file() or p.is_symlink())
+        and not p.name.endswith(".error.json")
+        and not p.name.startswith(".")
+    )
+
+
+def name_in(failed: Path, name: str) -> str:
+    """The item a person named: as shown in failed/, or a prompt's stem without `.json`."""
+    return name if (failed / name).exists() or name.endswith(".json") else f"{name}.json"
+
+
+def send_back(folders: FolderSettings, name: str) -> list[str]:
+    """Move one failed item back where it arrived (its error file removed); what to tell the person."""
+    rel = Path(name)
+    src = folders.failed / rel
+    if rel.is_absolute() or ".." in rel.parts or not (src.is_file() or src.is_symlink()):
+        return [f"{name}: not in {folders.failed}"]
+    error_file = error_file_for(src)
+    job_id = _paid_job(error_file)
+    if job_id is not None:  # its job may have finished: the daemon asks before paying again
+        _adopt_later(folders.state, rel, src, job_id)
+    dest = move_no_clobber(src, folders.inbox / rel.parent, rel.name)
+    error_file.unlink(missing_ok=True)
+    lines = [f"{name}: back in the inbox as {dest.relative_to(folders.inbox)}"]
+    if job_id is not None:
+        lines.append(
+            f"{name}: its earlier job {job_id} is asked about first; it is delivered if it succeeded"
+        )
+    return lines
+
+
+def _paid_job(error_file: Path) -> str | None:
+    """The job of a prompt that failed after Scenario took it (timeout, download): it may have succeeded."""
+    try:
+        report = json.loads(error_file.read_text())
+    except (OSError, ValueError):
+        return None
+    job_id = report.get("jobId") if isinstance(report, dict) else None
+    return job_id if isinstance(job_id, str) and report.get("stage") in RETRY_ADOPTS else None
+
+
+def _adopt_later(state: Path, rel: Path, src: Path, job_id: str) -> None:
+    """Note in the journal that made the job: when this file comes back, ask about the job first."""
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    for name in (JOURNAL, SANDBOX_JOURNAL):
+        if not (state / name).exists():
+            continue
+        store = Store(state / name)
+        try:
+            if store.owns_job(job_id):
+                store.adopt_later(str(rel), digest, job_id)
+        finally:
+            store.close()

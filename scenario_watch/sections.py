@@ -1,0 +1,79 @@
+"""The settings sections of what the daemon writes and shows: [images], [outbox], [http], [metrics]."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from . import naming
+from .errors import ConfigError
+from .listen import is_loopback, split_listen
+
+MIN_TOKEN = 16  # [http] token: shorter ones can be guessed over the network
+
+
+class Section(BaseModel):
+    """A [section] of the configuration: unknown keys are errors, defaults are checked too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class HttpSettings(Section):
+    """[http]: the listener for /metrics, /status.json and the live page (off unless `listen` is set)."""
+
+    listen: str | None = None  # HOST:PORT ([::1]:PORT for IPv6); port 0 takes a free one
+    token: SecretStr | None = None  # required unless `listen` is a loopback address
+
+    @field_validator("listen", "token")  # in this order, even when unset: `token` sees a checked `listen`
+    @classmethod
+    def _check(cls, value: Any, info: ValidationInfo) -> Any:
+        listen = value if info.field_name == "listen" else info.data.get("listen")
+        host = split_listen(listen)[0] if listen is not None else None
+        if info.field_name == "listen":
+            return value
+        if value is not None and len(value.get_secret_value()) < MIN_TOKEN:
+            raise ValueError(f"at least {MIN_TOKEN} characters (e.g. `openssl rand -hex 16`)")
+        # Anyone who can reach the port would see every prompt and picture: outside loopback, a token.
+        if host is not None and not is_loopback(host) and value is None:
+            raise ValueError(f"listen = {listen!r} is not a loopback address: set [http] token")
+        return value
+
+
+class MetricsSettings(Section):
+    """[metrics]: the Prometheus text also written to a file (node_exporter's textfile collector)."""
+
+    textfile: Path | None = None
+    interval: float = Field(15.0, gt=0, le=86400)
+
+    @field_validator("textfile")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.abspath(value.expanduser()))
+
+
+class ImageSettings(Section):
+    """[images]: what is done to input images before upload (images.py)."""
+
+    normalize: bool = True
+    max_side: int = Field(0, ge=0, le=65535)  # pixels; 0: no downscaling
+
+
+class OutboxSettings(Section):
+    """[outbox]: how outputs are named, in which format, with what written into them."""
+
+    name: str = naming.DEFAULT
+    format: Literal["original", "png", "jpeg", "webp"] = "original"
+    quality: int = Field(90, ge=1, le=100)
+    metadata: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        try:
+            return naming.check(value)
+        except ConfigError as exc:  # reported with the key and where it came from, like any other
+            raise PydanticCustomError("name_template", str(exc)) from None
