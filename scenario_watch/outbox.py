@@ -13,7 +13,9 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "im
 # A hidden file that holds a stem for the daemon writing it (created exclusively: one owner). A temp
 # name (.part), which folder watchers already ignore, removed at start like any leftover temp file.
 STEM_MARKER = ".{name}.sw-stem.part"
+# A manifest larger than this is not one of ours (read to check a name taken after a crash).
+MANIFEST_MAX = 1 << 20
 # Outputs whose sizes say how much room a submission needs before it is paid.
 SIZE_WINDOW = 32
 
@@ -100,7 +104,9 @@ class Outbox:
             delivered.append({"file": dest.name, "assetId": asset_id, "mimeType": asset.mime_type, **digest})
             self.store.published(row.id, delivered)
         body = json.dumps(self._manifest(row, job, delivered), indent=2, ensure_ascii=False).encode() + b"\n"
-        manifest = self._publish_bytes(outbox / Path(stem).parent, f"{Path(stem).name}.manifest.json", body)
+        manifest = self._publish_bytes(
+            outbox / Path(stem).parent, f"{Path(stem).name}.manifest.json", body, job.job_id
+        )
         with contextlib.suppress(OSError):  # the stem is held by its manifest from now on
             (outbox / Path(stem).parent / STEM_MARKER.format(name=Path(stem).name)).unlink()
         parent = Path(stem).parent
@@ -120,7 +126,7 @@ class Outbox:
                 self._fetch(self.client.get_asset(asset.asset_id).url, temp)
             digest = _digest(temp)
             self._sizes.append(digest["size"])
-            return self._publish(temp, folder, name), digest
+            return self._publish(temp, folder, name, lambda dest: _same_file(dest, digest["sha256"])), digest
         finally:
             temp.unlink(missing_ok=True)
 
@@ -130,8 +136,12 @@ class Outbox:
             out.flush()
             os.fsync(out.fileno())
 
-    def _publish(self, temp: Path, folder: Path, name: str) -> Path:
-        """Rename `temp` to `name`, or `name-2` ... when anyone else holds the name; never replaces."""
+    def _publish(self, temp: Path, folder: Path, name: str, ours: Callable[[Path], bool]) -> Path:
+        """Rename `temp` to `name`, or `name-2` ... when anyone else holds the name; never replaces.
+
+        A name held by this very file (`ours`: published by an attempt that was killed before it could
+        journal it) is taken as it is: the redo publishes no second copy.
+        """
         base, ext = os.path.splitext(name)
         n = 1
         while True:
@@ -140,19 +150,24 @@ class Outbox:
             try:
                 rename_noreplace(temp, dest)
             except FileExistsError:
+                if ours(dest):
+                    log.info(
+                        "output.published_before", file=dest.name, note="an earlier attempt's, same content"
+                    )
+                    return dest
                 log.info("output.name_taken", file=dest.name, note="someone else's file: the next name")
                 continue
             fsync_dir(folder)
             return dest
 
-    def _publish_bytes(self, folder: Path, name: str, body: bytes) -> Path:
+    def _publish_bytes(self, folder: Path, name: str, body: bytes, job_id: str) -> Path:
         temp = temp_path(folder / name)
         try:
             with temp.open("xb") as out:
                 out.write(body)
                 out.flush()
                 os.fsync(out.fileno())
-            return self._publish(temp, folder, name)
+            return self._publish(temp, folder, name, lambda dest: _manifest_of(dest, job_id))
         finally:
             temp.unlink(missing_ok=True)
 
@@ -184,3 +199,23 @@ def _digest(path: Path) -> dict[str, Any]:
             sha.update(chunk)
             size += len(chunk)
     return {"size": size, "sha256": sha.hexdigest()}
+
+
+def _same_file(path: Path, sha256: str) -> bool:
+    """Whether `path` is a regular file (never a link) with exactly this content."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        return str(_digest(path)["sha256"]) == sha256
+    except OSError:
+        return False
+
+
+def _manifest_of(path: Path, job_id: str) -> bool:
+    """Whether `path` is a manifest this daemon wrote for this job (a regular file naming the job)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode) or os.lstat(path).st_size > MANIFEST_MAX:
+            return False
+        return bool(json.loads(path.read_bytes()).get("jobId") == job_id)
+    except (OSError, ValueError, AttributeError):
+        return False
