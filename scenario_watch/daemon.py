@@ -18,7 +18,7 @@ from types import FrameType
 
 import structlog
 
-from . import health, logs
+from . import backlog, health, logs
 from .client import ScenarioClient
 from .config import Settings
 from .dispatcher import Dispatcher
@@ -140,6 +140,9 @@ class Daemon:
             hooks=self.hooks,
             accept=self._accept,
             now=self.clock(),
+        )
+        backlog.at_start(
+            self.store, self.intake, self.client, self.dispatcher.rules(), once=self.once, wall=time.time()
         )
         self.intake.start(self.clock(), watch=not self.once)
         self.notifier.send("READY=1")

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import backlog
 from .budget import day_start
 from .config import BudgetSettings
 from .heartbeat import HEARTBEAT_EVERY, META_KEY, iso
@@ -38,7 +39,7 @@ def pick_journal(state: Path, sandbox: bool) -> tuple[Path, str | None]:
 
 
 def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[str, Any]:
-    """The report: daemon, counts, jobs, budget, recent (the keys DESIGN.md promises)."""
+    """The report: daemon, counts, jobs, budget, recent (the keys DESIGN.md promises), presets."""
     running, pid = holder(lock)
     meta = store.get_meta(META_KEY)
     published: dict[str, Any] = json.loads(meta[0]) if meta else {}
@@ -59,6 +60,8 @@ def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[
             "resumes_at": iso(budget_until) if budget_until else None,
         },
         "recent": _recent(store),
+        # Per preset: the files there before it, left alone until `scenario-watch take` (backlog.py).
+        "presets": backlog.counts(store),
     }
 
 
@@ -130,6 +133,12 @@ def render(report: dict[str, Any], journal: Path, inbox_waiting: int) -> str:
         f"budget   {money}",
         f"inbox    {inbox_waiting} file(s) not claimed yet",
     ]
+    for name, preset in report.get("presets", {}).items():
+        if preset["left_alone"]:
+            lines.append(
+                f"preset   {name}: {preset['left_alone']} file(s) left alone in {preset['folder']} (present"
+                f" before the preset; `scenario-watch take {name} --all` takes them)"
+            )
     if report["jobs"]:
         lines.append("jobs")
     for job in report["jobs"]:
