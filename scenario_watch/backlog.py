@@ -234,14 +234,13 @@ def _in_folder(name: str, folder: Path) -> str | None:
     return path.name
 
 
-def counts(store: Store, folders: Mapping[str, Path] | None = None) -> dict[str, dict[str, Any]]:
+def counts(store: Store) -> dict[str, dict[str, Any]]:
     """Per preset: its folder and how many files it leaves alone now (for `status`)."""
     baselines, _ = read(store)
-    report = {}
-    for name, baseline in sorted(baselines.items()):
-        folder = (folders or {}).get(name) or Path(baseline.folder)
-        report[name] = {"folder": str(folder), "left_alone": len(baseline.present(folder))}
-    return report
+    return {
+        name: {"folder": b.folder, "left_alone": len(b.present(Path(b.folder)))}
+        for name, b in sorted(baselines.items())
+    }
 
 
 # -- at start -----------------------------------------------------------------------------------------
