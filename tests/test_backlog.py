@@ -67,8 +67,9 @@ def test_a_preset_on_an_outbox_of_15_images_pays_nothing_and_takes_the_16th(
     proc = daemon()
     assert proc.saw("preset.backlog_left", preset="colour", count=15, folder=str(folders.outbox))
     move_in(folders, folders.outbox, "new.png", png(16))
-    wait_for(lambda: (folders.outbox / "colour" / "new.manifest.json").exists(), what="the 16th edited")
+    wait_for(lambda: (folders.done / "colour" / "new.png").exists(), what="the 16th edited and filed")
     assert first_refs(sandbox) == [png(16)]  # one job, for the 16th: nothing for the 15 already there
+    assert folders.names(folders.outbox / "colour") == ["new.manifest.json", "new_1.png"]
     assert folders.names(folders.done / "colour") == ["new.png"]
     for name, data in old.items():
         assert (folders.outbox / name).read_bytes() == data  # left where they were
@@ -81,7 +82,7 @@ def test_a_preset_on_an_outbox_of_15_images_pays_nothing_and_takes_the_16th(
     # Taken on request, while the daemon runs: the named file only.
     taken = run_cli("take", *config, "colour", "old03.png")
     assert taken.returncode == 0 and "old03.png: released" in taken.stdout, taken.stdout + taken.stderr
-    wait_for(lambda: (folders.outbox / "colour" / "old03.manifest.json").exists(), what="old03 edited")
+    wait_for(lambda: (folders.done / "colour" / "old03.png").exists(), what="old03 edited and filed")
     assert first_refs(sandbox) == sorted([png(16), png(3)])
     assert proc.saw("preset.backlog_released", count=1)
     assert json.loads(run_cli("status", "--json", *config).stdout)["presets"]["colour"]["left_alone"] == 14
