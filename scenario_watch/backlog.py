@@ -191,15 +191,18 @@ class Baselines:
 def take(journal: Path, preset: str, folder: Path, names: Sequence[str] | None) -> tuple[list[str], int]:
     """Release files a preset left alone (all, or those named): lines for a person, and how many failed."""
     where = f"[presets.{preset}]"
+    unseen = [
+        f"{where}: the daemon has not seen {folder} as this preset's folder yet, so nothing is left alone"
+        " there; at its next start what the folder holds is left alone, and `take` releases it after that"
+    ]
     if not journal.exists():
-        return [f"{where}: the daemon has not run with this journal yet: nothing is left alone"], 0
+        return unseen, len(names or ())
     store = Store(journal)
     try:
         baselines, _ = read(store)
         baseline = baselines.get(preset)
         if baseline is None or baseline.folder != real(folder):
-            note = f"{where}: the daemon has not seen {folder} as its folder yet: nothing is left alone there"
-            return [note], len(names or ())
+            return unseen, len(names or ())
         present = baseline.present(folder)
         chosen: list[str] = sorted(present) if names is None else []
         lines: list[str] = []

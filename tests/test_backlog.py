@@ -118,8 +118,11 @@ def test_take_releases_the_files_named_or_all_for_the_next_start(
     recolor = folders.inbox / "recolor"
     for n in range(3):
         move_in(folders, recolor, f"car{n}.png", png(n))
-    run_once(folders, sandbox)
     config = ["-c", str(folders.config)]
+    assert cli.main(["take", *config, "recolor", "--all"]) == cli.EXIT_OK  # before any start: nothing yet
+    assert "has not seen" in capsys.readouterr().out
+    run_once(folders, sandbox)
+    assert generate_posts(sandbox) == []
     capsys.readouterr()
 
     assert cli.main(["take", *config, "recolor"]) == cli.EXIT_CONFIG  # neither names nor --all
