@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs, retry, status
+from . import __version__, backlog, logs, retry, status
 from .client import ScenarioClient
 from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
@@ -120,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
         "names", nargs="*", metavar="NAME", help="file names in failed/ (with or without .json)"
     )
     retry.add_argument("--all", action="store_true", help="every failed prompt")
+    take = command("take", "take files a preset left alone (in its folder before the preset)", cmd_take)
+    take.add_argument("preset", metavar="PRESET")
+    take.add_argument("files", nargs="*", metavar="FILE", help="file names in the preset's folder")
+    take.add_argument("--all", action="store_true", help="every file the preset left alone")
+    take.add_argument("--sandbox", action="store_true", help="the journal of `run --sandbox`")
     estimate = command(
         "estimate", "the creative-unit cost of prompt files (dryRun), generating nothing", cmd_estimate
     )
@@ -360,6 +365,20 @@ def cmd_retry(args: argparse.Namespace) -> int:
     lines = [line for name in names for line in retry.send_back(folders, name)]
     print("\n".join(lines))
     return EXIT_INPUT if any(line.endswith(f"not in {folders.failed}") for line in lines) else EXIT_OK
+
+
+def cmd_take(args: argparse.Namespace) -> int:
+    """Release files a preset left alone: the daemon takes them (now if it runs, else at its next start)."""
+    settings = load_settings(args.config, sandbox=args.sandbox).settings
+    if bool(args.files) == args.all:
+        print("scenario-watch: name the files to take, or use --all", file=sys.stderr)
+        return EXIT_CONFIG
+    preset = select_preset(settings, args.preset)
+    assert preset is not None  # a name was given
+    journal = settings.folders.state / (SANDBOX_JOURNAL if args.sandbox else JOURNAL)
+    lines, bad = backlog.take(journal, preset.name, preset.folder, None if args.all else args.files)
+    print("\n".join(lines))
+    return EXIT_INPUT if bad else EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from types import FrameType
 
 import structlog
 
-from . import health, logs
+from . import backlog, health, logs
 from .client import ScenarioClient
 from .clock import SYSTEM, Clock
 from .config import Settings
@@ -150,6 +150,14 @@ class Daemon:
             intake=self.intake,
             hooks=self.hooks,
             now=self.clock.monotonic(),
+        )
+        backlog.at_start(
+            self.store,
+            self.intake,
+            self.client,
+            self.dispatcher.rules(),
+            once=self.once,
+            wall=self.clock.wall(),
         )
         self.intake.start(self.clock.monotonic(), watch=not self.once)
         self.notifier.send("READY=1")

@@ -3,7 +3,8 @@
 The watcher's events, the startup scan and the periodic rescan feed `Arrivals`; what is complete is
 claimed by an atomic rename into `<inbox>/.processing/<instance>/`. The observer is checked and
 restarted here when it dies. Each preset folder is one more source, watched the same way and claimed
-into its own `<folder>/.processing/<instance>/` (the same filesystem as the file, so the rename is atomic).
+into its own `<folder>/.processing/<instance>/` (the same filesystem as the file, so the rename is atomic),
+except the files it held before the preset existed (backlog.py): those are left alone until released.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import logs
 from .config import WatchSettings
 from .names import SkipLog, is_json_name
 from .watcher import PROCESSING, Arrivals, Watcher, claim
+
+if TYPE_CHECKING:
+    from .backlog import Baselines
 
 log = logs.get()
 
@@ -97,6 +101,8 @@ class Intake:
         for source in self.sources:
             source.processing.mkdir(parents=True, exist_ok=True)
         self.arrivals = Arrivals(settings.settle)
+        # What the preset folders held before their presets (set by backlog.at_start before start()).
+        self.baselines: Baselines | None = None
         self.watching = False
         self.more = False  # the last claim batch was full: more may be ready now
         self.next_rescan = 0.0
@@ -109,7 +115,7 @@ class Intake:
         for source in self.sources:
             if watch:
                 source.watcher.start()
-            for path in source.watcher.scan():
+            for path in self._scan(source):
                 self.arrivals.note(path, moved=False)
         self.next_rescan = now + self.settings.rescan_interval
 
@@ -133,6 +139,8 @@ class Intake:
         claimed = []
         for path in batch:
             source = self._source_of(path)
+            if self._left_alone(source, path):  # an event on a file the preset leaves alone
+                continue
             try:
                 dest = claim(path, source.folder, source.processing)
             except Exception:  # one odd file must not hold up the others
@@ -171,14 +179,28 @@ class Intake:
         if now >= self.next_rescan:
             self.next_rescan = now + self.settings.rescan_interval
             # Events get lost (queue overflow, network shares, a replaced folder): look for ourselves.
-            scanned = [path for source in self.sources for path in source.watcher.scan()]
+            scanned = [path for source in self.sources for path in self._scan(source)]
             missed = [path for path in scanned if path not in self.arrivals]
             if missed:
                 log.info("watch.rescan_found", count=len(missed))
             for path in missed:
                 self.arrivals.note(path, moved=False)
         if now >= self.next_observer_check:
+            self._release()
             self._check_observer(now)
+
+    def _scan(self, source: _Source) -> list[str]:
+        """The folder's candidates, but those its preset leaves alone."""
+        return [path for path in source.watcher.scan() if not self._left_alone(source, path)]
+
+    def _left_alone(self, source: _Source, path: str) -> bool:
+        return self.baselines is not None and self.baselines.left_alone(source.preset, path)
+
+    def _release(self) -> None:
+        """Files `scenario-watch take` released from a preset's backlog: complete, so taken at once."""
+        if self.baselines is not None:
+            for path in self.baselines.refresh():
+                self.arrivals.note(path, moved=True)
 
     def next_due(self) -> float | None:
         """The earliest moment intake has something to do (monotonic), or None."""

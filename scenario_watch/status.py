@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import backlog
 from .budget import day_start
 from .config import BudgetSettings
 from .heartbeat import HEARTBEAT_EVERY, META_KEY, iso
@@ -46,7 +47,7 @@ def pick_journal(state: Path, sandbox: bool) -> tuple[Path, str | None]:
 def build(
     store: Store, lock: Path, budget: BudgetSettings, now: float, *, reference_wait: float | None = None
 ) -> dict[str, Any]:
-    """The report: daemon, counts, jobs, budget, recent (the keys DESIGN.md promises).
+    """The report: daemon, counts, jobs, budget, recent (the keys DESIGN.md promises), presets.
 
     `reference_wait` ([watch] reference_wait) says how long a prompt waits for a missing reference.
     """
@@ -73,6 +74,8 @@ def build(
             "resumes_at": iso(budget_until) if budget_until else None,
         },
         "recent": _recent(store, active),
+        # Per preset: the files there before it, left alone until `scenario-watch take` (backlog.py).
+        "presets": backlog.counts(store),
     }
 
 
@@ -196,6 +199,12 @@ def render(report: dict[str, Any], journal: Path, inbox_waiting: int, *, bars: b
         f"budget   {money}",
         f"inbox    {inbox_waiting} file(s) not claimed yet",
     ]
+    for name, preset in report.get("presets", {}).items():
+        if preset["left_alone"]:
+            lines.append(
+                f"preset   {name}: {preset['left_alone']} file(s) left alone in {preset['folder']} (present"
+                f" before the preset; `scenario-watch take {name} --all` takes them)"
+            )
     if report["jobs"]:
         lines.append("jobs")
     for job in report["jobs"]:

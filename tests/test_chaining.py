@@ -122,7 +122,8 @@ def test_a_json_prompt_in_a_preset_folder_takes_the_preset_keys_as_defaults(
         defaults={"resolution": "1K"},
         presets={"wide": {"prompt": "widen it", "aspectRatio": "16:9", "numOutputs": 2}},
     )
-    (folders.inbox / "wide").mkdir()
+    # A first run sees the preset (and makes its folder): what arrives after it is the preset's to take.
+    assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
     (folders.inbox / "wide" / "mine.JSON").write_text(json.dumps({"prompt": "my own words", "numOutputs": 1}))
     assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
     [post] = generate_posts(sandbox)
@@ -320,6 +321,8 @@ def test_the_readme_outbox_reader_sees_every_file(folders: Folders, sandbox: San
     folders.outbox = outbox
     write_config(folders, sandbox.base_url, presets={"recolor": {"prompt": "red", "numOutputs": 2}})
     reader = ["bash", "-c", readme_block("outbox-reader", "sh")]
+    # A first run sees the preset: images that arrive after it are taken (those before: left alone).
+    assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0
     with inotify_lines(reader, env={**os.environ, "HOME": str(home)}) as lines:
         for n in range(3):
             folders.drop(f"p{n}.json", {"prompt": f"picture {n}", "numOutputs": 2})

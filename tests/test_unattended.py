@@ -65,7 +65,8 @@ def test_status_says_whether_it_runs_and_how_far_a_job_is(
         return report if jobs else None
 
     report = wait_for(running_job, what="a job with progress between 0 and 1")
-    assert set(report) == {"daemon", "counts", "jobs", "budget", "recent"}
+    assert set(report) == {"daemon", "counts", "jobs", "budget", "recent", "presets"}
+    assert report["presets"] == {}  # no preset, nothing left alone
     assert report["daemon"]["running"] is True and report["daemon"]["pid"] == proc.proc.pid
     assert 0 <= report["daemon"]["heartbeat_age_s"] < 10
     [job] = report["jobs"]

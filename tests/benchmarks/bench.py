@@ -90,6 +90,7 @@ class Req:
     path: str
     body: Any
     time: float
+    dry_run: bool = False  # an estimate (the first start's backlog figure, the budget): nothing paid
 
 
 class Api:
@@ -114,15 +115,21 @@ class Api:
 
     def requests(self, since: float = 0.0) -> list[Req]:
         if self.sandbox is not None:
-            recs = [(r.server, r.method, r.path, r.body, r.time) for r in self.sandbox.requests]
+            recs = [(r.server, r.method, r.path, r.query, r.body, r.time) for r in self.sandbox.requests]
         else:
             url = self.base_url.removesuffix("/v1") + "/_sandbox/requests"
             got = requests.get(url, timeout=60).json()
-            recs = [(r["server"], r["method"], r["path"], r["body"], r["time"]) for r in got]
-        return [Req(m, p, b, t) for s, m, p, b, t in recs if s == "api" and t >= since]
+            recs = [(r["server"], r["method"], r["path"], r["query"], r["body"], r["time"]) for r in got]
+        return [
+            Req(m, p, b, t, dry_run=bool(q.get("dryRun")))
+            for s, m, p, q, b, t in recs
+            if s == "api" and t >= since
+        ]
 
     def posts(self, since: float = 0.0) -> list[Req]:
-        return [r for r in self.requests(since) if r.method == "POST" and "/generate/" in r.path]
+        return [
+            r for r in self.requests(since) if r.method == "POST" and "/generate/" in r.path and not r.dry_run
+        ]
 
     def stop(self) -> None:
         if self.sandbox is not None:
