@@ -99,7 +99,7 @@ class Daemon:
         self.finisher = Finisher(
             folders, store, hook=self.hooks, move_references=settings.watch.move_references, clock=clock
         )
-        outbox = Outbox(folders, self.client, store, clock)
+        outbox = Outbox(folders, self.client, store, clock, settings.outbox)
         self.dispatcher = Dispatcher(
             settings, self.client, store, presets, clock=clock, output_size=outbox.output_size
         )

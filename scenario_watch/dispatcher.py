@@ -79,7 +79,9 @@ class Dispatcher:
         folders = settings.folders
         self.outputs = (folders.outbox, folders.done, folders.failed)
         self.output_size = output_size  # the largest recent output (the outbox learns it), or None
-        self.references = References(client, store, self.inbox, settings.watch.reference_roots, self.presets)
+        self.references = References(
+            client, store, self.inbox, settings.watch.reference_roots, self.presets, settings.images
+        )
         self.budget = budget or Budget(settings.budget, store.spent_since, clock.wall)
         # Prompts waiting for a reference file, and its name (for status; main thread only).
         self.awaiting_references: dict[int, str] = {}

@@ -16,18 +16,21 @@ import os
 import stat
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import logs
+from . import convert, logs, naming, provenance
 from .client import ScenarioClient
 from .clock import SYSTEM, Clock
 from .config import FolderSettings
-from .errors import UrlExpired
+from .containers import Malformed
+from .errors import BadImage, UrlExpired
 from .files import fsync_dir, rename_noreplace, temp_path
 from .finisher import iso
 from .jobs import Asset, Job
 from .rows import Row
+from .sections import OutboxSettings
 from .store import Store
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
@@ -46,9 +49,15 @@ class Outbox:
     """Writes a succeeded job's images and manifest into the outbox."""
 
     def __init__(
-        self, folders: FolderSettings, client: ScenarioClient, store: Store, clock: Clock = SYSTEM
+        self,
+        folders: FolderSettings,
+        client: ScenarioClient,
+        store: Store,
+        clock: Clock = SYSTEM,
+        settings: OutboxSettings | None = None,
     ) -> None:
         self.folders = folders
+        self.settings = settings or OutboxSettings()
         self.client = client
         self.store = store
         self.clock = clock
@@ -99,9 +108,19 @@ class Outbox:
             if asset_id in published:
                 continue  # an earlier attempt published it (and a preset may have taken it since)
             asset = self.client.get_asset(asset_id)
-            name = f"{Path(stem).name}_{n}.{EXTENSIONS.get(asset.mime_type, 'png')}"
-            dest, digest = self._download(asset, outbox / Path(stem).parent, name)
-            delivered.append({"file": dest.name, "assetId": asset_id, "mimeType": asset.mime_type, **digest})
+            rel = naming.render(
+                self.settings.name,
+                stem=Path(stem).name,
+                index=n,
+                when=datetime.fromtimestamp(self.clock.wall(), UTC),
+                preset=row.preset or "",
+                job_id=job.job_id,
+                model=self.client.model_id,
+            )
+            folder = outbox / Path(stem).parent / rel.parent
+            folder.mkdir(parents=True, exist_ok=True)  # a template may name subfolders
+            dest, entry = self._download(asset, folder, rel.name, row, job)
+            delivered.append({"file": str(rel.parent / dest.name), "assetId": asset_id, **entry})
             self.store.published(row.id, delivered)
         body = json.dumps(self._manifest(row, job, delivered), indent=2, ensure_ascii=False).encode() + b"\n"
         manifest = self._publish_bytes(
@@ -112,23 +131,78 @@ class Outbox:
         parent = Path(stem).parent
         return (*(str(parent / entry["file"]) for entry in delivered), str(parent / manifest.name))
 
-    def _download(self, asset: Asset, folder: Path, name: str) -> tuple[Path, dict[str, Any]]:
-        """Stream one output into a temp file, take its digest there, then publish it under a free name.
+    def _download(
+        self, asset: Asset, folder: Path, base: str, row: Row, job: Job
+    ) -> tuple[Path, dict[str, Any]]:
+        """Stream one output into a temp file, make it what [outbox] asks, then publish it under a free name.
 
         The digest comes from the temp file before publication: once published, a preset folder on
         the outbox may take it away at once.
         """
-        temp = temp_path(folder / name)
+        temp = temp_path(folder / base)
+        made: Path | None = None
         try:
             try:
                 self._fetch(asset.url, temp)
             except UrlExpired:  # signed URLs expire: ask for the asset again and use the fresh URL once
                 self._fetch(self.client.get_asset(asset.asset_id).url, temp)
-            digest = _digest(temp)
-            self._sizes.append(digest["size"])
-            return self._publish(temp, folder, name, lambda dest: _same_file(dest, digest["sha256"])), digest
+            original = _digest(temp)
+            mime_type, entry = asset.mime_type, dict(original)
+            if self.settings.format != "original" or self.settings.metadata:
+                data = temp.read_bytes()
+                out, mime_type = self._transform(data, asset.mime_type, row, job)
+                if out != data:
+                    made = temp_path(folder / base)
+                    with made.open("xb") as handle:
+                        handle.write(out)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    entry = {"size": len(out), "sha256": hashlib.sha256(out).hexdigest()}
+                    entry["originalSha256"] = original["sha256"]
+            self._sizes.append(entry["size"])
+            name = f"{base}.{EXTENSIONS.get(mime_type, 'png')}"
+            dest = self._publish(made or temp, folder, name, lambda dest: _same_file(dest, entry["sha256"]))
+            return dest, {"mimeType": mime_type, **entry}
         finally:
             temp.unlink(missing_ok=True)
+            if made is not None:
+                made.unlink(missing_ok=True)
+
+    def _transform(self, data: bytes, mime_type: str, row: Row, job: Job) -> tuple[bytes, str]:
+        """Scenario's bytes in the [outbox] format, with provenance written in; as they are if it cannot."""
+        if self.settings.format != "original":
+            try:
+                data, mime_type = convert.convert(
+                    data, mime_type, self.settings.format, self.settings.quality
+                )
+            except BadImage as exc:  # paid for: delivered as Scenario made it rather than lost
+                log.warning("output.not_converted", job_id=job.job_id, error=str(exc))
+        if self.settings.metadata:
+            try:
+                data = provenance.embed(data, mime_type, self._provenance(row, job))
+            except Malformed as exc:
+                log.warning("output.no_metadata", job_id=job.job_id, error=str(exc))
+        return data, mime_type
+
+    def _provenance(self, row: Row, job: Job) -> provenance.Provenance:
+        inputs = dict(row.inputs or {})
+        references = [
+            provenance.InputImage(
+                name=str(ref.get("file") or ref.get("assetId") or ""),
+                sha256=ref.get("sha256"),
+                asset_id=ref.get("assetId"),
+            )
+            for ref in row.references or ()
+        ]
+        return provenance.Provenance(
+            prompt=str(inputs.pop("prompt", "") or ""),
+            model_id=self.client.model_id,
+            job_id=job.job_id,
+            inputs={k: v for k, v in inputs.items() if k != "referenceImages"},
+            references=references,
+            cost=row.cost if row.cost is not None else job.cost,
+            created=datetime.fromtimestamp(self.clock.wall(), UTC),
+        )
 
     def _fetch(self, url: str, temp: Path) -> None:
         with temp.open("wb") as out:

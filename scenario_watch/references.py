@@ -8,13 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import logs
+from . import images, logs
 from .client import ScenarioClient
 from .errors import PromptError
 from .files import read_regular
 from .presets import Preset, prompt_folder
 from .prompt import MAX_REFERENCE_BYTES, check_reference
 from .rows import Row
+from .sections import ImageSettings
 from .store import Store
 
 log = logs.get()
@@ -34,12 +35,14 @@ class References:
         inbox: Path,
         roots: list[Path],
         presets: Mapping[str, Preset],
+        settings: ImageSettings | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.inbox = inbox
         self.roots = roots
         self.presets = presets
+        self.settings = settings or ImageSettings(normalize=False)
         self._locks = [threading.Lock() for _ in range(UPLOAD_LOCKS)]
 
     def resolve(self, row: Row) -> dict[str, Any]:
@@ -61,9 +64,21 @@ class References:
             data = read_regular(ref.path, MAX_REFERENCE_BYTES)  # never through a link swapped in since
             if len(data) > MAX_REFERENCE_BYTES:
                 raise PromptError([f"referenceImages: {entry!r} grew past {MAX_REFERENCE_BYTES >> 20} MiB"])
-            digest = hashlib.sha256(data).hexdigest()
-            resolved.append(self._upload_once(digest, data, ref.path.name, ref.mime_type, entry))
-            records.append({"file": entry, "sha256": digest, "size": len(data), "assetId": resolved[-1]})
+            original = hashlib.sha256(data).hexdigest()
+            upload, mime_type, name, changes = data, ref.mime_type, ref.path.name, None
+            if self.settings.normalize:  # BadImage (a PromptError) fails the prompt, unpaid
+                normalized = images.normalize(data, max_side=self.settings.max_side, name=entry)
+                upload, mime_type, changes = normalized.data, normalized.mime_type, normalized.changes
+                if mime_type != ref.mime_type:  # re-encoded into another type: a name that says so
+                    name = f"{ref.path.stem}.{mime_type.split('/')[1].replace('jpeg', 'jpg')}"
+            digest = hashlib.sha256(upload).hexdigest() if upload is not data else original
+            resolved.append(self._upload_once(digest, upload, name, mime_type, entry))
+            record: dict[str, Any] = {"file": entry, "sha256": original, "size": len(data)}
+            if digest != original:
+                record["uploadedSha256"] = digest
+            if changes is not None:
+                record["changes"] = changes
+            records.append({**record, "assetId": resolved[-1]})
         inputs["referenceImages"] = resolved
         if not row.references:  # a resend sees asset ids only: keep the first, fuller record
             self.store.set_references(row.id, records)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Folders, StartDaemon, generate_posts, inotify_lines, run_cli, wait_for, write_config
+from conftest import Folders, StartDaemon, generate_posts, inotify_lines, run_cli, wait_for
+from conftest import write_config as _write_config
 
 from scenario_watch.sandbox import Sandbox
 
@@ -34,6 +35,16 @@ with open(sys.argv[1], "a") as out:
     out.write(json.dumps(env) + "\\n")
 print("hook saw", env["SW_EVENT"], env["SW_NAME"])
 """
+
+
+def write_config(folders: Folders, base_url: str, **sections: dict[str, Any]) -> None:
+    """The test config with [images] normalize off: these tests' PNGs are sized bytes, not pictures."""
+    _write_config(folders, base_url, images={"normalize": False}, **sections)
+
+
+@pytest.fixture(autouse=True)
+def _opaque_images(folders: Folders, sandbox: Sandbox) -> None:
+    write_config(folders, sandbox.base_url)
 
 
 def png(size: int, seed: int) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import subprocess
@@ -42,7 +43,8 @@ def assert_each_finished_once(folders: Folders, sandbox: Sandbox, prompts: dict[
         expected.update(f"{name}_{n}.png" for n in range(1, outputs + 1))
         manifest = json.loads((folders.outbox / f"{name}.manifest.json").read_text())
         for entry in manifest["files"]:
-            assert (folders.outbox / entry["file"]).read_bytes() == sandbox.asset_bytes(entry["assetId"])
+            scenario = hashlib.sha256(sandbox.asset_bytes(entry["assetId"])).hexdigest()
+            assert entry["originalSha256"] == scenario
     everything = sorted(p.name for p in folders.outbox.iterdir())
     assert everything == sorted(expected)  # no second copies (-2), no temp files
     assert folders.claimed() == []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from conftest import SECRET, Folders, StartDaemon, cli_env, generate_posts, run_cli, wait_for
 
+from scenario_watch import provenance
 from scenario_watch.sandbox import Sandbox
 
 
@@ -29,7 +30,9 @@ def assert_outputs_match(folders: Folders, sandbox: Sandbox, stem: str, count: i
         path = folders.outbox / f"{stem}_{n}.png"
         assert entry["file"] == path.name
         data = path.read_bytes()
-        assert data == sandbox.asset_bytes(entry["assetId"])
+        # Scenario's bytes, with provenance inserted ([outbox] metadata, on by default)
+        assert hashlib.sha256(sandbox.asset_bytes(entry["assetId"])).hexdigest() == entry["originalSha256"]
+        assert (provenance.read(data) or {}).get("job_id") == m["jobId"]
         assert data.startswith(b"\x89PNG\r\n\x1a\n")
         assert entry["size"] == len(data)
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()

@@ -9,12 +9,25 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from conftest import DaemonProcess, Folders, StartDaemon, generate_posts, run_cli, wait_for, write_config
+import pytest
+from conftest import DaemonProcess, Folders, StartDaemon, generate_posts, run_cli, wait_for
+from conftest import write_config as _write_config
 
 from scenario_watch.sandbox import Sandbox
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def write_config(folders: Folders, base_url: str, **sections: dict[str, Any]) -> None:
+    """The test config with [images] normalize off: these tests' PNGs are sized bytes, not pictures."""
+    _write_config(folders, base_url, images={"normalize": False}, **sections)
+
+
+@pytest.fixture(autouse=True)
+def _opaque_images(folders: Folders, sandbox: Sandbox) -> None:
+    write_config(folders, sandbox.base_url)
 
 
 def png(size: int, seed: int = 0) -> bytes:

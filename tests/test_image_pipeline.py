@@ -1,0 +1,108 @@
+"""Images through the running daemon: references normalised on the way in, outputs named and marked."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from conftest import Folders, generate_posts, wait_for, write_config
+from imagemaker import decode, encode, exif_block, photo
+from PIL import Image
+
+from scenario_watch import provenance
+from scenario_watch.sandbox import Sandbox
+
+IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
+
+
+def run(folders: Folders, daemon: object, name: str, body: dict[str, object]) -> dict | None:
+    """Drop one prompt and wait until it is done (its manifest) or failed (None)."""
+    daemon()  # type: ignore[operator]
+    folders.drop(f"{name}.json", body)
+    wait_for(
+        lambda: (folders.done / f"{name}.json").exists() or (folders.failed / f"{name}.json").exists(),
+        timeout=40.0,
+        what=f"{name} finished",
+    )
+    if (folders.failed / f"{name}.json").exists():
+        return None
+    return json.loads((folders.outbox / f"{name}.manifest.json").read_text())
+
+
+def uploaded(sandbox: Sandbox) -> bytes:
+    [post] = generate_posts(sandbox)
+    return sandbox.asset_bytes(post.body["referenceImages"][0])
+
+
+def test_sideways_phone_jpeg_is_uploaded_upright_without_gps(
+    folders: Folders, sandbox: Sandbox, daemon: object
+) -> None:
+    original = encode(photo(64, 32), "JPEG", exif=exif_block(orientation=6, gps=True))
+    (folders.inbox / "phone.jpg").write_bytes(original)
+    m = run(folders, daemon, "p", {"prompt": "make it dusk", "referenceImages": ["phone.jpg"]})
+    assert m is not None
+    img = decode(uploaded(sandbox))
+    assert img.size == (32, 64)  # the orientation is in the pixels now
+    exif = img.getexif()
+    assert 0x0112 not in exif and not exif.get_ifd(0x8825)
+    [ref] = m["references"]
+    assert ref["sha256"] != ref["uploadedSha256"] and ref["changes"]
+    assert (folders.inbox / "phone.jpg").read_bytes() == original  # the person's file is never touched
+
+
+def test_clean_png_is_uploaded_byte_for_byte(folders: Folders, sandbox: Sandbox, daemon: object) -> None:
+    clean = encode(photo(48, 48), "PNG")
+    (folders.inbox / "clean.png").write_bytes(clean)
+    m = run(folders, daemon, "p", {"prompt": "more blue", "referenceImages": ["clean.png"]})
+    assert m is not None
+    assert uploaded(sandbox) == clean
+    [ref] = m["references"]
+    assert "uploadedSha256" not in ref and ref["changes"] == []
+
+
+def test_output_carries_prompt_and_job_id(folders: Folders, sandbox: Sandbox, daemon: object) -> None:
+    m = run(folders, daemon, "p", {"prompt": "a lighthouse at dusk"})
+    assert m is not None
+    entry = m["files"][0]
+    with Image.open(folders.outbox / entry["file"]) as img:
+        text = dict(img.text)  # type: ignore[attr-defined]
+    assert "a lighthouse at dusk" in text[provenance.PARAMETERS]
+    record = json.loads(text[provenance.KEYWORD])
+    assert (record["prompt"], record["job_id"]) == ("a lighthouse at dusk", m["jobId"])
+    assert entry["sha256"] != entry["originalSha256"]
+
+
+def test_metadata_off_keeps_scenarios_bytes(folders: Folders, sandbox: Sandbox, daemon: object) -> None:
+    write_config(folders, sandbox.base_url, outbox={"metadata": False})
+    m = run(folders, daemon, "p", {"prompt": "plain"})
+    assert m is not None
+    for entry in m["files"]:
+        assert (folders.outbox / entry["file"]).read_bytes() == sandbox.asset_bytes(entry["assetId"])
+        assert "originalSha256" not in entry
+
+
+def test_template_with_folders_and_webp(folders: Folders, sandbox: Sandbox, daemon: object) -> None:
+    write_config(
+        folders,
+        sandbox.base_url,
+        outbox={"name": "{date}/{preset}/{stem}_{index}", "format": "webp", "quality": 80},
+    )
+    m = run(folders, daemon, "p", {"prompt": "as webp"})
+    assert m is not None
+    entry = m["files"][0]
+    path = folders.outbox / entry["file"]
+    assert Path(entry["file"]).parent.name.count("-") == 2  # {date}; an empty {preset} folder is left out
+    assert path.name == "p_1.webp" and entry["mimeType"] == "image/webp"
+    with Image.open(io.BytesIO(path.read_bytes())) as img:
+        assert img.format == "WEBP"
+    assert (provenance.read(path.read_bytes()) or {}).get("job_id") == m["jobId"]
+
+
+def test_truncated_jpeg_reference_fails_unpaid(folders: Folders, sandbox: Sandbox, daemon: object) -> None:
+    data = encode(photo(64, 64), "JPEG")
+    (folders.inbox / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert run(folders, daemon, "p", {"prompt": "x", "referenceImages": ["cut.jpg"]}) is None
+    assert len(sandbox.generate_jobs) == 0
+    report = json.loads((folders.failed / "p.error.json").read_text())
+    assert "cut.jpg" in report["error"] and "truncated" in report["error"], report
