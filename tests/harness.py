@@ -9,6 +9,7 @@ real sandbox server, every file is real, and the real watchdog observer watches 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,7 @@ class LogCapture:
 def capture_logs() -> Iterator[LogCapture]:
     """Route structlog into a LogCapture for the duration (context variables merged, as the CLI does)."""
     saved = structlog.get_config()
+    _forget_cached_loggers()  # a CLI run in this process (cache_logger_on_first_use) bound them for good
     capture = LogCapture()
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, capture],
@@ -56,6 +58,16 @@ def capture_logs() -> Iterator[LogCapture]:
         yield capture
     finally:
         structlog.configure(**saved)
+        _forget_cached_loggers()
+
+
+def _forget_cached_loggers() -> None:
+    """Make every module's lazy logger look up the configuration again at its next line."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("scenario_watch"):
+            for value in vars(module).values():
+                if isinstance(value, structlog._config.BoundLoggerLazyProxy):
+                    value.__dict__.pop("bind", None)
 
 
 class HereDaemon:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -18,13 +17,13 @@ from scenario_watch.config import load_settings
 from scenario_watch.daemon import Daemon
 from scenario_watch.prompt import PromptRules
 from scenario_watch.sandbox import Sandbox
+from scenario_watch.sandbox.images import make_png
 from scenario_watch.schema import BUILTIN
 
 
-def png(seed: int, size: int = 3_000) -> bytes:
-    """Bytes that are a PNG by their signature (all the daemon and the sandbox look at)."""
-    body = hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
-    return (b"\x89PNG\r\n\x1a\n" + body)[:size]
+def png(seed: int, width: int = 32) -> bytes:
+    """A real, clean PNG of its own (normalising uploads it byte for byte); `width` sets its size."""
+    return make_png(f"backlog {seed}", width=width, height=32)
 
 
 def move_in(folders: Folders, folder: Path, name: str, data: bytes) -> Path:
@@ -101,10 +100,10 @@ def test_files_that_arrive_while_the_daemon_is_stopped_are_taken_at_the_next_sta
     assert generate_posts(sandbox) == []
 
     move_in(folders, recolor, "while_stopped.png", png(10))
-    move_in(folders, recolor, "before1.png", png(11, size=4_000))  # replaced by a new file: new
+    move_in(folders, recolor, "before1.png", png(11, width=48))  # replaced by a new file: new
     events = run_once(folders, sandbox)
     assert event(events, "preset.backlog_left") == []  # logged once, when first seen
-    assert first_refs(sandbox) == sorted([png(10), png(11, size=4_000)])
+    assert first_refs(sandbox) == sorted([png(10), png(11, width=48)])
     assert folders.names(recolor) == ["before0.png", "before2.png"]  # still left alone
     assert folders.names(folders.done / "recolor") == ["before1.png", "while_stopped.png"]
     run_once(folders, sandbox)

@@ -58,7 +58,7 @@ def test_status_json_is_the_status_object_without_host_paths_or_secrets(site: Si
     answer = site.get("/status.json")
     assert answer.status == 200 and answer.headers["content-type"] == "application/json; charset=utf-8"
     report = answer.json()
-    assert set(report) == {"daemon", "counts", "jobs", "budget", "recent"}
+    assert set(report) == {"daemon", "counts", "jobs", "budget", "recent", "presets"}
     assert report["counts"]["done"] == 1 and report["daemon"]["running"] is True
     [failed, ok] = report["recent"]
     assert (ok["id"], ok["outputs"], ok["references"], ok["prompt"]) == (done, 2, 1, "Paint the cat blue")
