@@ -106,7 +106,7 @@ class Site:
         stem = Path(name).stem
         self.image(self.folders.inbox / f"{stem}-ref.png", f"ref {stem}")
         inputs = {"prompt": prompt, "referenceImages": [f"{stem}-ref.png"]}
-        self.store.set_prompt(prompt_id, inputs, stem)
+        self.store.queued(prompt_id, inputs, stem, "0" * 64)
         return prompt_id
 
     def running(self, name: str, prompt: str, progress: float | None = None) -> int:

@@ -72,7 +72,7 @@ function drawDaemon(daemon) {
 function drawSummary(report) {
   const counts = report.counts;
   $("n-running").textContent = counts.submitted + counts.downloading;
-  $("n-waiting").textContent = counts.claimed + counts.submitting;
+  $("n-waiting").textContent = counts.claimed + (counts.queued || 0) + counts.submitting;
   $("n-done").textContent = counts.done;
   $("n-failed").textContent = counts.failed;
   const budget = report.budget;
@@ -96,7 +96,7 @@ function jobTitle(job) {
 
 function drawJobs(jobs) {
   const running = jobs.filter((job) => job.state === "submitted" || job.state === "downloading");
-  const waiting = jobs.filter((job) => job.state === "claimed" || job.state === "submitting");
+  const waiting = jobs.filter((job) => job.state === "claimed" || job.state === "queued" || job.state === "submitting");
   $("running").replaceChildren(
     ...running.map((job) =>
       el(
@@ -115,7 +115,7 @@ function drawJobs(jobs) {
         "li",
         { class: "job", "data-id": String(job.id) },
         jobTitle(job),
-        el("p", { class: "why", text: job.waiting_for ? `waiting for ${job.waiting_for}` : job.state === "submitting" ? "being sent" : "being checked" }),
+        el("p", { class: "why", text: job.waiting_for ? `waiting for ${job.waiting_for}` : job.state === "submitting" ? "being sent" : job.state === "queued" ? "waiting for a free slot" : "being checked" }),
         el("p", { class: "meta", text: `${duration(job.age_s)} since it arrived` }),
       ),
     ),
