@@ -139,6 +139,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     loaded = load_settings(args.config, sandbox=args.sandbox)
     settings = loaded.settings
+    if args.sandbox and settings.http.listen is None:  # the live page, at a free loopback port
+        settings.http.listen = "127.0.0.1:0"
     creds = require_credentials(loaded)
     logs.configure(settings.log.format, settings.log.level, secrets=creds)
     log = logs.get()
@@ -162,6 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, daemon.request_stop)
             if not args.once:
                 log.info("daemon.hint", drop=f"drop *.json prompt files into {settings.folders.inbox}")
+            if args.sandbox:  # where a new user looks: the live page's address on stderr too
+                return daemon.run(lambda: print(f"live page: {daemon.watching.url}/", file=sys.stderr))
             return daemon.run()
         finally:
             if sandbox is not None:

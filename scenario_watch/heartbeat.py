@@ -49,6 +49,7 @@ class Heartbeat:
         self.wall = wall
         self.pid = os.getpid()
         self._last: dict[str, Any] | None = None
+        self.state: dict[str, Any] | None = None  # the latest snapshot tick took (a new dict each time)
         self._last_write = float("-inf")
         self._next_check = float("-inf")
         self._pending = False  # something may have changed since the last check
@@ -60,7 +61,7 @@ class Heartbeat:
             self._pending = True
             return
         self._next_check, self._pending = now + PUBLISH_EVERY, False
-        state = self.snapshot(now)
+        state = self.state = self.snapshot(now)
         if state != self._last or now >= self._last_write + HEARTBEAT_EVERY:
             self._write(state, now)
 
@@ -87,6 +88,8 @@ class Heartbeat:
             "waiting": {str(pid): f"reference {text}" for pid, text in self.awaiting_references.items()},
             "queued": len(s.waiting),
             "in_flight": len(s.slots),
+            # The learned generation time (status estimates progress from it).
+            "typical_s": None if s.typical is None else round(s.typical, 2),
         }
 
     def _queue_reason(self, rate_limited_until: float | None, budget_until: float | None) -> str:

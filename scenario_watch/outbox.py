@@ -27,6 +27,7 @@ from .finisher import iso
 from .jobs import Asset, Job
 from .rows import Row
 from .store import Store
+from .tally import NO_TALLY, Tally
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 # A hidden file that holds a stem for the daemon writing it (created exclusively: one owner). A temp
@@ -42,9 +43,15 @@ class Outbox:
     """Writes a succeeded job's images and manifest into the outbox."""
 
     def __init__(
-        self, folders: FolderSettings, client: ScenarioClient, store: Store, clock: Clock = SYSTEM
+        self,
+        folders: FolderSettings,
+        client: ScenarioClient,
+        store: Store,
+        clock: Clock = SYSTEM,
+        tally: Tally = NO_TALLY,
     ) -> None:
         self.folders = folders
+        self.tally = tally
         self.client = client
         self.store = store
         self.clock = clock
@@ -117,6 +124,7 @@ class Outbox:
             try:
                 self._fetch(asset.url, temp)
             except UrlExpired:  # signed URLs expire: ask for the asset again and use the fresh URL once
+                self.tally.retry("url_expired")
                 self._fetch(self.client.get_asset(asset.asset_id).url, temp)
             digest = _digest(temp)
             self._sizes.append(digest["size"])

@@ -53,7 +53,9 @@ def build(store: Store, lock: Path, budget: BudgetSettings, now: float) -> dict[
     live = published if running else {}  # a dead daemon's pauses and waits say nothing any more
     budget_until = live.get("budget_until")
     done = store.recent(State.DONE, max(RECENT, TYPICAL_OF))
-    typical = _typical_seconds(done)
+    # The running daemon's learned generation time, else the journal's recent jobs.
+    learned = live.get("typical_s")
+    typical = float(learned) if isinstance(learned, int | float) and learned > 0 else _typical_seconds(done)
     return {
         "daemon": {
             "running": running,
