@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import Folders, wait_for, write_config
+from conftest import Folders, free_port, wait_for, write_config
 from harness import HereDaemon
 from prometheus_client.parser import text_string_to_metric_families
 from web_site import Site
@@ -32,13 +32,6 @@ IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 MONOTONIC = ("_total", "_count", "_sum", "_bucket")
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse(text: str) -> Samples:
