@@ -170,6 +170,8 @@ def test_metrics_scraped_during_a_sandbox_run_match_what_the_sandbox_saw(
     assert total(end, "scenario_watch_prompts_waiting") == 0
     assert total(end, "scenario_watch_watcher_up") == 1
     assert total(end, "scenario_watch_last_success_timestamp_seconds") > time.time() - 3600
+    published = proc.daemon.heartbeat.state or {}
+    assert published["typical_s"] > 0  # the learned generation time, for status's progress estimate
     assert len(seen) >= 2
     for before, after in itertools.pairwise(seen):  # counters never go back, scrape to scrape
         for key, value in before.items():
