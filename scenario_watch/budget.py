@@ -127,6 +127,16 @@ class Budget:
             log.info("budget.resumed", spent=round(spent, 4), cap=self.daily)
         return verdict
 
+    def remaining(self) -> float | None:
+        """Creative units left today under [budget] daily (reservations count as spent); None: no cap."""
+        if self.daily <= 0:
+            return None
+        now = self.wall()
+        with self._lock:
+            spent = self.spent_since(day_start(now), self._reserved.keys())
+            reserved = sum(self._reserved.values())
+        return max(0.0, self.daily - spent - reserved)
+
     def learn(self, inputs: Mapping[str, Any], cost: float | None) -> None:
         """Remember what a generation of this shape costs (from a dryRun, or the API's reported cost)."""
         if cost is not None and self.enabled:

@@ -155,6 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     loaded = load_settings(args.config, sandbox=args.sandbox)
     settings = loaded.settings
+    if args.sandbox and settings.http.listen is None:  # the live page, at a free loopback port
+        settings.http.listen = "127.0.0.1:0"
     creds = require_credentials(loaded)
     logs.configure(settings.log.format, settings.log.level, secrets=creds)
     log = logs.get()
@@ -180,6 +182,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, daemon.request_stop)
             if not args.once:
                 log.info("daemon.hint", drop=f"drop *.json prompt files into {settings.folders.inbox}")
+            if args.sandbox:  # where a new user looks: the live page's address on stderr too
+                return daemon.run(lambda: print(f"live page: {daemon.watching.url}/", file=sys.stderr))
             return daemon.run()
         finally:
             if sandbox is not None:
@@ -325,24 +329,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if note:
         print(f"status: {note}", file=sys.stderr if args.json else sys.stdout)
     while True:
-        store = Store(path)
-        try:
-            report = status.build(
-                store,
-                lock_path(state, path.name),
-                settings.budget,
-                time.time(),
-                reference_wait=settings.watch.reference_wait,
-            )
-        finally:
-            store.close()
-        if args.json:
-            print(json.dumps(report), flush=True)
-        else:
-            if args.watch:
-                print("\x1b[H\x1b[2J", end="")  # clear the terminal: redraw in place
-            waiting = status.inbox_waiting(settings.folders.inbox)
-            print(status.render(report, path, waiting, bars=args.watch), flush=True)
+        print(status.report_text(settings, path, json_lines=args.json, watch=args.watch), flush=True)
         if not args.watch:
             return EXIT_OK
         time.sleep(1.0)  # Ctrl-C ends it (main() turns KeyboardInterrupt into exit 0)

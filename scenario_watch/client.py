@@ -26,6 +26,7 @@ from .errors import (
     UrlExpired,
 )
 from .jobs import Asset, Job, as_number, parse_job
+from .retries import RetryListener, fault_kind, policy, status_kind
 
 CHUNK = 256 * 1024
 # POST /v1/assets takes base64 "under 6 MB"; the limit may apply to the whole request body, so the body
@@ -41,26 +42,6 @@ DRY_RUN = "api"  # dryRun=api: the estimate at the API tier (dryRun=true prices 
 PLAN_REASON = re.compile(
     r"\b(plans?|upgrade|subscri(be|ption)s?|tiers?)\b|\b(permission|access)\b.*\bmodels?\b", re.IGNORECASE
 )
-
-
-def _retry(attempts: int) -> Retry:
-    # Declared once: connect errors are retried for every method (the server never saw the request);
-    # read errors and 5xx only for idempotent methods, so a generate POST is never resent blindly.
-    # 429 is not retried here: the caller turns it into backpressure and honours Retry-After.
-    return Retry(
-        total=attempts,
-        connect=attempts,
-        read=attempts,
-        status=attempts,
-        other=0,
-        allowed_methods=frozenset({"GET", "HEAD", "PUT"}),
-        status_forcelist=frozenset({500, 502, 503, 504}),
-        backoff_factor=0.25,
-        backoff_max=4.0,
-        backoff_jitter=0.25,
-        respect_retry_after_header=False,
-        raise_on_status=False,
-    )
 
 
 class ScenarioClient:
@@ -81,13 +62,18 @@ class ScenarioClient:
         self.model_id = model_id
         self.project_id = project_id
         self.timeout = (min(5.0, timeout), timeout)
-        self.api = self._session(retries, self.base_url)
+        self._retry = policy(retries)  # shared by both sessions' adapters
+        self.api = self._session(self._retry, self.base_url)
         self.api.auth = (key, secret)
         # The CDN gets no credentials: its signed URLs carry their own authorisation.
-        self.cdn = self._session(retries, self.base_url)
+        self.cdn = self._session(self._retry, self.base_url)
+
+    def on_retry(self, listener: RetryListener | None) -> None:
+        """Tell `listener` of every retry the sessions make by themselves (5xx, connection, timeout)."""
+        self._retry.listener = listener
 
     @staticmethod
-    def _session(retries: int, url: str) -> requests.Session:
+    def _session(retry: Retry, url: str) -> requests.Session:
         session = requests.Session()
         # Proxy and CA-bundle settings from the environment, read once: requests would otherwise read
         # them (and ~/.netrc) again on every request, about a quarter of a millisecond of CPU each.
@@ -95,7 +81,7 @@ class ScenarioClient:
         session.trust_env = False
         session.proxies.update(found["proxies"])
         session.verify = found["verify"]
-        adapter = HTTPAdapter(max_retries=_retry(retries), pool_connections=4, pool_maxsize=64)
+        adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=64)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers["User-Agent"] = f"scenario-watch/{__version__}"
@@ -224,9 +210,11 @@ class ScenarioClient:
             try:  # the part URLs are signed: no credentials
                 resp = self.cdn.put(part["url"], data=chunk, timeout=self.timeout)
             except requests.RequestException as exc:
-                raise TransientError(f"upload {upload_id} part {number}: {type(exc).__name__}") from exc
+                message = f"upload {upload_id} part {number}: {type(exc).__name__}"
+                raise TransientError(message, kind=fault_kind(exc)) from exc
             if resp.status_code >= 300:
-                raise TransientError(f"upload {upload_id} part {number}: HTTP {resp.status_code}")
+                message = f"upload {upload_id} part {number}: HTTP {resp.status_code}"
+                raise TransientError(message, kind=status_kind(resp.status_code))
         self._call("POST", f"/uploads/{upload_id}/action", json={"action": "complete"}, post=True)
         delay = 0.1
         for _ in range(600):
@@ -249,16 +237,17 @@ class ScenarioClient:
                 if resp.status_code == 403:
                     raise UrlExpired("the CDN refused the signed URL (expired or bad signature)")
                 if resp.status_code != 200:
-                    raise TransientError(f"the CDN answered HTTP {resp.status_code}")
+                    message = f"the CDN answered HTTP {resp.status_code}"
+                    raise TransientError(message, kind=status_kind(resp.status_code))
                 expected = resp.headers.get("Content-Length")
                 written = 0
                 for chunk in resp.iter_content(CHUNK):
                     out.write(chunk)
                     written += len(chunk)
         except requests.RequestException as exc:
-            raise TransientError(f"download failed: {type(exc).__name__}") from exc
+            raise TransientError(f"download failed: {type(exc).__name__}", kind=fault_kind(exc)) from exc
         if expected is not None and expected.isdigit() and int(expected) != written:
-            raise TransientError(f"download cut short: {written} of {expected} bytes")
+            raise TransientError(f"download cut short: {written} of {expected} bytes", kind="connection")
         return written
 
     # -- plumbing -------------------------------------------------------------------------------------
@@ -280,13 +269,14 @@ class ScenarioClient:
                 method, self.base_url + path, json=json, params=params, timeout=self.timeout
             )
         except requests.RequestException as exc:
+            kind = fault_kind(exc)
             if _never_sent(exc):
-                raise TransientError(f"{method} {path}: cannot connect ({type(exc).__name__})") from exc
+                message = f"{method} {path}: cannot connect ({type(exc).__name__})"
+                raise TransientError(message, kind=kind) from exc
             if post:
-                raise OutcomeUnknown(
-                    f"{method} {path}: no answer ({type(exc).__name__})", answered=False
-                ) from exc
-            raise TransientError(f"{method} {path}: {type(exc).__name__}") from exc
+                message = f"{method} {path}: no answer ({type(exc).__name__})"
+                raise OutcomeUnknown(message, answered=False, kind=kind) from exc
+            raise TransientError(f"{method} {path}: {type(exc).__name__}", kind=kind) from exc
         return _answer(resp, post=post)
 
 
@@ -315,7 +305,8 @@ def _answer(resp: requests.Response, *, post: bool) -> dict[str, Any]:
     if 400 <= status < 500:
         raise BadRequest(status, reason)
     message = f"HTTP {status}: {reason}"
-    raise OutcomeUnknown(message, answered=True) if post else TransientError(message)
+    kind = status_kind(status)
+    raise OutcomeUnknown(message, answered=True, kind=kind) if post else TransientError(message, kind=kind)
 
 
 def is_plan_refusal(reason: str) -> bool:

@@ -37,6 +37,7 @@ from .recovery import recover
 from .scheduler import Scheduler
 from .store import Store, journal_problem
 from .tracker import Tracker
+from .watching import Watching
 
 log = logs.get()
 
@@ -94,22 +95,30 @@ class Daemon:
                 raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
         presets = load_presets(settings)  # a bad preset or hook command stops the start (exit 2)
         self.store = store = Store(folders.state / self.journal, clock)
+        # Metrics, listener and textfile, when configured; the events are counted into `tally`.
+        self.watching = Watching(settings, self.client, presets.keys())
+        self.tally = tally = self.watching.tally
         wake = lambda: self.events.put(Wake())  # noqa: E731 (a hook finished: --once may be done)
         self.hooks = HookRunner(settings.hooks, store, folders.outbox, self.env, wake)
         self.finisher = Finisher(
-            folders, store, hook=self.hooks, move_references=settings.watch.move_references, clock=clock
+            folders,
+            store,
+            hook=self.hooks,
+            move_references=settings.watch.move_references,
+            clock=clock,
+            tally=tally,
         )
-        outbox = Outbox(folders, self.client, store, clock, settings.outbox)
+        outbox = Outbox(folders, self.client, store, clock, settings.outbox, tally)
         self.dispatcher = Dispatcher(
-            settings, self.client, store, presets, clock=clock, output_size=outbox.output_size
+            settings, self.client, store, presets, clock=clock, output_size=outbox.output_size, tally=tally
         )
         reconciler = self.dispatcher.reconciler
-        self.tracker = Tracker(settings.jobs, self.client, store, outbox, reconciler, clock)
+        self.tracker = Tracker(settings.jobs, self.client, store, outbox, reconciler, clock, tally)
         self.outputs = (folders.outbox, folders.done, folders.failed)
         # Permissions stop the start (exit 2); a full disk only pauses submissions.
         self.scheduler.probed(health.check_at_start([*self.outputs, folders.state]), clock.monotonic())
         self.heartbeat = Heartbeat(store, self.scheduler, self.dispatcher.awaiting_references, clock.wall)
-        folders_of = {name: preset.folder for name, preset in presets.items()}
+        self.folders_of = folders_of = {name: preset.folder for name, preset in presets.items()}
         arrived = lambda path, moved: self.events.put(Arrived(path, moved))  # noqa: E731 (observer thread)
         self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of)
         self.notifier = Notifier(self.env)
@@ -121,10 +130,15 @@ class Daemon:
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Start, loop until stopped (or drained with --once), close; the exit code."""
+    def run(self, started: Callable[[], None] | None = None) -> int:
+        """Start, loop until stopped (or drained with --once), close; the exit code.
+
+        `started` is called once the daemon runs (the CLI prints the page's address then).
+        """
         self.start()
         try:
+            if started is not None:
+                started()
             while not self.stopping.is_set():
                 now = self.clock.monotonic()
                 self.tick(now)
@@ -138,6 +152,20 @@ class Daemon:
     def start(self) -> None:
         """Build, start the workers, resume what the journal holds, then watch and scan the inbox."""
         self._build()
+        try:  # the listener binds its port here: a taken one stops the start (exit 2)
+            self.watching.start(
+                store=self.store,
+                client=self.client,
+                heartbeat=self.heartbeat,
+                intake=self.intake,
+                budget=self.dispatcher.budget,
+                preset_folders=self.folders_of,
+                journal=self.journal,
+                clock=self.clock,
+            )
+        except BaseException:
+            self.store.close()
+            raise
         self.started = True
         for _ in range(min(MAX_WORKERS, self.settings.jobs.max_in_flight + SPARE_WORKERS)):
             self._add_worker()
@@ -150,6 +178,7 @@ class Daemon:
             intake=self.intake,
             hooks=self.hooks,
             now=self.clock.monotonic(),
+            tally=self.tally,
         )
         backlog.at_start(
             self.store,
@@ -165,6 +194,8 @@ class Daemon:
         log.info(
             "daemon.started", inbox=str(folders.inbox), outbox=str(folders.outbox), api=self.client.base_url
         )
+        if self.watching.url is not None:
+            log.info("daemon.page", url=f"{self.watching.url}/", note="the live page; /metrics beside it")
 
     def _add_worker(self) -> None:
         worker = threading.Thread(target=self._work, name=f"worker-{len(self.workers)}", daemon=True)
@@ -199,6 +230,7 @@ class Daemon:
         for worker in self.workers:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
         self.hooks.close(grace=max(0.0, deadline - time.monotonic()))  # unfinished ones: next start
+        self.watching.close(self.clock.monotonic())  # the textfile's last write has the final counts
         # A worker still in a request is abandoned: its prompt's state is in the journal, and the
         # next start resumes it (a lost generate answer is reconciled, never resent blindly).
         self.client.close()
@@ -229,6 +261,7 @@ class Daemon:
             for prompt_id, task in self.scheduler.due(now, submit=not self.stopping.is_set()):
                 self._start(prompt_id, task)
             self.heartbeat.tick(now)
+            self.watching.tick(now)
             self.notifier.tick(now, self._status() if self.notifier.wants_status() else None)
         except Exception:
             log.exception("daemon.tick_failed")
@@ -239,6 +272,7 @@ class Daemon:
             return now
         deadlines = [self.scheduler.next_due(), self.intake.next_due(), self.notifier.next_due()]
         deadlines += [self.heartbeat.next_due(), self.journal_retry_at if self.unjournaled else None]
+        deadlines.append(self.watching.next_due())
         return min([now + self.settings.watch.rescan_interval, *(d for d in deadlines if d is not None)])
 
     def _wait(self, now: float) -> None:
@@ -275,6 +309,7 @@ class Daemon:
                 hint = f"{journal_problem(exc)}; no new file is taken meanwhile, none is lost"
                 log.error("journal.write_failed", error=str(exc), claimed=len(pending), hint=hint)
                 return
+            self.tally.prompt_taken(pending[0].preset)
             pending = pending[1:]
             self._run_here(prompt_id, Task.ACCEPT)
         self.unjournaled = []

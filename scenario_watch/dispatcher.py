@@ -43,6 +43,7 @@ from .rows import Row
 from .schema import unknown_input
 from .schema_source import SchemaSource
 from .store import Store
+from .tally import NO_TALLY, Tally, retry_reason
 
 log = logs.get()
 
@@ -64,8 +65,10 @@ class Dispatcher:
         budget: Budget | None = None,
         clock: Clock = SYSTEM,
         output_size: Callable[[], int | None] = lambda: None,
+        tally: Tally = NO_TALLY,
     ) -> None:
         self.settings = settings
+        self.tally = tally
         api = settings.api
         self.clock = clock
         self.schemas = SchemaSource(client, store, api.schema_refresh)
@@ -220,6 +223,7 @@ class Dispatcher:
         """A call made for a submission failed: try later, wait for the credentials, or fail the prompt."""
         if isinstance(exc, TransientError | RateLimited):
             log.warning(event, error=str(exc))
+            self.tally.retry(retry_reason(exc))
             return Again(attempt=row.submit_attempts + 1)
         if isinstance(exc, AuthError):
             return Paused(Pause.CREDENTIALS, f"HTTP {exc.status}: {exc.reason}")
@@ -248,6 +252,7 @@ class Dispatcher:
             return Again(delay=verdict.wait)
         assert row.submit_started is not None
         self.store.resending(row.id, row.submit_started)
+        self.tally.retry("lost_answer")
         log.info("job.reconciled", found=False, note=f"{verdict.reason}: no job was created; sending again")
         return None
 
@@ -269,6 +274,7 @@ class Dispatcher:
         except RateLimited as exc:
             self.store.back_to_queued(row.id)
             log.warning("api.rate_limited", reason=exc.reason, retry_after=exc.retry_after, limit=exc.limit)
+            self.tally.retry("rate_limit")
             return Paused(Pause.RATE, exc.reason, retry_after=exc.retry_after, limit=exc.limit)
         except AuthError as exc:
             self.store.back_to_queued(row.id)
@@ -292,6 +298,7 @@ class Dispatcher:
         except TransientError as exc:
             self.store.back_to_queued(row.id)  # never reached the server: safe to send again
             log.warning("job.submit_failed", error=str(exc))
+            self.tally.retry(retry_reason(exc))
             return Again(attempt=attempt)
         self.budget.learn(inputs, cost)  # what this shape really costs: the next estimate
         logs.bind(job_id=job.job_id)

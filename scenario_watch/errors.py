@@ -78,7 +78,14 @@ class RateLimited(ApiError):
 
 
 class TransientError(ScenarioWatchError):
-    """A fault that may go away by itself: connection error, timeout, 5xx, malformed body."""
+    """A fault that may go away by itself: connection error, timeout, 5xx, malformed body.
+
+    `kind` says which, for the retries metric: connection, timeout, server_error, or other.
+    """
+
+    def __init__(self, message: str, *, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class OutcomeUnknown(TransientError):
@@ -88,10 +95,13 @@ class OutcomeUnknown(TransientError):
     and a listing soon settles it; otherwise (a timeout, a reset) a job may still be in the making.
     """
 
-    def __init__(self, message: str, *, answered: bool) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, answered: bool, kind: str = "other") -> None:
+        super().__init__(message, kind=kind)
         self.answered = answered
 
 
 class UrlExpired(TransientError):
     """The CDN refused a signed URL (403): fetch the asset again for a fresh one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="url_expired")

@@ -22,6 +22,7 @@ from .files import free_name, move_no_clobber, write_atomic
 from .lifecycle import Delivered, Ended, Failed, State
 from .rows import Row
 from .store import Store
+from .tally import NO_TALLY, Tally
 
 log = logs.get()
 
@@ -64,10 +65,12 @@ class Finisher:
         hook: FiledHook | None = None,
         move_references: bool = False,
         clock: Clock = SYSTEM,
+        tally: Tally = NO_TALLY,
     ) -> None:
         self.folders = folders
         self.store = store
         self.hook = hook
+        self.tally = tally
         self.move_references = move_references
         self.clock = clock
         self._failed_lock = threading.Lock()  # two prompts of one name failing at once must not swap reports
@@ -83,10 +86,25 @@ class Finisher:
             self.store.done(prompt_id, list(result.outputs))
             log.info("prompt.done", outputs=list(result.outputs))
         row = self.store.get(prompt_id)
+        self._count(row)
         ended = self.file(row)
         if row.state == State.DONE:
             self.release_references(row)
         return ended
+
+    def _count(self, row: Row) -> None:
+        """The metrics' word on a prompt that ended (here only: each prompt ends once)."""
+        duration = None
+        if row.finished_at is not None and row.submitted_at is not None:
+            duration = row.finished_at - row.submitted_at
+        self.tally.prompt_finished(
+            row.state.value,
+            stage=row.stage,
+            preset=row.preset,
+            cost=row.cost,
+            duration=duration,
+            at=row.finished_at,
+        )
 
     def file(self, row: Row) -> Ended:
         """Move a finished prompt to done/ or failed/ and record where; not filed: try again later."""

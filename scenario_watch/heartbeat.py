@@ -55,6 +55,7 @@ class Heartbeat:
         self.wall = wall
         self.pid = os.getpid()
         self._last: dict[str, Any] | None = None
+        self.state: dict[str, Any] | None = None  # the latest snapshot tick took (a new dict each time)
         self._last_write = float("-inf")
         self._next_check = float("-inf")
         self._pending = False  # something may have changed since the last check
@@ -66,7 +67,7 @@ class Heartbeat:
             self._pending = True
             return
         self._next_check, self._pending = now + PUBLISH_EVERY, False
-        state = self.snapshot(now)
+        state = self.state = self.snapshot(now)
         if state != self._last or now >= self._last_write + HEARTBEAT_EVERY:
             self._write(state, now)
 

@@ -108,6 +108,7 @@ class Intake:
         self.next_rescan = 0.0
         self.next_observer_check = 0.0
         self.observer_backoff = 1.0
+        self.observers_ok = True  # every observer was alive at the last check
 
     def start(self, now: float, *, watch: bool) -> None:
         """Start the observer (unless `watch` is off) and scan the inbox once."""
@@ -212,6 +213,7 @@ class Intake:
     def _check_observer(self, now: float) -> None:
         self.next_observer_check = now + OBSERVER_CHECK
         dead = [source for source in self.sources if not source.watcher.alive()]
+        self.observers_ok = not dead
         if not dead:
             self.observer_backoff = 1.0
             return

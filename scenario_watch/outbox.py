@@ -32,6 +32,7 @@ from .jobs import Asset, Job
 from .rows import Row
 from .sections import OutboxSettings
 from .store import Store
+from .tally import NO_TALLY, Tally
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 # A hidden file that holds a stem for the daemon writing it (created exclusively: one owner). A temp
@@ -55,9 +56,11 @@ class Outbox:
         store: Store,
         clock: Clock = SYSTEM,
         settings: OutboxSettings | None = None,
+        tally: Tally = NO_TALLY,
     ) -> None:
         self.folders = folders
         self.settings = settings or OutboxSettings()
+        self.tally = tally
         self.client = client
         self.store = store
         self.clock = clock
@@ -145,6 +148,7 @@ class Outbox:
             try:
                 self._fetch(asset.url, temp)
             except UrlExpired:  # signed URLs expire: ask for the asset again and use the fresh URL once
+                self.tally.retry("url_expired")
                 self._fetch(self.client.get_asset(asset.asset_id).url, temp)
             original = _digest(temp)
             mime_type, entry = asset.mime_type, dict(original)

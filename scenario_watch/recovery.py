@@ -19,6 +19,7 @@ from .intake import Intake
 from .lifecycle import State, Task, next_task
 from .scheduler import Scheduler
 from .store import Store
+from .tally import NO_TALLY, Tally
 
 log = logs.get()
 
@@ -32,6 +33,7 @@ def recover(
     intake: Intake,
     hooks: HookRunner,
     now: float,
+    tally: Tally = NO_TALLY,
 ) -> None:
     """Resume what a previous run left: finish filings, requeue, re-poll, reconcile, redo, run hooks."""
     for folder in (folders.outbox, folders.done, folders.failed, folders.state):
@@ -54,6 +56,7 @@ def recover(
     # A crash between the claim (rename) and the journal entry leaves an unknown file there.
     for claim in intake.unknown_claims(known):
         scheduler.resume(store.add(claim.name, claim.path, claim.preset), Task.ACCEPT, now)
+        tally.prompt_taken(claim.preset)
     # Filed before the crash, hook not run yet (at least once: it may have been running).
     owed = hooks.resume()
     if owed:

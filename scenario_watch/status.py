@@ -7,12 +7,13 @@ waits for comes from its heartbeat (heartbeat.py), trusted only while it holds t
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from . import backlog
 from .budget import day_start
-from .config import BudgetSettings
+from .config import BudgetSettings, Settings
 from .heartbeat import HEARTBEAT_EVERY, META_KEY, iso
 from .instance import holder, lock_path
 from .jobs import format_cost
@@ -257,3 +258,22 @@ def inbox_waiting(inbox: Path) -> int:
         return sum(1 for p in inbox.iterdir() if p.name.endswith(".json") and not p.name.startswith("."))
     except OSError:
         return 0
+
+
+def report_text(settings: Settings, journal: Path, *, json_lines: bool, watch: bool) -> str:
+    """One look at the journal, as `status` prints it: a JSON line, or text (redrawn in place: --watch)."""
+    store = Store(journal)
+    try:
+        report = build(
+            store,
+            lock_path(journal.parent, journal.name),
+            settings.budget,
+            time.time(),
+            reference_wait=settings.watch.reference_wait,
+        )
+    finally:
+        store.close()
+    if json_lines:
+        return json.dumps(report)
+    clear = "\x1b[H\x1b[2J" if watch else ""  # clear the terminal: redraw in place
+    return clear + render(report, journal, inbox_waiting(settings.folders.inbox), bars=watch)

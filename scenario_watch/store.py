@@ -322,6 +322,17 @@ class Store:
         """The latest prompts in a state, newest first."""
         return self._select("WHERE state = ? ORDER BY updated_at DESC LIMIT ?", state, limit)
 
+    def last_done_at(self) -> float | None:
+        """When the newest done prompts finished (Unix time), or None; cheap on a big journal."""
+        # The newest rows by id, through the state index (no sort of every done row).
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(finished_at) FROM"
+                " (SELECT finished_at FROM prompts WHERE state = ? ORDER BY id DESC LIMIT 100)",
+                (State.DONE,),
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
+
     def known_job_ids(self) -> set[str]:
         """Every job id the journal owns: its prompts' jobs and the orphans it noted."""
         with self._lock:

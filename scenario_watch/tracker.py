@@ -21,6 +21,7 @@ from .outbox import Outbox
 from .reconcile import Reconciler
 from .rows import Row
 from .store import Store
+from .tally import NO_TALLY, Tally, retry_reason
 
 log = logs.get()
 
@@ -39,8 +40,10 @@ class Tracker:
         outbox: Outbox,
         reconciler: Reconciler,
         clock: Clock = SYSTEM,
+        tally: Tally = NO_TALLY,
     ) -> None:
         self.jobs = jobs
+        self.tally = tally
         self.client = client
         self.store = store
         self.outbox = outbox
@@ -65,6 +68,7 @@ class Tracker:
             return Paused(Pause.CREDENTIALS, f"HTTP {exc.status}: {exc.reason}")
         except (ScenarioWatchError, OSError) as exc:  # transient, 429, odd answers: ask again
             log.warning("job.poll_failed", error=str(exc))
+            self.tally.retry(retry_reason(exc))
             retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
             return Again(attempt=1, retry_after=retry_after)
         self.store.polled(row.id, job.progress)
@@ -139,6 +143,7 @@ class Tracker:
         # The job is paid for: give up only after many attempts spread over [jobs] timeout.
         if attempts < MAX_DOWNLOAD_ATTEMPTS or failing_for < self.jobs.timeout:
             log.warning("output.download_failed", error=str(exc), attempt=attempts)
+            self.tally.retry("download")
             return Again(attempt=attempts)
         with self._lock:
             self._failing_since.pop(row.id, None)

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 from browser import CHROMIUM, Browser
-from conftest import wait_for
+from conftest import Folders, StartDaemon, free_port, wait_for, write_config
 from web_site import Site
+
+from scenario_watch.sandbox import Sandbox
+from scenario_watch.sandbox.images import make_png
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # ignored by git: screenshots to look at
 
@@ -106,3 +109,58 @@ def test_the_page_shows_progress_then_the_result_and_failures_with_hints(
         return any("Content Security Policy" in problem for problem in browser.problems)
 
     wait_for(reported, 10, "the CSP violation to be reported")
+
+
+def test_the_page_of_a_sandbox_run(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, browser: Browser, tmp_path: Path
+) -> None:
+    """The real daemon (a process) on the sandbox: a job's progress, then its thumbnails; a failure's hint."""
+    port = free_port()
+    write_config(folders, sandbox.base_url, http={"listen": f"127.0.0.1:{port}"})
+    proc = daemon()
+    url = f"http://127.0.0.1:{port}/"
+    assert proc.saw("daemon.page", url=url)
+    browser.viewport(1280, 900)
+    browser.open(url)
+    browser.wait_js(
+        "document.querySelector('#daemon').textContent.startsWith('running')", "the daemon's pill"
+    )
+
+    # A generation that fails at Scenario, with the API's hint.
+    sandbox.fail_next_jobs(1, "the prompt was refused by the safety filter", "rephrase the prompt")
+    folders.drop("storm.json", {"prompt": "a storm over the harbour"})
+    failed = "document.querySelector('.card.failed')"
+    browser.wait_js(failed, "the failure's card")
+    text = browser.js(f"{failed}.textContent")
+    assert "storm.json" in text and "the prompt was refused by the safety filter" in text
+    assert browser.js(f"{failed}.querySelector('.hint').textContent") == "hint: rephrase the prompt"
+
+    # A job long enough to be seen running: the API's progress on a bar, then its thumbnails.
+    sandbox.generation_seconds = 6.0
+    staging = folders.root / "staging"
+    (staging / "cat.png").write_bytes(make_png("a cat", 320, 240))
+    os.replace(staging / "cat.png", folders.inbox / "cat.png")
+    folders.drop(
+        "cat.json", {"prompt": "Paint the cat blue", "referenceImages": ["cat.png"], "numOutputs": 2}
+    )
+    bars = "[...document.querySelectorAll('#running .job progress[value]')]"
+    browser.wait_js(f"{bars}.some(p => p.value > 0 && p.value < 1)", "the running job's progress")
+    assert "cat.json" in browser.js("document.querySelector('#running').textContent")
+    assert browser.js("document.querySelector('#n-running').textContent") == "1"
+    keep(browser.screenshot(tmp_path / "sandbox-run-running.png"))
+
+    done = "document.querySelector('.card.done')"
+    browser.wait_js(done, "the finished job's card", timeout=30)
+    prompt_id = browser.js(f"{done}.dataset.id")
+    assert browser.js(f"{done}.querySelectorAll('a.thumb.output').length") == 2
+    assert browser.js(f"{done}.querySelectorAll('a.thumb.reference').length") == 1
+    images = f"[...{done}.querySelectorAll('img')]"
+    browser.wait_js(f"{images}.every(i => i.complete && i.naturalWidth > 0)", "its thumbnails to load")
+    assert (
+        browser.js(f"{done}.querySelector('a.thumb.output').getAttribute('href')")
+        == f"/picture/{prompt_id}/1"
+    )
+    assert browser.js("document.querySelector('#running .job')") is None
+    keep(browser.screenshot(tmp_path / "sandbox-run-done.png"))
+    browser.js("1")  # collect what arrived meanwhile
+    assert browser.problems == []

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from conftest import SECRET, Folders, StartDaemon, cli_env, generate_posts, run_cli, wait_for
@@ -249,14 +252,16 @@ def test_run_sandbox_quick_start(tmp_path: Path) -> None:
     env = cli_env(HOME=str(tmp_path))
     for key in ("SCENARIO_API_KEY", "SCENARIO_API_SECRET"):
         env.pop(key)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scenario_watch", "run", "--sandbox"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scenario_watch", "run", "--sandbox"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
         inbox = tmp_path / "scenario-watch" / "inbox"
         wait_for(inbox.exists, what="the inbox")
@@ -268,7 +273,26 @@ def test_run_sandbox_quick_start(tmp_path: Path) -> None:
         # The quick start's `status` (no --sandbox) finds the sandbox daemon and says it runs.
         shown = run_cli("status", env=env, cwd=tmp_path)
         assert f"running, PID {proc.pid}" in shown.stdout, shown.stdout + shown.stderr
+        # The live page, at a loopback address printed as a plain line (stderr) and logged.
+        [url] = re.findall(r"^live page: (http://127\.0\.0\.1:\d+/)$", log.read_text(), re.MULTILINE)
+        assert any(e.get("event") == "daemon.page" and e.get("url") == url for e in json_lines(log))
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert page.status == 200 and b"scenario-watch" in page.read()
+        with urllib.request.urlopen(f"{url}metrics", timeout=10) as metrics:
+            assert (
+                b'scenario_watch_prompts_finished_total{outcome="done",preset="",stage=""} 1.0'
+                in metrics.read()
+            )
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0, out
+        proc.wait(timeout=10)
+    assert proc.returncode == 0, log.read_text()
+
+
+def json_lines(path: Path) -> list[dict[str, object]]:
+    """The JSON log lines of a file (other lines skipped)."""
+    found = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            found.append(json.loads(line))
+    return found

@@ -59,8 +59,12 @@ class Site:
 
     def status(self) -> dict[str, Any]:
         """What `status --json` says about this journal."""
+        return self.status_at(time.time())
+
+    def status_at(self, now: float) -> dict[str, Any]:
+        """What `status --json` would say at `now` (Unix time)."""
         lock = lock_path(self.folders.state, JOURNAL)
-        return build(self.store, lock, self.settings.budget, time.time())
+        return build(self.store, lock, self.settings.budget, now)
 
     def close(self) -> None:
         self.listener.close()

@@ -6,6 +6,9 @@
         # no figures: one C=16 drain with the daemon started under `py-spy record` (all threads,
         # start-up included, idle samples left out), its collapsed stacks written to the file and
         # the top costs printed (needs py-spy on PATH or beside this Python, and ptrace rights)
+    .venv/bin/python tests/benchmarks/bench.py --listener [ROUNDS] [--quick]
+        # no other figures: cold C=16 drains with [http] listen on and /metrics scraped every 5 s,
+        # alternated with drains without it; CPU per job of each (issue #20: at most 1 ms more)
 
 Figures: pickup latency (moved in, written in place); the main drain (N=200, G=1 s, C=16) by a
 daemon started just for it, its CPU counted from process start (/proc/<pid>/stat utime + stime at
@@ -32,14 +35,16 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +189,9 @@ def count(folder: Path, prefix: str, suffix: str) -> int:
     return sum(1 for e in os.scandir(folder) if e.name.startswith(prefix) and e.name.endswith(suffix))
 
 
-def write_config(root: Path, base_url: str, jobs: dict[str, float]) -> Path:
+def write_config(
+    root: Path, base_url: str, jobs: dict[str, float], extra: dict[str, dict[str, Any]] | None = None
+) -> Path:
     """The daemon's config.toml for this root: [watch] settle 2 s, JSON logs at LOG_LEVEL."""
     config: dict[str, dict[str, Any]] = {
         "api": {"base_url": base_url, "request_timeout": 30.0},
@@ -192,6 +199,7 @@ def write_config(root: Path, base_url: str, jobs: dict[str, float]) -> Path:
         "jobs": jobs,
         "watch": {"settle": 2.0},
         "log": {"format": "json", "level": LOG_LEVEL},
+        **(extra or {}),
     }
     lines = []
     for section, values in config.items():
@@ -280,10 +288,11 @@ def running(
     jobs: dict[str, float],
     warm: bool | None = True,
     wrapper: list[str] | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> Iterator[Daemon]:
     """A daemon on this root: warm (one prompt done), cold (just past its `daemon.started` line) or,
-    with warm=None, just started."""
-    daemon = Daemon(root, write_config(root, api.base_url, jobs), wrapper)
+    with warm=None, just started. `extra`: more config sections ([http], [metrics])."""
+    daemon = Daemon(root, write_config(root, api.base_url, jobs, extra), wrapper)
     try:
         if warm:
             text = f"warmup-{root.name}"
@@ -639,6 +648,123 @@ def report(sc: Scale, res: dict[str, Any], skip_shell: str) -> None:
     b.print("Baselines (same sandbox, same machine; >1x: the daemon is faster)")
 
 
+LISTENER_SCRAPE = 5.0  # seconds between scrapes of /metrics (Prometheus' default is 15 s: this is 3x)
+
+
+@contextmanager
+def scraping(url: str, every: float) -> Iterator[list[float]]:
+    """Scrape `url` now and every `every` seconds in a thread, as Prometheus would; the answer times."""
+    stop = threading.Event()
+    times: list[float] = []
+
+    def scrape() -> None:
+        while True:
+            t0 = time.monotonic()
+            requests.get(url, timeout=30).raise_for_status()
+            times.append(time.monotonic() - t0)
+            if stop.wait(every):
+                return
+
+    thread = threading.Thread(target=scrape, name="scraper", daemon=True)
+    thread.start()
+    try:
+        yield times
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def metrics_work(jobs: int = 20_000, scrapes: int = 200) -> tuple[float, float]:
+    """In this process: CPU (ms) of one job's metric events (claim, 5 requests, end) and of one render."""
+    from scenario_watch.metrics import Metrics, Snapshot
+
+    api, cdn = "http://127.0.0.1:1/v1", "http://127.0.0.1:2"
+    m = Metrics(presets=["recolor"], base_url=api, budget_daily=1000)
+    m.set_snapshot(lambda: Snapshot(in_flight=16, waiting={"slot": 184}, budget_remaining=500.0))
+    calls = [("POST", f"{api}/generate/custom/m"), ("GET", f"{api}/jobs/j"), ("GET", f"{api}/jobs/j")]
+    calls += [("GET", f"{api}/assets/a"), ("GET", f"{cdn}/assets/a?sig=x")]
+    t0 = time.process_time()
+    for _ in range(jobs):
+        m.prompt_taken(None)
+        for method, url in calls:
+            m.api_response(method, url, 200)
+        m.prompt_finished("done", cost=5, duration=1.0)
+    per_job = (time.process_time() - t0) / jobs * 1000
+    t0 = time.process_time()
+    for _ in range(scrapes):
+        m.render()
+    return per_job, (time.process_time() - t0) / scrapes * 1000
+
+
+def listener_cost(args: argparse.Namespace, base: Path, sc: Scale, rounds: int) -> None:
+    """Cold C=16 drains with [http] listen on (scraped every 5 s) and off, alternated; CPU per job of each."""
+    n = sc.drain_n
+    print(f"listener: {rounds} round(s) of two cold drains, N={n}, G={G:g} s, [jobs] {DRAIN_JOBS}")
+    print(f"  on: [http] listen on loopback, /metrics scraped every {LISTENER_SCRAPE:g} s from the start")
+    found: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    with sandbox(args.sandbox, G) as api:
+        for r in range(rounds):
+            for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                key = f"listener-{mode}-{r}"
+                root = make_root(base, key)
+                port = free_port()
+                extra = {"http": {"listen": f"127.0.0.1:{port}"}} if mode == "on" else None
+                with running(api, root, DRAIN_JOBS, warm=False, extra=extra) as daemon:
+                    startup = daemon.cpu()
+                    url = f"http://127.0.0.1:{port}/metrics"
+                    with scraping(url, LISTENER_SCRAPE) if mode == "on" else nullcontext([]) as scrapes:
+                        res = drain(api, root, key, n, ".manifest.json", daemon)
+                    slowest = max(scrapes, default=0) * 1000
+                    res.update(startup=startup, scrapes=len(scrapes), scrape_ms=slowest)
+                found[mode].append(res)
+                got = f"{res['cpu_total'] / n * 1000:.2f} ms CPU/job from start, {res['wall']:.2f} s"
+                print(f"  round {r + 1} {mode:>3}: {got}, {res['scrapes']:.0f} scrape(s)", flush=True)
+    t = Table("figure", "off", "on (scraped every 5 s)", "on - off")
+
+    def row(
+        figure: str, of: Callable[[dict[str, float]], float], fmt: str = ".2f", unit: str = "ms"
+    ) -> float:
+        """One figure, off and on (medians), and the difference."""
+        off = statistics.median(of(res) for res in found["off"])
+        on = statistics.median(of(res) for res in found["on"])
+        t.add(figure, f"{off:{fmt}} {unit}", f"{on:{fmt}} {unit}", f"{on - off:+{fmt}} {unit}")
+        return on - off
+
+    row("CPU per job, from process start (median)", lambda res: res["cpu_total"] / n * 1000)
+    row("  of which start-up, to `daemon.started`", lambda res: res["startup"] * 1000, ".0f")
+    row("  drain alone, per job", lambda res: res["cpu_per_job"] * 1000)
+    row("drain wall", lambda res: res["wall"], ".2f", "s")
+    scrapes = sum(res["scrapes"] for res in found["on"])
+    slowest = max(res["scrape_ms"] for res in found["on"])
+    t.add("scrapes answered (slowest)", "", f"{scrapes:.0f} ({slowest:.1f} ms)", "")
+    # Each round's two drains ran back to back: their difference cancels most of the drift between rounds.
+    rounds_of = zip(found["on"], found["off"], strict=True)
+    pairs = [(on["cpu_total"] - off["cpu_total"]) / n * 1000 for on, off in rounds_of]
+    more = statistics.mean(pairs)
+    t.add("  per round (on - off)", ", ".join(f"{d:+.2f}" for d in pairs), "ms", "info")
+    t.check("CPU per job: listener on - off, mean of the rounds", more, 1.0, "ms", ".2f")
+    spread = {mode: [res["cpu_total"] / n * 1000 for res in found[mode]] for mode in found}
+    ranges = ", ".join(f"{mode} {min(v):.2f}-{max(v):.2f}" for mode, v in spread.items())
+    t.add("  run-to-run range (noise)", ranges, "ms", "info")
+    per_job, per_render = metrics_work()
+    t.add(
+        "in-process: one job's metric events",
+        f"{per_job * 1000:.1f} µs",
+        "(a claim, 5 requests, the end)",
+        "info",
+    )
+    t.add(
+        "in-process: one render of /metrics", f"{per_render:.2f} ms", "(at most one every 5 s here)", "info"
+    )
+    t.print(f"Listener cost (N={n}, {rounds} round(s); median of each)")
+
+
 # Leaves that are blocking calls (lock, queue, select, recv): py-spy without --idle still samples
 # them on this machine, so they are named apart; --gil leaves them out for real.
 WAITS = {
@@ -743,6 +869,15 @@ def main() -> None:
         "--gil", action="store_true", help="py-spy --gil: only the thread holding the GIL (--profile)"
     )
     parser.add_argument("--summarise", metavar="FILE", help="print the top costs of a py-spy raw file")
+    parser.add_argument(
+        "--listener",
+        type=int,
+        nargs="?",
+        const=3,
+        metavar="ROUNDS",
+        help="no other figures: CPU per job with [http] listen on and /metrics scraped every 5 s, "
+        "against off (cold drains alternated, ROUNDS of each, default 3)",
+    )
     args = parser.parse_args()
     if args.summarise:
         summarise(Path(args.summarise))
@@ -755,6 +890,8 @@ def main() -> None:
         print(machine(base, args.sandbox), flush=True)
         if args.profile:
             profile(args, base, sc)
+        elif args.listener:
+            listener_cost(args, base, sc, args.listener)
         else:
             report(sc, run(args, base, sc, skip_shell), skip_shell)
     finally:

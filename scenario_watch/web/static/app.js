@@ -115,7 +115,7 @@ function drawJobs(jobs) {
         "li",
         { class: "job", "data-id": String(job.id) },
         jobTitle(job),
-        el("p", { class: "why", text: job.waiting_for ? `waiting for ${job.waiting_for}` : job.state === "submitting" ? "being sent" : "being checked" }),
+        el("p", { class: "why", text: job.waiting_for ? `waiting for ${job.waiting_for}` : job.state === "submitting" ? "being sent" : job.state === "queued" ? "waiting for a free slot" : "being checked" }),
         el("p", { class: "meta", text: `${duration(job.age_s)} since it arrived` }),
       ),
     ),
