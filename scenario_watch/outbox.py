@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import convert, logs, naming, provenance
+from . import logs, naming, provenance
 from .client import ScenarioClient
 from .clock import SYSTEM, Clock
 from .config import FolderSettings
@@ -176,6 +176,8 @@ class Outbox:
         """Scenario's bytes in the [outbox] format, with provenance written in; as they are if it cannot."""
         if self.settings.format != "original":
             try:
+                from . import convert  # Pillow loads only where outputs are converted
+
                 data, mime_type = convert.convert(
                     data, mime_type, self.settings.format, self.settings.quality
                 )

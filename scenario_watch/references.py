@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import images, logs
+from . import logs
 from .client import ScenarioClient
 from .errors import PromptError
 from .files import read_regular
@@ -67,6 +67,8 @@ class References:
             original = hashlib.sha256(data).hexdigest()
             upload, mime_type, name, changes = data, ref.mime_type, ref.path.name, None
             if self.settings.normalize:  # BadImage (a PromptError) fails the prompt, unpaid
+                from . import images  # Pillow loads when the first local image is sent, not at start
+
                 normalized = images.normalize(data, max_side=self.settings.max_side, name=entry)
                 upload, mime_type, changes = normalized.data, normalized.mime_type, normalized.changes
                 if mime_type != ref.mime_type:  # re-encoded into another type: a name that says so
