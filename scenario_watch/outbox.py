@@ -144,18 +144,24 @@ class Outbox:
         """
         temp = temp_path(folder / base)
         made: Path | None = None
+        # Outputs that are rewritten (provenance, format) are synced once, as the file that is published.
+        rewrite = self.settings.format != "original" or self.settings.metadata
         try:
             try:
-                self._fetch(asset.url, temp)
+                self._fetch(asset.url, temp, sync=not rewrite)
             except UrlExpired:  # signed URLs expire: ask for the asset again and use the fresh URL once
                 self.tally.retry("url_expired")
-                self._fetch(self.client.get_asset(asset.asset_id).url, temp)
-            original = _digest(temp)
+                self._fetch(self.client.get_asset(asset.asset_id).url, temp, sync=not rewrite)
+            data = temp.read_bytes() if rewrite else b""
+            original = (
+                {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} if rewrite else _digest(temp)
+            )
             mime_type, entry = asset.mime_type, dict(original)
-            if self.settings.format != "original" or self.settings.metadata:
-                data = temp.read_bytes()
+            if rewrite:
                 out, mime_type = self._transform(data, asset.mime_type, row, job)
-                if out != data:
+                if out == data:  # published as Scenario made it after all: sync it now
+                    _sync(temp)
+                else:
                     made = temp_path(folder / base)
                     with made.open("xb") as handle:
                         handle.write(out)
@@ -210,11 +216,12 @@ class Outbox:
             created=datetime.fromtimestamp(self.clock.wall(), UTC),
         )
 
-    def _fetch(self, url: str, temp: Path) -> None:
+    def _fetch(self, url: str, temp: Path, *, sync: bool) -> None:
         with temp.open("wb") as out:
             self.client.download(url, out)
             out.flush()
-            os.fsync(out.fileno())
+            if sync:
+                os.fsync(out.fileno())
 
     def _publish(self, temp: Path, folder: Path, name: str, ours: Callable[[Path], bool]) -> Path:
         """Rename `temp` to `name`, or `name-2` ... when anyone else holds the name; never replaces.
@@ -299,3 +306,12 @@ def _manifest_of(path: Path, job_id: str) -> bool:
         return bool(json.loads(path.read_bytes()).get("jobId") == job_id)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _sync(path: Path) -> None:
+    """fsync a file written earlier (before it is published by rename)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
