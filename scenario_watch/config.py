@@ -168,6 +168,20 @@ class MetricsSettings(_Section):
         return None if value is None else Path(os.path.abspath(value.expanduser()))
 
 
+class JournalSettings(_Section):
+    """[journal]: how long finished prompts stay in the journal (retention.py)."""
+
+    keep_days: float = Field(90.0, ge=0)  # 0: keep every prompt
+
+    @field_validator("keep_days")
+    @classmethod
+    def _whole_day(cls, value: float) -> float:
+        # Today's spend is read from the journal (the daily budget): it must not be pruned.
+        if 0 < value < 1:
+            raise ValueError("must be at least 1 (today's spend stays in the journal), or 0 to keep all")
+        return value
+
+
 class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -191,6 +205,7 @@ class Settings(BaseSettings):
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    journal: JournalSettings = Field(default_factory=JournalSettings)
 
     @classmethod
     def settings_customise_sources(

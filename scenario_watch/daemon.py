@@ -34,6 +34,7 @@ from .notify import Notifier, status_line
 from .outbox import Outbox
 from .presets import load_presets
 from .recovery import recover
+from .retention import Retention
 from .scheduler import Scheduler
 from .store import Store, journal_problem
 from .tracker import Tracker
@@ -109,6 +110,7 @@ class Daemon:
         # Permissions stop the start (exit 2); a full disk only pauses submissions.
         self.scheduler.probed(health.check_at_start([*self.outputs, folders.state]), clock.monotonic())
         self.heartbeat = Heartbeat(store, self.scheduler, self.dispatcher.awaiting_references, clock.wall)
+        self.retention = Retention(store, settings.journal.keep_days, clock)
         folders_of = {name: preset.folder for name, preset in presets.items()}
         arrived = lambda path, moved: self.events.put(Arrived(path, moved))  # noqa: E731 (observer thread)
         self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of)
@@ -217,6 +219,7 @@ class Daemon:
             for prompt_id, task in self.scheduler.due(now, submit=not self.stopping.is_set()):
                 self._start(prompt_id, task)
             self.heartbeat.tick(now)
+            self.retention.tick(now)
             self.notifier.tick(now, self._status() if self.notifier.wants_status() else None)
         except Exception:
             log.exception("daemon.tick_failed")
@@ -227,6 +230,7 @@ class Daemon:
             return now
         deadlines = [self.scheduler.next_due(), self.intake.next_due(), self.notifier.next_due()]
         deadlines += [self.heartbeat.next_due(), self.journal_retry_at if self.unjournaled else None]
+        deadlines.append(self.retention.next_due())
         return min([now + self.settings.watch.rescan_interval, *(d for d in deadlines if d is not None)])
 
     def _wait(self, now: float) -> None:

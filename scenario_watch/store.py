@@ -12,6 +12,7 @@ from typing import Any
 from . import logs
 from .clock import SYSTEM, Clock
 from .errors import ScenarioWatchError
+from .journal_prune import give_back, prune
 from .journal_schema import migrate
 from .lifecycle import ACTIVE, TRANSITIONS, State
 from .rows import Row, from_db
@@ -46,6 +47,9 @@ class Store:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
+        # Taken only by a journal with no table yet, and before WAL (an older journal keeps its mode
+        # until one VACUUM: journal_prune.py): pages freed by pruning can then go back bit by bit.
+        self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a process crash (kill -9); only power loss may lose the last commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -155,20 +159,22 @@ class Store:
 
     def add_orphan(self, job_id: str, prompt_id: int, cost: float | None) -> None:
         """A job that a lost answer created although its prompt was resent (paid twice)."""
+        # The file's name is copied: orphans are kept for good, their prompt may be pruned.
         self._write(
-            "INSERT OR IGNORE INTO orphans (job_id, prompt_id, cost, found_at) VALUES (?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO orphans (job_id, prompt_id, cost, found_at, file)"
+            " SELECT ?, ?, ?, ?, file FROM prompts WHERE id = ?",
             job_id,
             prompt_id,
             cost,
             self.clock.wall(),
+            prompt_id,
         )
 
     def orphans(self) -> list[tuple[str, str, float | None, float]]:
         """Every orphan job: (job id, the prompt's file, cost, when found)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT o.job_id, p.file, o.cost, o.found_at FROM orphans o"
-                " JOIN prompts p ON p.id = o.prompt_id ORDER BY o.found_at"
+                "SELECT job_id, file, cost, found_at FROM orphans ORDER BY found_at"
             ).fetchall()
         return [(str(r[0]), str(r[1]), r[2], float(r[3])) for r in rows]
 
@@ -239,19 +245,37 @@ class Store:
     # -- reference uploads ----------------------------------------------------------------------------
 
     def uploaded_asset(self, sha256: str) -> str | None:
-        """The asset id of content uploaded before, or None."""
+        """The asset id of content uploaded before (noted as used now: retention keeps it), or None."""
         with self._lock:
             row = self._db.execute("SELECT asset_id FROM uploads WHERE sha256 = ?", (sha256,)).fetchone()
+            if row is not None:
+                self._db.execute(
+                    "UPDATE uploads SET used_at = ? WHERE sha256 = ?", (self.clock.wall(), sha256)
+                )
         return None if row is None else str(row[0])
 
     def remember_upload(self, sha256: str, asset_id: str) -> None:
         """Keep the asset id an upload of this content got."""
+        now = self.clock.wall()
         self._write(
-            "INSERT OR REPLACE INTO uploads (sha256, asset_id, created_at) VALUES (?, ?, ?)",
+            "INSERT OR REPLACE INTO uploads (sha256, asset_id, created_at, used_at) VALUES (?, ?, ?, ?)",
             sha256,
             asset_id,
-            self.clock.wall(),
+            now,
+            now,
         )
+
+    # -- retention ------------------------------------------------------------------------------------
+
+    def prune(self, before: float, limit: int) -> int:
+        """Remove up to `limit` filed prompts finished before `before`, and upload notes unused since."""
+        with self._lock:
+            return prune(self._db, before, limit, REFUNDED_STAGE)
+
+    def give_back(self) -> bool:
+        """Return some of the pages freed by pruning to the filesystem; whether more are left."""
+        with self._lock:
+            return give_back(self._db)
 
     # -- named values ---------------------------------------------------------------------------------
 
@@ -287,17 +311,25 @@ class Store:
     def unfinished(self) -> list[Row]:
         """Prompts with something left to do (active, or finished but not filed), oldest first."""
         marks = ", ".join("?" for _ in ACTIVE)
-        return self._select(f"WHERE state IN ({marks}) OR final_path IS NULL ORDER BY id", *ACTIVE)
+        # One index each (prompts_unfiled, prompts_state_updated): no scan of the finished prompts.
+        return self._select(
+            f"WHERE id IN (SELECT id FROM prompts WHERE final_path IS NULL"
+            f" UNION SELECT id FROM prompts WHERE state IN ({marks})) ORDER BY id",
+            *ACTIVE,
+        )
 
     def recent(self, state: State, limit: int = 20) -> list[Row]:
         """The latest prompts in a state, newest first."""
         return self._select("WHERE state = ? ORDER BY updated_at DESC LIMIT ?", state, limit)
 
-    def known_job_ids(self) -> set[str]:
-        """Every job id the journal owns: its prompts' jobs and the orphans it noted."""
+    def known_job_ids(self, among: Collection[str]) -> set[str]:
+        """Those of these job ids the journal owns: its prompts' jobs and the orphans it noted."""
+        listed = json.dumps(list(among))  # one parameter, however many jobs a listing returned
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id FROM prompts WHERE job_id IS NOT NULL UNION SELECT job_id FROM orphans"
+                "SELECT job_id FROM prompts WHERE job_id IN (SELECT value FROM json_each(?))"
+                " UNION SELECT job_id FROM orphans WHERE job_id IN (SELECT value FROM json_each(?))",
+                (listed, listed),
             ).fetchall()
         return {str(row[0]) for row in rows}
 
@@ -334,9 +366,9 @@ class Store:
         return float(row[0])
 
     def counts(self) -> dict[str, int]:
-        """How many prompts are in each state."""
+        """How many prompts are in each state, pruned ones included (the journal's triggers keep them)."""
         with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM prompts GROUP BY state").fetchall()
+            rows = self._db.execute("SELECT state, prompts FROM totals").fetchall()
         counts = {state.value: 0 for state in State}
         counts.update({str(row[0]): int(row[1]) for row in rows})
         return counts
