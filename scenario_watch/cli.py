@@ -10,10 +10,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, logs, status
-from .client import ScenarioClient
 from .config import Loaded, Settings, describe, load_settings, require_credentials
 from .errors import ConfigError, PromptError, ScenarioWatchError
 from .files import move_no_clobber
@@ -24,9 +23,11 @@ from .jobs import format_cost
 from .presets import prepare_file, select_preset
 from .prompt import rules_from_settings
 from .schema import BUILTIN, ModelSchema, parse_model
-from .schema_source import cached_schema
 from .status import JOURNAL, SANDBOX_JOURNAL
 from .store import Store
+
+if TYPE_CHECKING:  # requests is loaded by the commands that talk to the API only: `status` stays quick
+    from .client import ScenarioClient
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
 # The simulator's jobs and assets, kept beside its journal so a restarted `run --sandbox` resumes.
@@ -178,6 +179,8 @@ def _lock(state: Path, journal: str) -> InstanceLock:
 
 
 def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
+    from .client import ScenarioClient
+
     key, secret = require_credentials(loaded)
     api = loaded.settings.api
     return ScenarioClient(
@@ -223,6 +226,8 @@ def _schema(settings: Settings | None, client: ScenarioClient | None = None) -> 
     journal = settings.folders.state / JOURNAL if settings is not None else None
     if journal is None or not journal.exists():
         return BUILTIN
+    from .schema_source import cached_schema
+
     store = Store(journal)
     try:
         return cached_schema(store) or BUILTIN
