@@ -110,7 +110,7 @@ class Daemon:
         # Permissions stop the start (exit 2); a full disk only pauses submissions.
         self.scheduler.probed(health.check_at_start([*self.outputs, folders.state]), clock.monotonic())
         self.heartbeat = Heartbeat(store, self.scheduler, self.dispatcher.awaiting_references, clock.wall)
-        self.retention = Retention(store, settings.journal.keep_days, clock)
+        self.retention = Retention(store, settings.journal.keep_days, clock, at_once=self.once)
         folders_of = {name: preset.folder for name, preset in presets.items()}
         arrived = lambda path, moved: self.events.put(Arrived(path, moved))  # noqa: E731 (observer thread)
         self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of)
@@ -203,7 +203,8 @@ class Daemon:
         """Nothing left to do (for --once), or nothing possible until the credentials are fixed."""
         if self.scheduler.auth_blocked:
             return True
-        return self.scheduler.idle() and not self.intake.pending() and not self.hooks.busy()
+        busy = self.intake.pending() or self.hooks.busy() or self.retention.busy()
+        return self.scheduler.idle() and not busy
 
     # -- the loop -------------------------------------------------------------------------------------
 

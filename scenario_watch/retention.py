@@ -2,7 +2,8 @@
 
 Each tick does one bounded step (a batch of prompts, or some freed pages given back) so the loop goes
 on claiming and submitting between steps; while there is more, the next step follows shortly, and
-once the journal is clean the next pass is an hour away. What is kept and why: journal_prune.py.
+once the journal is clean the next pass is an hour away. With `run --once` a pass starts at once and
+the run waits for it (a daemon started by a timer prunes too). What is kept and why: journal_prune.py.
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ PASS_EVERY = 3600.0
 class Retention:
     """Prunes the journal of prompts finished more than keep_days ago (main thread only)."""
 
-    def __init__(self, store: Store, keep_days: float, clock: Clock) -> None:
+    def __init__(self, store: Store, keep_days: float, clock: Clock, *, at_once: bool = False) -> None:
         self.store = store
         self.keep = keep_days * DAY
         self.clock = clock
-        self._due: float | None = clock.monotonic() + FIRST_PASS if keep_days > 0 else None
+        first = clock.monotonic() + (0.0 if at_once else FIRST_PASS)
+        self._due: float | None = first if keep_days > 0 else None
         self._removed = 0  # rows removed in this pass (logged once it is over)
+        self._busy = False  # a pass has more to do
+
+    def busy(self) -> bool:
+        """Whether a pass is under way (`run --once` waits for it to end)."""
+        return self._busy
 
     def next_due(self) -> float | None:
         """When tick has something to do (monotonic); None with keep_days = 0 (keep everything)."""
@@ -52,6 +59,7 @@ class Retention:
         except sqlite3.Error as exc:  # a full or locked disk: tried again at the next pass
             log.error("journal.prune_failed", error=str(exc), hint=journal_problem(exc))
             more = False
+        self._busy = more
         if more:
             self._due = now + STEP_PAUSE
             return

@@ -365,6 +365,7 @@ def test_retention_steps_while_there_is_more_then_waits_an_hour(
         due = r.next_due()
         assert due is not None
         gaps.append(round(due - now, 3))
+        assert r.busy() == (due - now == STEP_PAUSE)  # `run --once` waits while a pass goes on
         if due - now == PASS_EVERY:
             break
         clock.advance(due - now)
@@ -406,3 +407,24 @@ def test_the_daemon_prunes_in_the_background(
         check.close()
     wait_for(lambda: proc.saw("journal.pruned", rows=5), what="the pass logged")
     assert json.loads((folders.outbox / "new.manifest.json").read_text())["jobId"]
+
+
+def test_a_once_run_prunes_before_it_exits(
+    folders: Folders, sandbox: Sandbox, daemon: Any, clock: ManualClock
+) -> None:
+    journal = folders.state / "journal.sqlite3"
+    old = Store(journal, ManualClock(wall=clock.wall() - 100 * DAY))
+    for k in range(3):
+        finished(old, f"old-{k}")
+    old.close()
+    folders.drop("new.json", {"prompt": "a lighthouse at dusk"})
+    proc: HereDaemon = daemon("--once")
+    wait_for(proc.finished.is_set, what="the --once run to end")
+    assert proc.stop() == 0
+    assert (folders.done / "new.json").exists()
+    check = Store(journal)
+    try:
+        assert files(check) == {"new"} and check.counts()["done"] == 4
+    finally:
+        check.close()
+    assert proc.saw("journal.pruned", rows=3)
