@@ -5,6 +5,7 @@ Real journals in temp folders, on a manual clock; the last test runs the daemon 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import Folders, wait_for, write_config
-from harness import HereDaemon
+from harness import HereDaemon, capture_logs
 
 from scenario_watch.budget import day_start
 from scenario_watch.clock import ManualClock
@@ -359,18 +360,21 @@ def test_retention_steps_while_there_is_more_then_waits_an_hour(
     assert len(files(store)) == 7
     clock.advance(FIRST_PASS)
     gaps = []
-    for _ in range(20):
-        now = clock.monotonic()
-        r.tick(now)
-        due = r.next_due()
-        assert due is not None
-        gaps.append(round(due - now, 3))
-        assert r.busy() == (gaps[-1] == STEP_PAUSE)  # `run --once` waits while a pass goes on
-        if due - now == PASS_EVERY:
-            break
-        clock.advance(due - now)
+    # Captured (structlog's loggers are cached at first use: not under another test's configuration).
+    with contextlib.contextmanager(capture_logs)() as logged:
+        for _ in range(20):
+            now = clock.monotonic()
+            r.tick(now)
+            due = r.next_due()
+            assert due is not None
+            gaps.append(round(due - now, 3))
+            assert r.busy() == (gaps[-1] == STEP_PAUSE)  # `run --once` waits while a pass goes on
+            if gaps[-1] == PASS_EVERY:
+                break
+            clock.advance(due - now)
     assert gaps[:3] == [STEP_PAUSE] * 3 and gaps[-1] == PASS_EVERY
     assert files(store) == set()
+    assert [e["rows"] for e in logged.events() if e["event"] == "journal.pruned"] == [7]
     assert Retention(store, 0, clock).next_due() is None  # keep_days = 0: keep everything
 
 
