@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, backlog, logs, retry, status
 from .client import ScenarioClient
@@ -25,6 +25,9 @@ from .schema import BUILTIN, ModelSchema, parse_model, show
 from .schema_source import cached_schema
 from .status import JOURNAL, SANDBOX_JOURNAL
 from .store import Store
+
+if TYPE_CHECKING:  # requests is loaded by the commands that talk to the API only: `status` stays quick
+    from .client import ScenarioClient
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFIG = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141, as a shell reports a process killed by SIGPIPE
@@ -200,6 +203,8 @@ def _lock(state: Path, journal: str) -> InstanceLock:
 
 
 def _client(loaded: Loaded, base_url: str) -> ScenarioClient:
+    from .client import ScenarioClient
+
     key, secret = require_credentials(loaded)
     api = loaded.settings.api
     return ScenarioClient(

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .errors import ConfigError
 from .logs import MASK
-from .sections import HttpSettings, ImageSettings, MetricsSettings, OutboxSettings, Section
+from .sections import HttpSettings, ImageSettings, JournalSettings, MetricsSettings, OutboxSettings, Section
 
 MODEL_ID = "model_google-gemini-pro-image-editing"
 SANDBOX_KEY = "sandbox-key"
@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
-
+    journal: JournalSettings = Field(default_factory=JournalSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
 

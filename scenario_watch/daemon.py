@@ -29,13 +29,15 @@ from .finisher import Finisher
 from .heartbeat import Heartbeat
 from .hooks import HookRunner
 from .intake import Claim, Intake
+from .journal_schema import journal_problem
 from .lifecycle import ACTIVE, Advanced, Again, Delivered, Failed, Paused, Result, State, Task, next_task
 from .notify import Notifier, status_line
 from .outbox import Outbox
 from .presets import load_presets
 from .recovery import recover
+from .retention import Retention
 from .scheduler import Scheduler
-from .store import Store, journal_problem
+from .store import Store
 from .tracker import Tracker
 from .watching import Watching
 
@@ -118,6 +120,7 @@ class Daemon:
         # Permissions stop the start (exit 2); a full disk only pauses submissions.
         self.scheduler.probed(health.check_at_start([*self.outputs, folders.state]), clock.monotonic())
         self.heartbeat = Heartbeat(store, self.scheduler, self.dispatcher.awaiting_references, clock.wall)
+        self.retention = Retention(store, settings.journal.keep_days, clock, at_once=self.once)
         self.folders_of = folders_of = {name: preset.folder for name, preset in presets.items()}
         arrived = lambda path, moved: self.events.put(Arrived(path, moved))  # noqa: E731 (observer thread)
         self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of)
@@ -241,7 +244,8 @@ class Daemon:
         """Nothing left to do (for --once), or nothing possible until the credentials are fixed."""
         if self.scheduler.auth_blocked:
             return True
-        return self.scheduler.idle() and not self.intake.pending() and not self.hooks.busy()
+        busy = self.intake.pending() or self.hooks.busy() or self.retention.busy()
+        return self.scheduler.idle() and not busy
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -262,6 +266,7 @@ class Daemon:
                 self._start(prompt_id, task)
             self.heartbeat.tick(now)
             self.watching.tick(now)
+            self.retention.tick(now)
             self.notifier.tick(now, self._status() if self.notifier.wants_status() else None)
         except Exception:
             log.exception("daemon.tick_failed")
@@ -273,6 +278,7 @@ class Daemon:
         deadlines = [self.scheduler.next_due(), self.intake.next_due(), self.notifier.next_due()]
         deadlines += [self.heartbeat.next_due(), self.journal_retry_at if self.unjournaled else None]
         deadlines.append(self.watching.next_due())
+        deadlines.append(self.retention.next_due())
         return min([now + self.settings.watch.rescan_interval, *(d for d in deadlines if d is not None)])
 
     def _wait(self, now: float) -> None:

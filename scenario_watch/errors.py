@@ -105,3 +105,7 @@ class UrlExpired(TransientError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind="url_expired")
+
+
+class TransitionRefused(ScenarioWatchError):
+    """A state change the lifecycle table does not allow from the prompt's current state (a bug)."""

@@ -125,7 +125,7 @@ class Reconciler:
                 return Verdict(
                     wait=LIST_AGAIN, reason="an identical request is in flight: its job may be listed"
                 )
-            known = self.store.known_job_ids()
+            known = self.store.known_job_ids([job.job_id for job in listed])
             candidates = sorted(
                 (
                     job
@@ -165,7 +165,7 @@ class Reconciler:
         schema = self.schema()
         listed = list(self.client.list_jobs(row.lost_since))
         with self._lock:
-            known = self.store.known_job_ids()
+            known = self.store.known_job_ids([job.job_id for job in listed])
             found = [
                 job
                 for job in listed

@@ -77,3 +77,17 @@ class OutboxSettings(Section):
             return naming.check(value)
         except ConfigError as exc:  # reported with the key and where it came from, like any other
             raise PydanticCustomError("name_template", str(exc)) from None
+
+
+class JournalSettings(Section):
+    """[journal]: how long finished prompts stay in the journal (retention.py)."""
+
+    keep_days: float = Field(90.0, ge=0)  # 0: keep every prompt
+
+    @field_validator("keep_days")
+    @classmethod
+    def _whole_day(cls, value: float) -> float:
+        # Today's spend is read from the journal (the daily budget): it must not be pruned.
+        if 0 < value < 1:
+            raise ValueError("must be at least 1 (today's spend stays in the journal), or 0 to keep all")
+        return value

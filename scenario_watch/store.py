@@ -11,7 +11,8 @@ from typing import Any
 
 from . import logs
 from .clock import SYSTEM, Clock
-from .errors import ScenarioWatchError
+from .errors import TransitionRefused
+from .journal_prune import give_back, prune
 from .journal_schema import migrate
 from .lifecycle import ACTIVE, TRANSITIONS, State
 from .rows import Row, from_db
@@ -20,20 +21,6 @@ log = logs.get()
 
 # A job that failed at Scenario (this stage) is refunded: it does not count as spent.
 REFUNDED_STAGE = "generation"
-
-
-class TransitionRefused(ScenarioWatchError):
-    """A state change the lifecycle table does not allow from the prompt's current state (a bug)."""
-
-
-def journal_problem(exc: sqlite3.Error) -> str:
-    """What a journal error means for a person: full, locked, or something else."""
-    text = str(exc).lower()
-    if "full" in text:
-        return "the journal's disk is full: free space where the journal is"
-    if "locked" in text or "busy" in text:
-        return "the journal is locked by another program: stop whatever holds it"
-    return f"the journal cannot be written ({exc})"
 
 
 class Store:
@@ -46,6 +33,9 @@ class Store:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
+        # Taken only by a journal with no table yet, and before WAL (an older journal keeps its mode
+        # until one VACUUM: journal_prune.py): pages freed by pruning can then go back bit by bit.
+        self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a process crash (kill -9); only power loss may lose the last commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -184,20 +174,22 @@ class Store:
 
     def add_orphan(self, job_id: str, prompt_id: int, cost: float | None) -> None:
         """A job that a lost answer created although its prompt was resent (paid twice)."""
+        # The file's name is copied: orphans are kept for good, their prompt may be pruned.
         self._write(
-            "INSERT OR IGNORE INTO orphans (job_id, prompt_id, cost, found_at) VALUES (?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO orphans (job_id, prompt_id, cost, found_at, file)"
+            " SELECT ?, ?, ?, ?, file FROM prompts WHERE id = ?",
             job_id,
             prompt_id,
             cost,
             self.clock.wall(),
+            prompt_id,
         )
 
     def orphans(self) -> list[tuple[str, str, float | None, float]]:
         """Every orphan job: (job id, the prompt's file, cost, when found)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT o.job_id, p.file, o.cost, o.found_at FROM orphans o"
-                " JOIN prompts p ON p.id = o.prompt_id ORDER BY o.found_at"
+                "SELECT job_id, file, cost, found_at FROM orphans ORDER BY found_at"
             ).fetchall()
         return [(str(r[0]), str(r[1]), r[2], float(r[3])) for r in rows]
 
@@ -268,19 +260,37 @@ class Store:
     # -- reference uploads ----------------------------------------------------------------------------
 
     def uploaded_asset(self, sha256: str) -> str | None:
-        """The asset id of content uploaded before, or None."""
+        """The asset id of content uploaded before (noted as used now: retention keeps it), or None."""
         with self._lock:
             row = self._db.execute("SELECT asset_id FROM uploads WHERE sha256 = ?", (sha256,)).fetchone()
+            if row is not None:
+                self._db.execute(
+                    "UPDATE uploads SET used_at = ? WHERE sha256 = ?", (self.clock.wall(), sha256)
+                )
         return None if row is None else str(row[0])
 
     def remember_upload(self, sha256: str, asset_id: str) -> None:
         """Keep the asset id an upload of this content got."""
+        now = self.clock.wall()
         self._write(
-            "INSERT OR REPLACE INTO uploads (sha256, asset_id, created_at) VALUES (?, ?, ?)",
+            "INSERT OR REPLACE INTO uploads (sha256, asset_id, created_at, used_at) VALUES (?, ?, ?, ?)",
             sha256,
             asset_id,
-            self.clock.wall(),
+            now,
+            now,
         )
+
+    # -- retention ------------------------------------------------------------------------------------
+
+    def prune(self, before: float, limit: int) -> int:
+        """Remove up to `limit` filed prompts finished before `before`, and upload notes unused since."""
+        with self._lock:
+            return prune(self._db, before, limit, REFUNDED_STAGE)
+
+    def give_back(self) -> bool:
+        """Return some of the pages freed by pruning to the filesystem; whether more are left."""
+        with self._lock:
+            return give_back(self._db)
 
     # -- named values ---------------------------------------------------------------------------------
 
@@ -316,7 +326,12 @@ class Store:
     def unfinished(self) -> list[Row]:
         """Prompts with something left to do (active, or finished but not filed), oldest first."""
         marks = ", ".join("?" for _ in ACTIVE)
-        return self._select(f"WHERE state IN ({marks}) OR final_path IS NULL ORDER BY id", *ACTIVE)
+        # One index each (prompts_unfiled, prompts_state_updated): no scan of the finished prompts.
+        return self._select(
+            f"WHERE id IN (SELECT id FROM prompts WHERE final_path IS NULL"
+            f" UNION SELECT id FROM prompts WHERE state IN ({marks})) ORDER BY id",
+            *ACTIVE,
+        )
 
     def recent(self, state: State, limit: int = 20) -> list[Row]:
         """The latest prompts in a state, newest first."""
@@ -333,11 +348,14 @@ class Store:
             ).fetchone()
         return None if row[0] is None else float(row[0])
 
-    def known_job_ids(self) -> set[str]:
-        """Every job id the journal owns: its prompts' jobs and the orphans it noted."""
+    def known_job_ids(self, among: Collection[str]) -> set[str]:
+        """Those of these job ids the journal owns: its prompts' jobs and the orphans it noted."""
+        listed = json.dumps(list(among))  # one parameter, however many jobs a listing returned
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id FROM prompts WHERE job_id IS NOT NULL UNION SELECT job_id FROM orphans"
+                "SELECT job_id FROM prompts WHERE job_id IN (SELECT value FROM json_each(?))"
+                " UNION SELECT job_id FROM orphans WHERE job_id IN (SELECT value FROM json_each(?))",
+                (listed, listed),
             ).fetchall()
         return {str(row[0]) for row in rows}
 
@@ -350,14 +368,6 @@ class Store:
     def lost_answers(self) -> list[Row]:
         """Prompts whose generate POST may have created a job nobody has recorded yet."""
         return self._select("WHERE state = ? ORDER BY id", State.SUBMITTING)
-
-    def reserved_stems(self) -> set[str]:
-        """Output stems held by prompts still writing their outputs."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT out_stem FROM prompts WHERE out_stem IS NOT NULL AND state = ?", (State.DOWNLOADING,)
-            ).fetchall()
-        return {str(row[0]) for row in rows}
 
     def spent_since(self, since: float, exclude: Collection[int] = ()) -> float:
         """Creative units reported for the jobs submitted since a Unix time (refunded failures excluded).
@@ -374,9 +384,9 @@ class Store:
         return float(row[0])
 
     def counts(self) -> dict[str, int]:
-        """How many prompts are in each state."""
+        """How many prompts are in each state, pruned ones included (the journal's triggers keep them)."""
         with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM prompts GROUP BY state").fetchall()
+            rows = self._db.execute("SELECT state, prompts FROM totals").fetchall()
         counts = {state.value: 0 for state in State}
         counts.update({str(row[0]): int(row[1]) for row in rows})
         return counts

@@ -26,16 +26,18 @@ from scenario_watch.config import (
     JobSettings,
     WatchSettings,
 )
+from scenario_watch.errors import TransitionRefused
 from scenario_watch.finisher import Finisher
 from scenario_watch.hooks import HookRunner
 from scenario_watch.instance import InstanceLock, lock_path
 from scenario_watch.intake import Intake
+from scenario_watch.journal_schema import journal_problem
 from scenario_watch.lifecycle import NEXT, TRANSITIONS, Advanced, State, Task, next_task
 from scenario_watch.recovery import recover
 from scenario_watch.sandbox import Fault, Sandbox
 from scenario_watch.scheduler import Scheduler
 from scenario_watch.status import build
-from scenario_watch.store import Store, TransitionRefused, journal_problem
+from scenario_watch.store import Store
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 
