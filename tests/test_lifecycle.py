@@ -31,7 +31,7 @@ from scenario_watch.finisher import Finisher
 from scenario_watch.hooks import HookRunner
 from scenario_watch.instance import InstanceLock, lock_path
 from scenario_watch.intake import Intake
-from scenario_watch.journal_schema import journal_problem
+from scenario_watch.journal_schema import VERSION, journal_problem
 from scenario_watch.lifecycle import NEXT, TRANSITIONS, Advanced, State, Task, next_task
 from scenario_watch.recovery import recover
 from scenario_watch.sandbox import Fault, Sandbox
@@ -340,7 +340,7 @@ def test_a_journal_of_the_previous_release_opens_migrated_and_resumes(
     assert [row.state for row in store.unfinished()] == [State.QUEUED, State.SUBMITTED]
     store.close()
     assert sqlite3.connect(folders.state / "journal.sqlite3").execute("PRAGMA user_version").fetchone() == (
-        1,
+        VERSION,
     )
     daemon()
     wait_for(lambda: len(folders.names(folders.done)) == 2, what="both resumed and delivered")

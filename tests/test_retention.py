@@ -5,7 +5,6 @@ Real journals in temp folders, on a manual clock; the last test runs the daemon 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -317,7 +316,7 @@ def test_an_old_journal_is_converted_once_when_small(
         store.close()
 
 
-HOT_PATHS = ("active", "unfinished", "counts", "hooks_pending", "lost_answers", "reserved_stems")
+HOT_PATHS = ("active", "unfinished", "counts", "hooks_pending", "lost_answers")
 
 
 def test_start_status_and_budget_read_no_finished_prompt(store: Store, clock: ManualClock) -> None:
@@ -361,7 +360,7 @@ def test_retention_steps_while_there_is_more_then_waits_an_hour(
     clock.advance(FIRST_PASS)
     gaps = []
     # Captured (structlog's loggers are cached at first use: not under another test's configuration).
-    with contextlib.contextmanager(capture_logs)() as logged:
+    with capture_logs() as logged:
         for _ in range(20):
             now = clock.monotonic()
             r.tick(now)
