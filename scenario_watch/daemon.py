@@ -30,7 +30,19 @@ from .heartbeat import Heartbeat
 from .hooks import HookRunner
 from .intake import Claim, Intake
 from .journal_schema import journal_problem
-from .lifecycle import ACTIVE, Advanced, Again, Delivered, Failed, Paused, Result, State, Task, next_task
+from .lifecycle import (
+    ACTIVE,
+    NEXT,
+    Advanced,
+    Again,
+    Delivered,
+    Failed,
+    Paused,
+    Result,
+    State,
+    Task,
+    next_task,
+)
 from .notify import Notifier, status_line
 from .outbox import Outbox
 from .presets import load_presets
@@ -365,7 +377,9 @@ class Daemon:
         """Take a task's result: the lifecycle says what follows, the scheduler when."""
         scheduler = self.scheduler
         limit, blocked, unwritable = scheduler.limit, scheduler.auth_blocked, scheduler.unwritable
-        following = next_task(self.store.get(prompt_id)) if isinstance(result, Advanced) else None
+        following = None
+        if isinstance(result, Advanced):  # the lifecycle's table says what follows the new state
+            following = NEXT[result.state] if result.state else next_task(self.store.get(prompt_id))
         scheduler.after(prompt_id, task, result, following, self.clock.monotonic())
         if scheduler.unwritable and not unwritable:  # said once; health.recheck says when it is over
             log.error(

@@ -128,7 +128,7 @@ class Dispatcher:
             inputs["referenceImages"] = [ref.entry for ref in prompt.references]
         self.store.queued(prompt_id, inputs, prompt.stem, digest)
         log.info("prompt.queued", prompt_id=prompt_id)
-        return Advanced()
+        return Advanced(State.QUEUED)
 
     def rules(self) -> PromptRules:
         """What prompts are checked against now: the model's current schema, [defaults], reference roots."""
@@ -185,7 +185,7 @@ class Dispatcher:
             log.info(
                 "job.adopted", status=job.status, note="the retried prompt's earlier job: not paid again"
             )
-            return Advanced()
+            return Advanced(State.SUBMITTED)
         self.store.adopted(row.file, row.file_sha256)
         status = "unknown to Scenario" if job is None else job.status
         log.info(
@@ -241,7 +241,7 @@ class Dispatcher:
         if verdict.job is not None:
             logs.bind(job_id=verdict.job.job_id)
             log.info("job.adopted", note="found the job a lost answer had created; not resent")
-            return Advanced()
+            return Advanced(State.SUBMITTED)
         if verdict.wait is not None:
             waited = self.clock.wall() - (row.sent_at or row.claimed_at)
             if waited > self.settings.jobs.timeout:  # ambiguous for that long: a person must look
@@ -303,7 +303,7 @@ class Dispatcher:
         self.budget.learn(inputs, cost)  # what this shape really costs: the next estimate
         logs.bind(job_id=job.job_id)
         log.info("job.submitted", cost=cost)
-        return Advanced()
+        return Advanced(State.SUBMITTED)
 
 
 def _file_sha256(path: Path) -> str:

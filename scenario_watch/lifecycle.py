@@ -98,6 +98,7 @@ class Pause(StrEnum):
 class Advanced:
     """The task moved the prompt on (journaled): `NEXT` of its new state runs next."""
 
+    state: State | None = None  # the state it moved to (None: whatever the journal says now)
     duration: float | None = None  # a finished job's generation time by the API's clock
 
 

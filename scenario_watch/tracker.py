@@ -77,7 +77,7 @@ class Tracker:
             cost = row.cost if row.cost is not None else job.cost
             self.store.downloading(row.id, list(job.asset_ids), cost)
             log.info("job.succeeded", assets=len(job.asset_ids))
-            return Advanced(duration=job.duration)
+            return Advanced(State.DOWNLOADING, duration=job.duration)
         if job.final:
             error = f"generation {job.status}: {job.error or f'the job ended with status {job.status}'}"
             return Failed("generation", error, job.hint)
