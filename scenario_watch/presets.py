@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import sidecar
 from .config import Settings
 from .errors import ConfigError, PromptError, UnsafeFile
 from .files import open_regular
-from .names import Skip, classify, is_json_name
+from .names import Skip, classify, is_json_name, is_text_name
 from .prompt import (
     HEAD_BYTES,
     IMAGE_KINDS,
@@ -112,8 +113,11 @@ def _check_folders(presets: Mapping[str, Preset], settings: Settings) -> None:
             current = feeds[current]
 
 
-def image_prompt(image: Path, preset: Preset, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
-    """The prompt an image makes in a preset folder: the preset's keys, the image as first reference."""
+def image_prompt(
+    image: Path, preset: Preset, *, name: str, base_dir: Path, rules: PromptRules, text: str | None = None
+) -> Prompt:
+    """The prompt an image makes in a preset folder: the preset's keys, the image as first reference;
+    `text` (its `.txt`) goes into the preset's prompt where it says `{text}`, else after it."""
     label = os.path.basename(name)
     try:
         with open_regular(image) as handle:
@@ -132,16 +136,31 @@ def image_prompt(image: Path, preset: Preset, *, name: str, base_dir: Path, rule
         )
     entry = os.path.relpath(image, base_dir)
     body = {**preset.keys, REFERENCES: [entry, *preset.keys.get(REFERENCES, [])]}
+    prompt = sidecar.with_text(preset.keys.get("prompt"), text)
+    if prompt is not None:
+        body["prompt"] = prompt
     return parse_prompt(json.dumps(body).encode(), name=name, base_dir=base_dir, rules=rules)
 
 
-def prepare(path: Path, preset: Preset | None, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
-    """Any claimed file as a prompt: a prompt file (with its preset's defaults) or a preset's image."""
+def prepare(
+    path: Path,
+    preset: Preset | None,
+    *,
+    name: str,
+    base_dir: Path,
+    rules: PromptRules,
+    wait_text: bool = False,
+) -> Prompt:
+    """Any claimed file as a prompt: a prompt file (with its preset's defaults), a `.txt` beside an
+    image in the inbox, or a preset's image (with its `.txt`: TextPending while `wait_text`)."""
     if preset is None:
+        if is_text_name(path.name):
+            return sidecar.text_prompt(path, name=name, base_dir=base_dir, rules=rules)
         return prepare_prompt(path, name=name, base_dir=base_dir, rules=rules)
     if is_json_name(path.name):
         return prepare_prompt(path, name=name, base_dir=base_dir, rules=preset.rules(rules))
-    return image_prompt(path, preset, name=name, base_dir=base_dir, rules=rules)
+    text = sidecar.preset_text(Path(name), base_dir, wait=wait_text)
+    return image_prompt(path, preset, name=name, base_dir=base_dir, rules=rules, text=text)
 
 
 def prompt_folder(row: Row, inbox: Path, presets: Mapping[str, Preset]) -> Path:
@@ -180,6 +199,10 @@ def prepare_file(path: Path, preset: Preset | None, rules: PromptRules) -> Promp
     """A file named on the command line, judged as the daemon judges it in the inbox or preset folder."""
     verdict = classify(path.name, ".", recursive=False, images=preset is not None)
     if isinstance(verdict, Skip):  # one rule for the watcher and validate: .JSON is fine, .txt is not
-        hint = "name it *.json" if preset is None else "give it an image's name (.png, .jpg ...) or *.json"
+        hint = (
+            "name it *.json, or NAME.txt beside NAME.jpg"
+            if preset is None
+            else "give it an image's name (.png, .jpg ...) or *.json"
+        )
         raise PromptError([f"{verdict.reason}: the daemon would skip it"], hint=hint)
     return prepare(path, preset, name=path.name, base_dir=path.parent, rules=rules)
