@@ -109,7 +109,7 @@ class Daemon:
             tally=tally,
             companion=lambda row: sidecar.companion(row, folders.inbox, presets),
         )
-        outbox = Outbox(folders, self.client, store, clock, settings.outbox, tally)
+        outbox = Outbox(folders, self.client, store, clock, settings.outbox, tally, presets)
         self.dispatcher = Dispatcher(
             settings, self.client, store, presets, clock=clock, output_size=outbox.output_size, tally=tally
         )

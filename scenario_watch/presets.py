@@ -13,9 +13,11 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
 
 from . import sidecar
 from .config import Settings
@@ -35,17 +37,27 @@ from .prompt import (
 )
 from .rows import Row
 from .schema import BUILTIN, ModelSchema, check_value
+from .sections import ImageSettings, OutboxSettings
+
+SectionT = TypeVar("SectionT", ImageSettings, OutboxSettings)
 
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+# Keys of [images] and [outbox] a preset may set for its own prompts (over the global sections).
+IMAGE_KEYS = frozenset(ImageSettings.model_fields)  # normalize, max_side
+OUTBOX_KEYS = frozenset(OutboxSettings.model_fields)  # name, format, quality, metadata
+
+
 @dataclass(frozen=True)
 class Preset:
-    """One `[presets.NAME]`: its folder and its prompt-file keys."""
+    """One `[presets.NAME]`: its folder, its prompt-file keys, its [images] and [outbox] settings."""
 
     name: str
     folder: Path
     keys: dict[str, Any]
+    images: ImageSettings = field(default_factory=ImageSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
 
     def rules(self, base: PromptRules) -> PromptRules:
         """The rules of a JSON prompt file in this folder: the preset's keys over `[defaults]`."""
@@ -62,8 +74,8 @@ def load_presets(settings: Settings, schema: ModelSchema = BUILTIN) -> dict[str,
                 f"{where}: a preset's name must be letters, digits, '_', '-' or '.' (it names a folder)"
             )
         keys = dict(raw.model_extra or {})
-        if "name" in keys:
-            raise ConfigError(f"{where} name: a preset's outputs are named after each image; remove the key")
+        images = _section(ImageSettings, settings.images, keys, IMAGE_KEYS, where)
+        outbox = _section(OutboxSettings, settings.outbox, keys, OUTBOX_KEYS, where)
         problems = [problem for key, value in keys.items() if (problem := check_value(schema, key, value))]
         problems += [
             problem
@@ -72,9 +84,23 @@ def load_presets(settings: Settings, schema: ModelSchema = BUILTIN) -> dict[str,
         ]
         if problems:
             raise ConfigError(f"invalid configuration: {where} " + "; ".join(problems))
-        presets[name] = Preset(name, raw.folder or settings.folders.inbox / name, keys)
+        presets[name] = Preset(name, raw.folder or settings.folders.inbox / name, keys, images, outbox)
     _check_folders(presets, settings)
     return presets
+
+
+def _section(
+    model: type[SectionT], base: SectionT, keys: dict[str, Any], own: frozenset[str], where: str
+) -> SectionT:
+    """The global section with the preset's own keys of it (taken out of `keys`), checked the same way."""
+    mine = {key: keys.pop(key) for key in list(keys) if key in own}
+    if not mine:
+        return base
+    try:
+        return model.model_validate({**base.model_dump(), **mine})
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError(f"invalid configuration: {where} " + "; ".join(problems)) from None
 
 
 def _check_folders(presets: Mapping[str, Preset], settings: Settings) -> None:
