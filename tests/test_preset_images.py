@@ -12,7 +12,7 @@ from conftest import Folders, StartDaemon, generate_posts, run_cli, wait_for, wr
 from imagemaker import encode, exif_block, photo
 from PIL import Image
 
-from scenario_watch import provenance
+from scenario_watch import provenance, sidecar
 from scenario_watch.config import load_settings
 from scenario_watch.errors import ConfigError
 from scenario_watch.presets import load_presets
@@ -107,3 +107,21 @@ def test_preset_keys_default_to_the_global_sections(tmp_path: Path) -> None:
     [preset] = load_presets(load_settings(path, env={"HOME": str(tmp_path)}).settings).values()
     assert (preset.outbox.format, preset.outbox.quality, preset.images.max_side) == ("jpeg", 55, 512)
     assert "quality" not in preset.keys
+
+
+def test_the_readmes_image_examples_load_and_do_what_they_say(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("\n## Images\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```toml\n")[1:]]
+    assert len(blocks) == 2
+    path = tmp_path / "c.toml"
+    path.write_text(f'[folders]\ninbox = "{tmp_path / "in"}"\n\n' + "\n".join(blocks))
+    presets = load_presets(load_settings(path, env={"HOME": str(tmp_path)}).settings)
+    paint, thumbs = presets["paint"], presets["thumbs"]
+    assert sidecar.with_text(paint.keys["prompt"], "at dusk") == (
+        "A watercolour of this photo on rough paper. at dusk"
+    )
+    assert sidecar.with_text(paint.keys["prompt"], None) == "A watercolour of this photo on rough paper."
+    assert (thumbs.images.normalize, thumbs.outbox.format, thumbs.outbox.quality) == (False, "webp", 75)
+    assert (thumbs.outbox.name, thumbs.outbox.metadata) == ("{date}/{stem}-v{index}", False)
+    assert thumbs.keys == {"prompt": "Clean product shot on white"}
