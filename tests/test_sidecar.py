@@ -10,7 +10,9 @@ import pytest
 from conftest import Folders, StartDaemon, generate_posts, wait_for, write_config
 from imagemaker import encode, photo
 
+from scenario_watch import retry
 from scenario_watch.clock import ManualClock
+from scenario_watch.config import load_settings
 from scenario_watch.sandbox import Sandbox
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
@@ -169,3 +171,20 @@ def test_a_bad_text_beside_a_preset_image_fails_both(
     report = json.loads((failed / "car.jpg.error.json").read_text())
     assert "car.txt is not UTF-8 text" in report["error"], report
     assert len(sandbox.generate_jobs) == 0
+
+
+def test_retry_sends_a_failed_pair_back_together(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    daemon()
+    move_in(folders, folders.inbox, "photo.jpg", JPEG)
+    move_in(folders, folders.inbox, "photo.txt", b"caf\xe9")
+    wait_for(lambda: (folders.failed / "photo.jpg").exists(), what="the pair failed")
+    (folders.failed / "photo.txt").write_text("café, now in UTF-8")
+    failed = load_settings(folders.config, env={"HOME": str(folders.root)}).settings.folders
+    assert retry.everything(folders.failed) == ["photo.txt"]  # the image goes with its text
+    lines = retry.send_back(failed, "photo.txt")
+    assert lines == ["photo.txt: back in the inbox as photo.txt", "photo.jpg: back in the inbox as photo.jpg"]
+    assert folders.names(folders.failed) == []
+    wait_for(lambda: folders.names(folders.done) == ["photo.jpg", "photo.txt"], what="the pair done")
+    assert [post.body["prompt"] for post in generate_posts(sandbox)] == ["café, now in UTF-8"]
