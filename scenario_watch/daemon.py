@@ -18,7 +18,7 @@ from types import FrameType
 
 import structlog
 
-from . import backlog, health, logs
+from . import backlog, health, logs, sidecar
 from .client import ScenarioClient
 from .clock import SYSTEM, Clock
 from .config import Settings
@@ -121,8 +121,9 @@ class Daemon:
             move_references=settings.watch.move_references,
             clock=clock,
             tally=tally,
+            companion=lambda row: sidecar.companion(row, folders.inbox, presets),
         )
-        outbox = Outbox(folders, self.client, store, clock, settings.outbox, tally)
+        outbox = Outbox(folders, self.client, store, clock, settings.outbox, tally, presets)
         self.dispatcher = Dispatcher(
             settings, self.client, store, presets, clock=clock, output_size=outbox.output_size, tally=tally
         )

@@ -42,6 +42,7 @@ from .references import References
 from .rows import Row
 from .schema import unknown_input
 from .schema_source import SchemaSource
+from .sidecar import TextPending
 from .store import Store
 from .tally import NO_TALLY, Tally, retry_reason
 
@@ -96,6 +97,7 @@ class Dispatcher:
         row = self.store.get(prompt_id)
         logs.bind(file=row.file)
         watch = self.settings.watch
+        waited = self.clock.wall() - row.claimed_at
         try:
             prompt = prepare(
                 Path(row.claimed),
@@ -103,10 +105,12 @@ class Dispatcher:
                 name=row.file,
                 base_dir=prompt_folder(row, self.inbox, self.presets),
                 rules=self.rules(),
+                wait_text=waited < watch.settle,  # a preset image's .txt may follow it that long
             )
             digest = _file_sha256(Path(row.claimed))
+        except TextPending:
+            return Again(delay=min(REFERENCE_RECHECK, max(0.0, watch.settle - waited)))
         except MissingReference as exc:
-            waited = self.clock.wall() - row.claimed_at
             if waited < watch.reference_wait:
                 # A prompt may arrive before its image: look again shortly, up to reference_wait.
                 if prompt_id not in self.awaiting_references:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,8 +67,10 @@ class Finisher:
         move_references: bool = False,
         clock: Clock = SYSTEM,
         tally: Tally = NO_TALLY,
+        companion: Callable[[Row], Path | None] = lambda row: None,
     ) -> None:
         self.folders = folders
+        self.companion = companion  # the other file of a sidecar pair (sidecar.py): filed with the prompt
         self.store = store
         self.hook = hook
         self.tally = tally
@@ -113,6 +116,7 @@ class Finisher:
             self._filed(row, claimed)
             return Ended(filed=True)
         try:
+            self._file_companion(row)  # first: once the prompt is filed, nothing files its companion
             if row.state == State.DONE:
                 rel = Path(row.file)
                 dest = move_no_clobber(claimed, self.folders.done / rel.parent, rel.name)
@@ -124,6 +128,29 @@ class Finisher:
             return Ended(filed=False, problem=f"done/ or failed/ not writable: {exc.strerror or exc}")
         self._filed(row, dest)
         return Ended(filed=True)
+
+    def _file_companion(self, row: Row) -> None:
+        """A sidecar pair is filed together: the image of a `.txt`, or the `.txt` of a preset's image."""
+        path = self.companion(row)
+        if path is None:
+            return
+        with self._release_lock:
+            if path.name in self._in_use(row.folder(self.folders.inbox)):
+                log.info("sidecar.kept", file=path.name, note="another prompt still uses it")
+                return
+            rel = Path(row.file)
+            top = self.folders.done if row.state == State.DONE else self.folders.failed
+            dest = move_no_clobber(path, top / rel.parent, path.name)
+        log.info("sidecar.filed", file=path.name, to=str(dest))
+
+    def _in_use(self, folder: Path) -> set[str]:
+        """The reference files active prompts of `folder` name (those must stay where they are)."""
+        return {
+            entry
+            for other in self.store.active()
+            if other.folder(self.folders.inbox) == folder
+            for entry in (other.inputs or {}).get("referenceImages", [])
+        }
 
     def _file_failed(self, row: Row) -> Path:
         """Put the original next to its error file in failed/ (the error file first)."""

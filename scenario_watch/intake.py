@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from . import logs
 from .config import WatchSettings
-from .names import SkipLog, is_json_name
+from .names import SkipLog, is_json_name, is_text_name
 from .watcher import PROCESSING, Arrivals, Watcher, claim
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ class Intake:
         for source in self.sources:
             for path in sorted(source.processing.rglob("*")):
                 # One rule for what a prompt file is (UPPER.JSON too); a preset folder takes images too.
-                wanted = source.preset is not None or is_json_name(path.name)
+                wanted = source.preset is not None or is_json_name(path.name) or is_text_name(path.name)
                 if wanted and path.is_file() and str(path) not in known:
                     found.append(
                         Claim(

@@ -48,6 +48,11 @@ def is_json_name(name: str) -> bool:
     return name.lower().endswith(".json")
 
 
+def is_text_name(name: str) -> bool:
+    """A sidecar prompt's name (`photo.txt` beside `photo.jpg`): `.txt` in any case."""
+    return name.lower().endswith(".txt")
+
+
 def is_image_name(name: str) -> bool:
     """Whether a preset folder takes this file as an image (by its name; its bytes are checked later)."""
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
@@ -87,7 +92,11 @@ def classify(
         return Skip(f"matches ignore pattern {pattern}", quiet=pattern not in ignore)
     if is_json_name(parts[-1]) or (images and is_image_name(parts[-1])):
         return rel
-    return Skip("not an image or a .json prompt file" if images else "not a .json prompt file")
+    if is_text_name(parts[-1]):  # a sidecar: the inbox takes it (its image with it); a preset reads it
+        return Skip("a .txt beside an image: read with the image", quiet=True) if images else rel
+    if images:
+        return Skip("not an image, a .json prompt file or a .txt beside an image")
+    return Skip("not a .json prompt file or a .txt beside an image")
 
 
 class SkipLog:

@@ -15,7 +15,7 @@ import json
 import os
 import stat
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .errors import BadImage, UrlExpired
 from .files import fsync_dir, rename_noreplace, temp_path
 from .finisher import iso
 from .jobs import Asset, Job
+from .presets import Preset
 from .rows import Row
 from .sections import OutboxSettings
 from .store import Store
@@ -57,14 +58,21 @@ class Outbox:
         clock: Clock = SYSTEM,
         settings: OutboxSettings | None = None,
         tally: Tally = NO_TALLY,
+        presets: Mapping[str, Preset] | None = None,
     ) -> None:
         self.folders = folders
         self.settings = settings or OutboxSettings()
+        self.presets = presets or {}
         self.tally = tally
         self.client = client
         self.store = store
         self.clock = clock
         self._sizes: deque[int] = deque(maxlen=SIZE_WINDOW)  # recent outputs' sizes (appends are atomic)
+
+    def settings_for(self, row: Row) -> OutboxSettings:
+        """[outbox] as the prompt's preset sets it (its own keys over the global ones), else global."""
+        preset = self.presets.get(row.preset) if row.preset else None
+        return preset.outbox if preset is not None else self.settings
 
     def output_size(self) -> int | None:
         """The largest of the recent outputs' sizes (room to keep free per output), or None before any."""
@@ -112,7 +120,7 @@ class Outbox:
                 continue  # an earlier attempt published it (and a preset may have taken it since)
             asset = self.client.get_asset(asset_id)
             rel = naming.render(
-                self.settings.name,
+                self.settings_for(row).name,
                 stem=Path(stem).name,
                 index=n,
                 when=datetime.fromtimestamp(self.clock.wall(), UTC),
@@ -145,7 +153,8 @@ class Outbox:
         temp = temp_path(folder / base)
         made: Path | None = None
         # Outputs that are rewritten (provenance, format) are synced once, as the file that is published.
-        rewrite = self.settings.format != "original" or self.settings.metadata
+        settings = self.settings_for(row)
+        rewrite = settings.format != "original" or settings.metadata
         try:
             try:
                 self._fetch(asset.url, temp, sync=not rewrite)
@@ -180,16 +189,15 @@ class Outbox:
 
     def _transform(self, data: bytes, mime_type: str, row: Row, job: Job) -> tuple[bytes, str]:
         """Scenario's bytes in the [outbox] format, with provenance written in; as they are if it cannot."""
-        if self.settings.format != "original":
+        settings = self.settings_for(row)
+        if settings.format != "original":
             try:
                 from . import convert  # Pillow loads only where outputs are converted
 
-                data, mime_type = convert.convert(
-                    data, mime_type, self.settings.format, self.settings.quality
-                )
+                data, mime_type = convert.convert(data, mime_type, settings.format, settings.quality)
             except BadImage as exc:  # paid for: delivered as Scenario made it rather than lost
                 log.warning("output.not_converted", job_id=job.job_id, error=str(exc))
-        if self.settings.metadata:
+        if settings.metadata:
             try:
                 data = provenance.embed(data, mime_type, self._provenance(row, job))
             except Malformed as exc:

@@ -13,14 +13,17 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
+from . import sidecar
 from .config import Settings
 from .errors import ConfigError, PromptError, UnsafeFile
 from .files import open_regular
-from .names import Skip, classify, is_json_name
+from .names import Skip, classify, is_json_name, is_text_name
 from .prompt import (
     HEAD_BYTES,
     IMAGE_KINDS,
@@ -34,17 +37,27 @@ from .prompt import (
 )
 from .rows import Row
 from .schema import BUILTIN, ModelSchema, check_value
+from .sections import ImageSettings, OutboxSettings
+
+SectionT = TypeVar("SectionT", ImageSettings, OutboxSettings)
 
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+# Keys of [images] and [outbox] a preset may set for its own prompts (over the global sections).
+IMAGE_KEYS = frozenset(ImageSettings.model_fields)  # normalize, max_side
+OUTBOX_KEYS = frozenset(OutboxSettings.model_fields)  # name, format, quality, metadata
+
+
 @dataclass(frozen=True)
 class Preset:
-    """One `[presets.NAME]`: its folder and its prompt-file keys."""
+    """One `[presets.NAME]`: its folder, its prompt-file keys, its [images] and [outbox] settings."""
 
     name: str
     folder: Path
     keys: dict[str, Any]
+    images: ImageSettings = field(default_factory=ImageSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
 
     def rules(self, base: PromptRules) -> PromptRules:
         """The rules of a JSON prompt file in this folder: the preset's keys over `[defaults]`."""
@@ -61,8 +74,8 @@ def load_presets(settings: Settings, schema: ModelSchema = BUILTIN) -> dict[str,
                 f"{where}: a preset's name must be letters, digits, '_', '-' or '.' (it names a folder)"
             )
         keys = dict(raw.model_extra or {})
-        if "name" in keys:
-            raise ConfigError(f"{where} name: a preset's outputs are named after each image; remove the key")
+        images = _section(ImageSettings, settings.images, keys, IMAGE_KEYS, where)
+        outbox = _section(OutboxSettings, settings.outbox, keys, OUTBOX_KEYS, where)
         problems = [problem for key, value in keys.items() if (problem := check_value(schema, key, value))]
         problems += [
             problem
@@ -71,9 +84,23 @@ def load_presets(settings: Settings, schema: ModelSchema = BUILTIN) -> dict[str,
         ]
         if problems:
             raise ConfigError(f"invalid configuration: {where} " + "; ".join(problems))
-        presets[name] = Preset(name, raw.folder or settings.folders.inbox / name, keys)
+        presets[name] = Preset(name, raw.folder or settings.folders.inbox / name, keys, images, outbox)
     _check_folders(presets, settings)
     return presets
+
+
+def _section(
+    model: type[SectionT], base: SectionT, keys: dict[str, Any], own: frozenset[str], where: str
+) -> SectionT:
+    """The global section with the preset's own keys of it (taken out of `keys`), checked the same way."""
+    mine = {key: keys.pop(key) for key in list(keys) if key in own}
+    if not mine:
+        return base
+    try:
+        return model.model_validate({**base.model_dump(), **mine})
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError(f"invalid configuration: {where} " + "; ".join(problems)) from None
 
 
 def _check_folders(presets: Mapping[str, Preset], settings: Settings) -> None:
@@ -112,8 +139,11 @@ def _check_folders(presets: Mapping[str, Preset], settings: Settings) -> None:
             current = feeds[current]
 
 
-def image_prompt(image: Path, preset: Preset, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
-    """The prompt an image makes in a preset folder: the preset's keys, the image as first reference."""
+def image_prompt(
+    image: Path, preset: Preset, *, name: str, base_dir: Path, rules: PromptRules, text: str | None = None
+) -> Prompt:
+    """The prompt an image makes in a preset folder: the preset's keys, the image as first reference;
+    `text` (its `.txt`) goes into the preset's prompt where it says `{text}`, else after it."""
     label = os.path.basename(name)
     try:
         with open_regular(image) as handle:
@@ -132,16 +162,31 @@ def image_prompt(image: Path, preset: Preset, *, name: str, base_dir: Path, rule
         )
     entry = os.path.relpath(image, base_dir)
     body = {**preset.keys, REFERENCES: [entry, *preset.keys.get(REFERENCES, [])]}
+    prompt = sidecar.with_text(preset.keys.get("prompt"), text)
+    if prompt is not None:
+        body["prompt"] = prompt
     return parse_prompt(json.dumps(body).encode(), name=name, base_dir=base_dir, rules=rules)
 
 
-def prepare(path: Path, preset: Preset | None, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
-    """Any claimed file as a prompt: a prompt file (with its preset's defaults) or a preset's image."""
+def prepare(
+    path: Path,
+    preset: Preset | None,
+    *,
+    name: str,
+    base_dir: Path,
+    rules: PromptRules,
+    wait_text: bool = False,
+) -> Prompt:
+    """Any claimed file as a prompt: a prompt file (with its preset's defaults), a `.txt` beside an
+    image in the inbox, or a preset's image (with its `.txt`: TextPending while `wait_text`)."""
     if preset is None:
+        if is_text_name(path.name):
+            return sidecar.text_prompt(path, name=name, base_dir=base_dir, rules=rules)
         return prepare_prompt(path, name=name, base_dir=base_dir, rules=rules)
     if is_json_name(path.name):
         return prepare_prompt(path, name=name, base_dir=base_dir, rules=preset.rules(rules))
-    return image_prompt(path, preset, name=name, base_dir=base_dir, rules=rules)
+    text = sidecar.preset_text(Path(name), base_dir, wait=wait_text)
+    return image_prompt(path, preset, name=name, base_dir=base_dir, rules=rules, text=text)
 
 
 def prompt_folder(row: Row, inbox: Path, presets: Mapping[str, Preset]) -> Path:
@@ -180,6 +225,10 @@ def prepare_file(path: Path, preset: Preset | None, rules: PromptRules) -> Promp
     """A file named on the command line, judged as the daemon judges it in the inbox or preset folder."""
     verdict = classify(path.name, ".", recursive=False, images=preset is not None)
     if isinstance(verdict, Skip):  # one rule for the watcher and validate: .JSON is fine, .txt is not
-        hint = "name it *.json" if preset is None else "give it an image's name (.png, .jpg ...) or *.json"
+        hint = (
+            "name it *.json, or NAME.txt beside NAME.jpg"
+            if preset is None
+            else "give it an image's name (.png, .jpg ...) or *.json"
+        )
         raise PromptError([f"{verdict.reason}: the daemon would skip it"], hint=hint)
     return prepare(path, preset, name=path.name, base_dir=path.parent, rules=rules)

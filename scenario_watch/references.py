@@ -54,6 +54,8 @@ class References:
         resolved: list[str] = []
         records: list[dict[str, Any]] = []
         folder = prompt_folder(row, self.inbox, self.presets)
+        preset = self.presets.get(row.preset) if row.preset else None
+        settings = preset.images if preset is not None else self.settings  # [images] as its preset sets it
         for entry in entries:
             ref = check_reference(entry, folder, self.roots)
             if ref.asset_id is not None:
@@ -66,10 +68,10 @@ class References:
                 raise PromptError([f"referenceImages: {entry!r} grew past {MAX_REFERENCE_BYTES >> 20} MiB"])
             original = hashlib.sha256(data).hexdigest()
             upload, mime_type, name, changes = data, ref.mime_type, ref.path.name, None
-            if self.settings.normalize:  # BadImage (a PromptError) fails the prompt, unpaid
+            if settings.normalize:  # BadImage (a PromptError) fails the prompt, unpaid
                 from . import images  # Pillow loads when the first local image is sent, not at start
 
-                normalized = images.normalize(data, max_side=self.settings.max_side, name=entry)
+                normalized = images.normalize(data, max_side=settings.max_side, name=entry)
                 upload, mime_type, changes = normalized.data, normalized.mime_type, normalized.changes
                 if mime_type != ref.mime_type:  # re-encoded into another type: a name that says so
                     name = f"{ref.path.stem}.{mime_type.split('/')[1].replace('jpeg', 'jpg')}"

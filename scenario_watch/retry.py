@@ -6,9 +6,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from . import sidecar
 from .config import FolderSettings
+from .errors import PromptError
 from .files import move_no_clobber
 from .finisher import error_file_for
+from .names import is_image_name, is_text_name
 from .status import JOURNAL, SANDBOX_JOURNAL
 from .store import Store
 
@@ -17,14 +20,27 @@ RETRY_ADOPTS = frozenset({"timeout", "download"})
 
 
 def everything(failed: Path) -> list[str]:
-    """Every failed item (prompt files, images of preset folders, anything filed there), by its name."""
+    """Every failed item (prompt files, images of preset folders, anything filed there), by its name;
+    the image of a sidecar pair is not named apart (it goes back with its `.txt`)."""
     return sorted(
         str(p.relative_to(failed))
         for p in failed.rglob("*")
         if (p.is_file() or p.is_symlink())
         and not p.name.endswith(".error.json")
         and not p.name.startswith(".")
+        and not (is_image_name(p.name) and p.with_name(f"{p.stem}.txt").is_file())
     )
+
+
+def _pair(src: Path) -> Path | None:
+    """The other file of a sidecar pair filed with `src`: the image of a `.txt`, the `.txt` of an image."""
+    if is_text_name(src.name):
+        try:
+            return sidecar.image_beside(src.parent, src.stem)
+        except PromptError:
+            return None  # several images of the name: none is surely the pair's
+    text = src.with_name(f"{src.stem}.txt")
+    return text if is_image_name(src.name) and text.is_file() else None
 
 
 def name_in(failed: Path, name: str) -> str:
@@ -42,9 +58,13 @@ def send_back(folders: FolderSettings, name: str) -> list[str]:
     job_id = _paid_job(error_file)
     if job_id is not None:  # its job may have finished: the daemon asks before paying again
         _adopt_later(folders.state, rel, src, job_id)
-    dest = move_no_clobber(src, folders.inbox / rel.parent, rel.name)
+    lines = []
+    pair = _pair(src)
+    # The .txt first: in a preset folder the image reads it when taken; in the inbox it waits for its image.
+    for path in sorted((p for p in (src, pair) if p is not None), key=lambda p: not is_text_name(p.name)):
+        dest = move_no_clobber(path, folders.inbox / rel.parent, path.name)
+        lines.append(f"{rel.parent / path.name}: back in the inbox as {dest.relative_to(folders.inbox)}")
     error_file.unlink(missing_ok=True)
-    lines = [f"{name}: back in the inbox as {dest.relative_to(folders.inbox)}"]
     if job_id is not None:
         lines.append(
             f"{name}: its earlier job {job_id} is asked about first; it is delivered if it succeeded"

@@ -264,7 +264,7 @@ def test_skipped_files_are_logged_once_each_and_upper_case_json_is_a_prompt(
     )
     (folders.inbox / "sub").mkdir()
     (folders.inbox / "sub" / "deep.json").write_text('{"prompt": "too deep"}')
-    (folders.inbox / "notes.txt").write_text("not a prompt")
+    (folders.inbox / "notes.md").write_text("not a prompt")
     proc = daemon()
     folders.drop("later.draft.json", {"prompt": "a draft"})
     folders.drop("UPPER.JSON", {"prompt": "shouting"})
@@ -281,7 +281,7 @@ def test_skipped_files_are_logged_once_each_and_upper_case_json_is_a_prompt(
 
     assert skipped("deep.json") == ["in a subfolder while [watch] recursive is off"]
     assert skipped("late.json") == ["in a subfolder while [watch] recursive is off"]
-    assert skipped("notes.txt") == ["not a .json prompt file"]
+    assert skipped("notes.md") == ["not a .json prompt file or a .txt beside an image"]
     assert skipped("later.draft.json") == ["matches ignore pattern *.draft.json"]
     assert folders.names(folders.outbox) == ["UPPER.manifest.json", "UPPER_1.png"]
 
@@ -305,7 +305,7 @@ def test_validate_and_estimate_understand_presets(folders: Folders, sandbox: San
     result = run_cli("validate", *config, str(photos / "UPPER.JSON"), str(photos / "notes.txt"))
     assert result.returncode == 1
     assert "UPPER.JSON: ok" in result.stdout
-    assert "notes.txt: not a .json prompt file: the daemon would skip it" in result.stdout
+    assert "notes.txt: the image of notes.txt (notes.<" in result.stdout  # a sidecar without its image
     result = run_cli("estimate", *config, "--preset", "recolor", str(photos / "car.png"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "car.png: 10 creative units" in result.stdout  # 5 per output, two outputs

@@ -95,7 +95,7 @@ def test_default_ignores_are_left_alone(folders: Folders, sandbox: Sandbox, daem
         "y.manifest.json",
         "draft-1.json",
         "picture.png",
-        "notes.txt",
+        "notes.md",
     ]
     for name in ignored:
         (folders.inbox / name).write_text(PROMPT)
