@@ -32,7 +32,7 @@ from .intake import Claim, Intake
 from .lifecycle import ACTIVE, Advanced, Again, Delivered, Failed, Paused, Result, State, Task, next_task
 from .notify import Notifier, status_line
 from .outbox import Outbox
-from .presets import load_presets
+from .presets import check_against, load_presets
 from .recovery import recover
 from .scheduler import Scheduler
 from .store import Store, journal_problem
@@ -93,7 +93,8 @@ class Daemon:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
-        presets = load_presets(settings)  # a bad preset or hook command stops the start (exit 2)
+        # Names and folders now; the keys once the model's live schema is known (start).
+        presets = load_presets(settings, None)
         self.store = store = Store(folders.state / self.journal, clock)
         # Metrics, listener and textfile, when configured; the events are counted into `tally`.
         self.watching = Watching(settings, self.client, presets.keys())
@@ -152,7 +153,11 @@ class Daemon:
     def start(self) -> None:
         """Build, start the workers, resume what the journal holds, then watch and scan the inbox."""
         self._build()
-        try:  # the listener binds its port here: a taken one stops the start (exit 2)
+        try:
+            schema = self.dispatcher.schemas.load()  # before anything is checked: the model's inputs, live
+            # A preset or [defaults] key the model does not take stops the start (exit 2), naming both.
+            check_against(self.settings, schema)
+            # The listener binds its port here: a taken one stops the start (exit 2).
             self.watching.start(
                 store=self.store,
                 client=self.client,
@@ -169,7 +174,6 @@ class Daemon:
         self.started = True
         for _ in range(min(MAX_WORKERS, self.settings.jobs.max_in_flight + SPARE_WORKERS)):
             self._add_worker()
-        self.dispatcher.schemas.load()  # before anything is checked: the model's inputs, live
         recover(
             folders=self.folders,
             store=self.store,
