@@ -358,7 +358,7 @@ def cmd_take(args: argparse.Namespace) -> int:
     if bool(args.files) == args.all:
         print("scenario-watch: name the files to take, or use --all", file=sys.stderr)
         return EXIT_CONFIG
-    preset = select_preset(settings, args.preset)
+    preset = select_preset(settings, args.preset, None)  # its folder: the keys are the daemon's to judge
     assert preset is not None  # a name was given
     journal = settings.folders.state / (SANDBOX_JOURNAL if args.sandbox else JOURNAL)
     lines, bad = backlog.take(journal, preset.name, preset.folder, None if args.all else args.files)

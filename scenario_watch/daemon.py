@@ -29,6 +29,7 @@ from .finisher import Finisher
 from .heartbeat import Heartbeat
 from .hooks import HookRunner
 from .intake import Claim, Intake
+from .kept import Kept, keeps
 from .lifecycle import ACTIVE, Advanced, Again, Delivered, Failed, Paused, Result, State, Task, next_task
 from .notify import Notifier, status_line
 from .outbox import Outbox
@@ -121,7 +122,9 @@ class Daemon:
         self.heartbeat = Heartbeat(store, self.scheduler, self.dispatcher.awaiting_references, clock.wall)
         self.folders_of = folders_of = {name: preset.folder for name, preset in presets.items()}
         arrived = lambda path, moved: self.events.put(Arrived(path, moved))  # noqa: E731 (observer thread)
-        self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of)
+        on_outbox = {name: folder for name, folder in folders_of.items() if keeps(folder, folders.outbox)}
+        kept = Kept(store, on_outbox) if on_outbox else None
+        self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of, kept)
         self.notifier = Notifier(self.env)
         self.runners: dict[Task, Callable[[int], Result]] = {
             Task.SUBMIT: self.dispatcher.submit,

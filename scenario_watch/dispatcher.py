@@ -86,6 +86,8 @@ class Dispatcher:
             client, store, self.inbox, settings.watch.reference_roots, self.presets, settings.images
         )
         self.budget = budget or Budget(settings.budget, store.spent_since, clock.wall, meta=store)
+        for row in store.lost_answers():  # after a restart: their jobs may exist, costs unknown yet
+            self.budget.hold(row.id, row.inputs or {})
         # Prompts waiting for a reference file, and its name (for status; main thread only).
         self.awaiting_references: dict[int, str] = {}
 

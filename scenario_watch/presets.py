@@ -187,9 +187,9 @@ def find_preset(presets: Mapping[str, Preset], name: str | None) -> Preset | Non
 
 
 def select_preset(
-    settings: Settings | None, name: str | None, schema: ModelSchema = BUILTIN
+    settings: Settings | None, name: str | None, schema: ModelSchema | None = BUILTIN
 ) -> Preset | None:
-    """The preset named by `--preset` (checked as at start); None without the option."""
+    """The preset named by `--preset` (checked as at start; `schema` None: its folder only)."""
     if name is None:
         return None
     presets = load_presets(settings, schema) if settings is not None else {}

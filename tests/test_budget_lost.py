@@ -63,8 +63,7 @@ def test_a_lost_answer_is_reserved_again_after_a_restart(
     assert isinstance(d.submit(prompt_id), Again)
     d.store.close()
     again = dispatcher(folders, sandbox, journal)  # a restart: reservations were in memory
-    again.budget.hold(prompt_id, again.store.get(prompt_id).inputs or {})
-    assert again.budget.remaining() == 90  # the learned cost of its shape, kept in the journal
+    assert again.budget.remaining() == 90  # held again at the learned cost of its shape (in the journal)
     assert isinstance(again.submit(prompt_id), Advanced)
     assert again.budget.remaining() == 90
     again.store.close()
