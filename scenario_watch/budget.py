@@ -2,18 +2,22 @@
 
 Days are UTC days. Today's spend is what the API reported for the jobs submitted since midnight,
 read from the journal (so a restart keeps it); a submission under way reserves its estimate until
-its own cost is journaled. Estimates come from the API's dryRun once per parameter shape, then
-from what that shape cost: one dryRun per kind of prompt, not one per prompt.
+its own cost is journaled; a submission whose answer was lost keeps its reservation while it is
+reconciled (its job, if any, has a cost nobody knows yet) until the job is found or it is resent.
+Estimates come from the API's dryRun once per parameter shape, then from what that shape cost: one
+dryRun per kind of prompt, not one per prompt. What each shape costs is kept in the journal's meta
+table, so a restart does not ask again.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from . import logs
 from .config import BudgetSettings
@@ -25,6 +29,17 @@ DAY = timedelta(days=1)
 EPSILON = 1e-9
 
 Shape = tuple[Any, ...]
+
+# The journal's meta key of the learned costs: [[shape...], cost] pairs, as JSON.
+COSTS_KEY = "budget_costs"
+
+
+class Meta(Protocol):
+    """Where learned costs are kept (the journal's meta table)."""
+
+    def get_meta(self, key: str) -> tuple[str, float] | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
 
 
 def day_start(wall: float) -> float:
@@ -72,6 +87,7 @@ class Budget:
         settings: BudgetSettings,
         spent_since: Callable[[float, Collection[int]], float],
         wall: Callable[[], float] = time.time,
+        meta: Meta | None = None,
     ) -> None:
         self.daily = settings.daily
         self.max_per_prompt = settings.max_per_prompt
@@ -79,7 +95,8 @@ class Budget:
         self.spent_since = spent_since
         self.wall = wall
         self._lock = threading.Lock()
-        self._costs: dict[Shape, float] = {}  # learned per shape
+        self.meta = meta
+        self._costs: dict[Shape, float] = _load_costs(meta)  # learned per shape, kept across restarts
         self._reserved: dict[int, float] = {}  # prompt id → estimate, while it is being submitted
         self._paused_until: float | None = None  # logged once per pause
 
@@ -139,11 +156,45 @@ class Budget:
 
     def learn(self, inputs: Mapping[str, Any], cost: float | None) -> None:
         """Remember what a generation of this shape costs (from a dryRun, or the API's reported cost)."""
-        if cost is not None and self.enabled:
-            with self._lock:
-                self._costs[shape(inputs)] = cost
+        if cost is None or not self.enabled:
+            return
+        with self._lock:
+            changed = self._costs.get(shape(inputs)) != cost
+            self._costs[shape(inputs)] = cost
+            text = json.dumps([[list(key), value] for key, value in self._costs.items()])
+        if changed and self.meta is not None:
+            self.meta.set_meta(COSTS_KEY, text)
+
+    def hold(self, prompt_id: int, inputs: Mapping[str, Any]) -> None:
+        """Keep (or after a restart, take again) the reservation of a prompt whose answer was lost.
+
+        Its job may exist with a cost not yet known: it counts as its shape's learned cost until the
+        job is found (its cost then journaled) or it is resent (admitted again). Never refused.
+        """
+        if not self.enabled:
+            return
+        with self._lock:
+            cost = self._costs.get(shape(inputs))
+            if prompt_id not in self._reserved and cost is not None:
+                self._reserved[prompt_id] = cost
+
+    def holds(self, prompt_id: int) -> bool:
+        """Whether a prompt's estimate is reserved now."""
+        with self._lock:
+            return prompt_id in self._reserved
 
     def release(self, prompt_id: int) -> None:
         """The submission is over (its cost, if any, is in the journal now): drop its reservation."""
         with self._lock:
             self._reserved.pop(prompt_id, None)
+
+
+def _load_costs(meta: Meta | None) -> dict[Shape, float]:
+    """The learned costs the journal kept; none when there are none or they cannot be read."""
+    found = meta.get_meta(COSTS_KEY) if meta is not None else None
+    if found is None:
+        return {}
+    try:
+        return {tuple(key): float(cost) for key, cost in json.loads(found[0])}
+    except (ValueError, TypeError):
+        return {}

@@ -19,8 +19,9 @@ from .errors import ConfigError, PromptError, ScenarioWatchError
 from .health import cannot_write
 from .instance import InstanceLock, lock_path
 from .jobs import format_cost
-from .presets import prepare_file, select_preset
+from .presets import load_presets, prepare_file, select_preset
 from .prompt import rules_from_settings
+from .references import DryRunReferences
 from .schema import BUILTIN, ModelSchema, parse_model, show
 from .schema_source import cached_schema
 from .status import JOURNAL, SANDBOX_JOURNAL
@@ -294,15 +295,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     rules = rules_from_settings(loaded.settings, _schema(loaded.settings, client))
     preset = select_preset(loaded.settings, args.preset, rules.schema)
     total, bad = 0.0, 0
+    references = DryRunReferences(client)  # a local reference file is priced as one entry, as sent
     try:
         for path in args.files:
             try:
-                prompt = prepare_file(path, preset, rules)
-                inputs = dict(prompt.inputs)
-                assets = [ref.asset_id for ref in prompt.references if ref.asset_id]
-                if assets:
-                    inputs["referenceImages"] = assets
-                cost = client.estimate(inputs)
+                cost = client.estimate(references.inputs(prepare_file(path, preset, rules)))
             except PromptError as exc:
                 bad += 1
                 print(f"{path}: {exc}")
@@ -342,7 +339,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Move failed prompts back into the inbox."""
-    folders = load_settings(args.config).settings.folders
+    settings = load_settings(args.config).settings
+    folders, presets = settings.folders, {n: p.folder for n, p in load_presets(settings, None).items()}
     if not args.names and not args.all:
         print("scenario-watch: name failed prompts to retry, or use --all", file=sys.stderr)
         return EXIT_CONFIG
@@ -354,7 +352,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not names:
         print(f"nothing to retry in {folders.failed}")
         return EXIT_OK
-    lines = [line for name in names for line in retry.send_back(folders, name)]
+    lines = [line for name in names for line in retry.send_back(folders, name, presets)]
     print("\n".join(lines))
     return EXIT_INPUT if any(line.endswith(f"not in {folders.failed}") for line in lines) else EXIT_OK
 
@@ -365,7 +363,7 @@ def cmd_take(args: argparse.Namespace) -> int:
     if bool(args.files) == args.all:
         print("scenario-watch: name the files to take, or use --all", file=sys.stderr)
         return EXIT_CONFIG
-    preset = select_preset(settings, args.preset)
+    preset = select_preset(settings, args.preset, None)  # its folder: the keys are the daemon's to judge
     assert preset is not None  # a name was given
     journal = settings.folders.state / (SANDBOX_JOURNAL if args.sandbox else JOURNAL)
     lines, bad = backlog.take(journal, preset.name, preset.folder, None if args.all else args.files)

@@ -9,26 +9,28 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
 from .logs import MASK
-from .sections import HttpSettings, ImageSettings, JournalSettings, MetricsSettings, OutboxSettings, Section
+from .sections import (
+    GenerateDefaults,
+    HttpSettings,
+    ImageSettings,
+    JournalSettings,
+    MetricsSettings,
+    OutboxSettings,
+    PresetSettings,
+    Section,
+)
 
 MODEL_ID = "model_google-gemini-pro-image-editing"
 SANDBOX_KEY = "sandbox-key"
 SANDBOX_SECRET = "sandbox-secret"
 
-# The generate inputs of the model (SCENARIO_API.md), shared by [defaults] and prompt files.
-AspectRatio = Literal["21:9", "16:9", "3:2", "4:3", "5:4", "1:1", "4:5", "3:4", "2:3", "9:16", "auto"]
-Resolution = Literal["1K", "2K", "4K"]
-NumOutputs = Annotated[int, Field(strict=True, ge=1, le=4)]
-SEED_MAX = 2147483647
-Seed = Annotated[int, Field(strict=True, ge=0, le=SEED_MAX)]
-StrictBool = Annotated[bool, Field(strict=True)]
 
 CONFIG_SEARCH = (
     Path("scenario-watch.toml"),
@@ -71,16 +73,6 @@ class FolderSettings(Section):
         return Path(os.path.abspath(value.expanduser()))
 
 
-class GenerateDefaults(Section):
-    """Generate inputs applied where a prompt file is silent."""
-
-    aspectRatio: AspectRatio | None = None
-    resolution: Resolution | None = None
-    numOutputs: NumOutputs | None = None
-    useGoogleSearch: StrictBool | None = None
-    seed: Seed | None = None
-
-
 class JobSettings(Section):
     max_in_flight: int = Field(8, ge=1, le=1000)
     poll_interval: float = Field(2.0, gt=0, le=3600)
@@ -102,19 +94,6 @@ class WatchSettings(Section):
     @classmethod
     def _expand(cls, value: list[Path]) -> list[Path]:
         return [Path(os.path.abspath(root.expanduser())) for root in value]
-
-
-class PresetSettings(BaseModel):
-    """[presets.NAME]: any prompt-file key (checked by presets.py against the schema) plus `folder`."""
-
-    model_config = ConfigDict(extra="allow")  # the prompt keys: the model's schema decides, not this class
-
-    folder: Path | None = None  # default: <inbox>/NAME/
-
-    @field_validator("folder")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return None if value is None else Path(os.path.abspath(value.expanduser()))
 
 
 class HookSettings(Section):
@@ -356,18 +335,24 @@ def _check_keys(data: Mapping[str, Any], path: Path | None) -> None:
             raise ConfigError(f"{where}: unknown section [{section}]{_near(section, Settings.model_fields)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of keys")
-        fields = Settings.model_fields[section].annotation
-        if not (isinstance(fields, type) and issubclass(fields, BaseModel)):
-            continue  # [presets.NAME]: each preset's keys are checked against the schema (presets.py)
-        known = fields.model_fields
+        known = _section_keys(section)
+        if known is None:
+            continue  # [presets.NAME], [defaults]: the model's schema judges the keys (presets.py)
         for key in values:
             if key not in known:
                 raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, known)}")
 
 
-def _section_keys(section: str) -> Mapping[str, Any]:
+def _section_keys(section: str) -> Mapping[str, Any] | None:
+    """A section's keys; None where the model's schema decides them ([defaults], [presets.NAME])."""
     fields = Settings.model_fields[section].annotation
-    return fields.model_fields if isinstance(fields, type) and issubclass(fields, BaseModel) else {}
+    if (
+        isinstance(fields, type)
+        and issubclass(fields, BaseModel)
+        and fields.model_config.get("extra") != "allow"
+    ):
+        return fields.model_fields
+    return None
 
 
 def _check_env(env: Mapping[str, str]) -> None:
@@ -381,7 +366,7 @@ def _check_env(env: Mapping[str, str]) -> None:
         if section not in Settings.model_fields:
             raise ConfigError(f"{where}: unknown section {section!r}{_near(section, Settings.model_fields)}")
         known = _section_keys(section)
-        if nested and key not in known:
+        if nested and known is not None and key not in known:
             raise ConfigError(f"{where}: unknown key {section}.{key}{_near(key, known)}")
 
 

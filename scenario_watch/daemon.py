@@ -23,13 +23,13 @@ from .client import ScenarioClient
 from .clock import SYSTEM, Clock
 from .config import Settings
 from .dispatcher import Dispatcher
-from .errors import ConfigError
 from .events import Arrived, Event, Finished, Wake
 from .finisher import Finisher
 from .heartbeat import Heartbeat
 from .hooks import HookRunner
 from .intake import Claim, Intake
 from .journal_schema import journal_problem
+from .kept import Kept, keeps
 from .lifecycle import (
     ACTIVE,
     NEXT,
@@ -45,7 +45,7 @@ from .lifecycle import (
 )
 from .notify import Notifier, status_line
 from .outbox import Outbox
-from .presets import load_presets
+from .presets import check_against, load_presets
 from .recovery import recover
 from .retention import Retention
 from .scheduler import Scheduler
@@ -102,12 +102,9 @@ class Daemon:
     def _build(self) -> None:
         """Create the folders, open the journal and wire the parts (the I/O of a start)."""
         settings, folders, clock = self.settings, self.folders, self.clock
-        for folder in (folders.inbox, folders.outbox, folders.done, folders.failed):
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
-        presets = load_presets(settings)  # a bad preset or hook command stops the start (exit 2)
+        health.make_folders([folders.inbox, folders.outbox, folders.done, folders.failed])
+        # Names and folders now; the keys once the model's live schema is known (start).
+        presets = load_presets(settings, None)
         self.store = store = Store(folders.state / self.journal, clock)
         # Metrics, listener and textfile, when configured; the events are counted into `tally`.
         self.watching = Watching(settings, self.client, presets.keys())
@@ -136,7 +133,9 @@ class Daemon:
         self.retention = Retention(store, settings.journal.keep_days, clock, at_once=self.once)
         self.folders_of = folders_of = {name: preset.folder for name, preset in presets.items()}
         arrived = lambda path, moved: self.events.put(Arrived(path, moved))  # noqa: E731 (observer thread)
-        self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of)
+        on_outbox = {name: folder for name, folder in folders_of.items() if keeps(folder, folders.outbox)}
+        kept = Kept(store, on_outbox) if on_outbox else None
+        self.intake = Intake(folders.inbox, folders.state, settings.watch, arrived, folders_of, kept)
         self.notifier = Notifier(self.env)
         self.runners: dict[Task, Callable[[int], Result]] = {
             Task.SUBMIT: self.dispatcher.submit,
@@ -168,7 +167,11 @@ class Daemon:
     def start(self) -> None:
         """Build, start the workers, resume what the journal holds, then watch and scan the inbox."""
         self._build()
-        try:  # the listener binds its port here: a taken one stops the start (exit 2)
+        try:
+            schema = self.dispatcher.schemas.load()  # before anything is checked: the model's inputs, live
+            # A preset or [defaults] key the model does not take stops the start (exit 2), naming both.
+            check_against(self.settings, schema)
+            # The listener binds its port here: a taken one stops the start (exit 2).
             self.watching.start(
                 store=self.store,
                 client=self.client,
@@ -185,7 +188,6 @@ class Daemon:
         self.started = True
         for _ in range(min(MAX_WORKERS, self.settings.jobs.max_in_flight + SPARE_WORKERS)):
             self._add_worker()
-        self.dispatcher.schemas.load()  # before anything is checked: the model's inputs, live
         recover(
             folders=self.folders,
             store=self.store,
@@ -196,14 +198,8 @@ class Daemon:
             now=self.clock.monotonic(),
             tally=self.tally,
         )
-        backlog.at_start(
-            self.store,
-            self.intake,
-            self.client,
-            self.dispatcher.rules(),
-            once=self.once,
-            wall=self.clock.wall(),
-        )
+        rules, wall = self.dispatcher.rules(), self.clock.wall()
+        backlog.at_start(self.store, self.intake, self.client, rules, once=self.once, wall=wall)
         self.intake.start(self.clock.monotonic(), watch=not self.once)
         self.notifier.send("READY=1")
         folders = self.folders

@@ -86,7 +86,9 @@ class Dispatcher:
         self.references = References(
             client, store, self.inbox, settings.watch.reference_roots, self.presets, settings.images
         )
-        self.budget = budget or Budget(settings.budget, store.spent_since, clock.wall)
+        self.budget = budget or Budget(settings.budget, store.spent_since, clock.wall, meta=store)
+        for row in store.lost_answers():  # after a restart: their jobs may exist, costs unknown yet
+            self.budget.hold(row.id, row.inputs or {})
         # Prompts waiting for a reference file, and its name (for status; main thread only).
         self.awaiting_references: dict[int, str] = {}
 
@@ -147,9 +149,14 @@ class Dispatcher:
         if row.state not in (State.QUEUED, State.SUBMITTING):
             return Advanced()  # a step retried after it had already happened: the state says what's next
         if row.state == State.SUBMITTING:
+            # A lost answer: its job may exist, its cost unknown. It stays reserved while reconciling.
+            self.budget.hold(row.id, row.inputs or {})
             found = self._find_lost_job(row)
             if found is not None:
+                if not isinstance(found, Again | Paused):  # found (cost journaled), or failed
+                    self.budget.release(row.id)
                 return found
+            self.budget.release(row.id)  # certainly no job: admitted anew below, like any other
         elif row.file_sha256 and (job_id := self.store.adoption(row.file, row.file_sha256)):
             adopted = self._adopt_retried(row, job_id)
             if adopted is not None:
@@ -168,10 +175,13 @@ class Dispatcher:
         refused = self._within_budget(row, inputs)
         if refused is not None:
             return refused
+        result: Result | None = None
         try:
-            return self._send(row, inputs)
-        finally:
-            self.budget.release(row.id)
+            result = self._send(row, inputs)
+            return result
+        finally:  # an answer lost on the way (still SUBMITTING) keeps its reservation until reconciled
+            if not (isinstance(result, Again) and self.store.get(row.id).state == State.SUBMITTING):
+                self.budget.release(row.id)
 
     def _adopt_retried(self, row: Row, job_id: str) -> Result | None:
         """A retried prompt whose earlier job may have run on: adopt that job, or pay anew (None)."""

@@ -28,6 +28,15 @@ OUTPUT_BYTES = {"1K": 4 << 20, "2K": 12 << 20, "4K": 40 << 20}
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+def make_folders(folders: Sequence[Path]) -> None:
+    """Create the daemon's folders if missing; ConfigError naming one that cannot be made."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the folder {folder}: {exc.strerror}") from exc
+
+
 def probe(folder: Path) -> None:
     """Create, fill, fsync and remove a hidden temp file in `folder`; OSError if any step fails."""
     # A temp name (hidden, .part): watchers of the folder ignore it, and a crash's leftover is removed.

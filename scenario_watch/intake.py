@@ -25,6 +25,7 @@ from .watcher import PROCESSING, Arrivals, Watcher, claim
 
 if TYPE_CHECKING:
     from .backlog import Baselines
+    from .kept import Kept
 
 log = logs.get()
 
@@ -79,8 +80,11 @@ class Intake:
         settings: WatchSettings,
         arrived: Callable[[str, bool], None],
         presets: Mapping[str, Path] | None = None,
+        kept: Kept | None = None,
     ) -> None:
         self.inbox = inbox
+        # Presets on the outbox: what they took stays in place (kept.py), never taken twice.
+        self.kept = kept
         self.settings = settings
         # Each daemon claims into a folder of its own: daemons sharing an inbox never touch (or, after
         # a restart, adopt) each other's claims.
@@ -147,8 +151,11 @@ class Intake:
             except Exception:  # one odd file must not hold up the others
                 log.exception("prompt.claim_failed", path=path)
                 continue
-            if dest is not None:
-                claimed.append(Claim(source.name(path), dest, source.preset))  # sub/x.json when recursive
+            if dest is None:
+                continue
+            if self.kept is not None and source.preset in self.kept.folders:
+                self.kept.took(source.preset, path, dest)  # linked back: stage one's manifest stays true
+            claimed.append(Claim(source.name(path), dest, source.preset))  # sub/x.json when recursive
         return claimed
 
     def unknown_claims(self, known: set[str]) -> list[Claim]:
@@ -195,6 +202,9 @@ class Intake:
         return [path for path in source.watcher.scan() if not self._left_alone(source, path)]
 
     def _left_alone(self, source: _Source, path: str) -> bool:
+        """Left alone: there before the preset, or (a preset on the outbox) already taken and kept."""
+        if self.kept is not None and self.kept.holds(source.preset, path):
+            return True
         return self.baselines is not None and self.baselines.left_alone(source.preset, path)
 
     def _release(self) -> None:

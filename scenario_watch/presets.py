@@ -64,8 +64,11 @@ class Preset:
         return replace(base, defaults={**base.defaults, **self.keys})
 
 
-def load_presets(settings: Settings, schema: ModelSchema = BUILTIN) -> dict[str, Preset]:
-    """Every `[presets.NAME]`, checked; ConfigError naming the preset and the key otherwise."""
+def load_presets(settings: Settings, schema: ModelSchema | None = BUILTIN) -> dict[str, Preset]:
+    """Every `[presets.NAME]`, checked; ConfigError naming the preset and the key otherwise.
+
+    `schema` None checks names and folders only: the daemon checks the keys once it has the live schema.
+    """
     presets: dict[str, Preset] = {}
     for name, raw in settings.presets.items():
         where = f"[presets.{name}]"
@@ -76,12 +79,7 @@ def load_presets(settings: Settings, schema: ModelSchema = BUILTIN) -> dict[str,
         keys = dict(raw.model_extra or {})
         images = _section(ImageSettings, settings.images, keys, IMAGE_KEYS, where)
         outbox = _section(OutboxSettings, settings.outbox, keys, OUTBOX_KEYS, where)
-        problems = [problem for key, value in keys.items() if (problem := check_value(schema, key, value))]
-        problems += [
-            problem
-            for key in schema.inputs
-            if key not in keys and (problem := check_value(schema, key, None))
-        ]
+        problems = [] if schema is None else _problems(schema, keys, required=True)
         if problems:
             raise ConfigError(f"invalid configuration: {where} " + "; ".join(problems))
         presets[name] = Preset(name, raw.folder or settings.folders.inbox / name, keys, images, outbox)
@@ -101,6 +99,32 @@ def _section(
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ConfigError(f"invalid configuration: {where} " + "; ".join(problems)) from None
+
+
+def _problems(schema: ModelSchema, keys: Mapping[str, Any], *, required: bool) -> list[str]:
+    """What is wrong with prompt keys for the model (`required`: a missing required input too)."""
+    problems = [problem for key, value in keys.items() if (problem := check_value(schema, key, value))]
+    if required:
+        problems += [
+            problem
+            for key in schema.inputs
+            if key not in keys and (problem := check_value(schema, key, None))
+        ]
+    # Every message names the key; the model is named once, where the message does not already.
+    return [p if schema.model_id in p else f"{p} (model {schema.model_id}, {schema.label})" for p in problems]
+
+
+def check_against(settings: Settings, schema: ModelSchema) -> dict[str, Preset]:
+    """At start, with the model's schema as the API tells it now: every preset and `[defaults]`.
+
+    A preset key or a `[defaults]` key the model does not take (or a value it refuses) is a ConfigError
+    naming the key and the model: found at start, not on every prompt.
+    """
+    defaults = settings.defaults.model_dump(exclude_none=True)
+    problems = _problems(schema, defaults, required=False)
+    if problems:
+        raise ConfigError("invalid configuration: [defaults] " + "; ".join(problems))
+    return load_presets(settings, schema)
 
 
 def _check_folders(presets: Mapping[str, Preset], settings: Settings) -> None:
@@ -208,9 +232,9 @@ def find_preset(presets: Mapping[str, Preset], name: str | None) -> Preset | Non
 
 
 def select_preset(
-    settings: Settings | None, name: str | None, schema: ModelSchema = BUILTIN
+    settings: Settings | None, name: str | None, schema: ModelSchema | None = BUILTIN
 ) -> Preset | None:
-    """The preset named by `--preset` (checked as at start); None without the option."""
+    """The preset named by `--preset` (checked as at start; `schema` None: its folder only)."""
     if name is None:
         return None
     presets = load_presets(settings, schema) if settings is not None else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from .client import ScenarioClient
 from .errors import PromptError
 from .files import read_regular
 from .presets import Preset, prompt_folder
-from .prompt import MAX_REFERENCE_BYTES, check_reference
+from .prompt import MAX_REFERENCE_BYTES, Prompt, check_reference
 from .rows import Row
 from .sections import ImageSettings
 from .store import Store
@@ -23,6 +24,10 @@ log = logs.get()
 # Uploads of one content are serialised by one of this many locks (picked by the content's hash):
 # ten prompts editing one photo upload it once, and the locks do not grow with the photos seen.
 UPLOAD_LOCKS = 64
+# A 1x1 PNG: what a dry run is shown for a local reference file (it wants asset ids, not files).
+PLACEHOLDER_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 
 
 class References:
@@ -97,3 +102,33 @@ class References:
                 self.store.remember_upload(digest, asset_id)
                 log.info("reference.uploaded", reference=entry, asset_id=asset_id, size=len(data))
         return asset_id
+
+
+class DryRunReferences:
+    """The referenceImages of a dry run (`estimate`): every entry counts, a local file too.
+
+    A dry run takes asset ids only, and a local file is no asset until the daemon uploads it: each one
+    stands in as an asset id the prompt already names or, without one, as one tiny placeholder image
+    uploaded once per run (an upload is free; the real files are uploaded when the prompt is sent).
+    """
+
+    def __init__(self, client: ScenarioClient) -> None:
+        self.client = client
+        self.placeholder: str | None = None
+
+    def inputs(self, prompt: Prompt) -> dict[str, Any]:
+        """The prompt's inputs as the daemon would send them, a stand-in id for each local file."""
+        inputs = dict(prompt.inputs)
+        if prompt.references:
+            named = [ref.asset_id for ref in prompt.references if ref.asset_id]
+            inputs["referenceImages"] = [ref.asset_id or self._stand_in(named) for ref in prompt.references]
+        return inputs
+
+    def _stand_in(self, named: list[str]) -> str:
+        if named:
+            return named[0]
+        if self.placeholder is None:
+            self.placeholder = self.client.upload_image(
+                PLACEHOLDER_PNG, "scenario-watch-estimate.png", "image/png"
+            )
+        return self.placeholder

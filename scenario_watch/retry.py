@@ -1,9 +1,15 @@
-"""`retry`: failed items back into the inbox; a prompt whose job may have succeeded is not paid twice."""
+"""`retry`: failed items back where they arrived; a prompt whose job may have succeeded is not paid twice.
+
+Every item in failed/ can be retried by the name it has there (`car.json`, `recolor/fake.png`, a FIFO
+refused unread); each has its own error file (`car.error.json`, `car.png.error.json`). A preset's item
+(`NAME/...`) goes back into that preset's folder, wherever `[presets.NAME] folder` puts it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from . import sidecar
@@ -25,7 +31,7 @@ def everything(failed: Path) -> list[str]:
     return sorted(
         str(p.relative_to(failed))
         for p in failed.rglob("*")
-        if (p.is_file() or p.is_symlink())
+        if (p.is_symlink() or not p.is_dir())  # a FIFO or socket refused unread is an item too
         and not p.name.endswith(".error.json")
         and not p.name.startswith(".")
         and not (is_image_name(p.name) and p.with_name(f"{p.stem}.txt").is_file())
@@ -48,22 +54,43 @@ def name_in(failed: Path, name: str) -> str:
     return name if (failed / name).exists() or name.endswith(".json") else f"{name}.json"
 
 
-def send_back(folders: FolderSettings, name: str) -> list[str]:
-    """Move one failed item back where it arrived (its error file removed); what to tell the person."""
+def home_of(rel: Path, inbox: Path, presets: Mapping[str, Path]) -> Path:
+    """The folder a failed item arrived in: its preset's folder (`NAME/...`), else the inbox's."""
+    if len(rel.parts) > 1 and rel.parts[0] in presets:
+        return presets[rel.parts[0]].joinpath(*rel.parts[1:-1])
+    return inbox / rel.parent
+
+
+def send_back(folders: FolderSettings, name: str, presets: Mapping[str, Path] | None = None) -> list[str]:
+    """Move one failed item back where it arrived (its error file removed); what to tell the person.
+
+    `presets`: each preset's folder by name, so `NAME/x.png` goes back to its preset, not `<inbox>/NAME/`.
+    """
     rel = Path(name)
     src = folders.failed / rel
-    if rel.is_absolute() or ".." in rel.parts or not (src.is_file() or src.is_symlink()):
+    if (
+        rel.is_absolute()
+        or ".." in rel.parts
+        or not (src.is_symlink() or (src.exists() and not src.is_dir()))
+    ):
         return [f"{name}: not in {folders.failed}"]
     error_file = error_file_for(src)
     job_id = _paid_job(error_file)
     if job_id is not None:  # its job may have finished: the daemon asks before paying again
         _adopt_later(folders.state, rel, src, job_id)
+    home = home_of(rel, folders.inbox, presets or {})
+    home.mkdir(parents=True, exist_ok=True)
     lines = []
     pair = _pair(src)
     # The .txt first: in a preset folder the image reads it when taken; in the inbox it waits for its image.
     for path in sorted((p for p in (src, pair) if p is not None), key=lambda p: not is_text_name(p.name)):
-        dest = move_no_clobber(path, folders.inbox / rel.parent, path.name)
-        lines.append(f"{rel.parent / path.name}: back in the inbox as {dest.relative_to(folders.inbox)}")
+        dest = move_no_clobber(path, home, path.name)
+        if dest.is_relative_to(folders.inbox):
+            lines.append(f"{rel.parent / path.name}: back in the inbox as {dest.relative_to(folders.inbox)}")
+        else:
+            lines.append(
+                f"{rel.parent / path.name}: back in the folder of [presets.{rel.parts[0]}] as {dest}"
+            )
     error_file.unlink(missing_ok=True)
     if job_id is not None:
         lines.append(

@@ -1,12 +1,14 @@
-"""The settings sections of what the daemon writes and shows: [images], [outbox], [http], [metrics]."""
+"""Settings sections: [defaults], and what the daemon writes and shows: [images], [outbox], [http]..."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from . import naming
@@ -91,3 +93,37 @@ class JournalSettings(Section):
         if 0 < value < 1:
             raise ValueError("must be at least 1 (today's spend stays in the journal), or 0 to keep all")
         return value
+
+
+class GenerateDefaults(BaseModel):
+    """[defaults]: generate inputs applied where a prompt file is silent; the model's schema judges them."""
+
+    model_config = ConfigDict(extra="allow")  # checked against the live schema at start (presets.py)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _env_json(cls, data: Any) -> Any:
+        """SCENARIO_WATCH_DEFAULTS__SEED=5 arrives as "5": a number or boolean written as JSON is one."""
+        return {k: _json_scalar(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            decoded = json.loads(value)
+            if isinstance(decoded, bool | int | float):
+                return decoded
+    return value
+
+
+class PresetSettings(BaseModel):
+    """[presets.NAME]: any prompt-file key (checked by presets.py against the schema) plus `folder`."""
+
+    model_config = ConfigDict(extra="allow")  # the prompt keys: the model's schema decides, not this class
+
+    folder: Path | None = None  # default: <inbox>/NAME/
+
+    @field_validator("folder")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.abspath(value.expanduser()))

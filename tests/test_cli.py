@@ -158,7 +158,7 @@ def test_credentials_from_credentials_directory(tmp_path: Path, folders: Folders
         ("[jobs]\nmax_inflight = 3\n", "unknown key jobs.max_inflight (did you mean 'max_in_flight'?)"),
         ("[job]\n", "unknown section [job] (did you mean 'jobs'?)"),
         ('[log]\nformat = "xml"\n', "log.format"),
-        ("[defaults]\nnumOutputs = 9\n", "defaults.numOutputs"),
+        # [defaults] takes the model's keys: the live schema judges them at start (test_live_schema.py).
         ('[api]\nbase_url = "ftp://x"\n', "api.base_url"),
         ("not toml [", "config file"),
     ],
@@ -242,3 +242,26 @@ def test_example_toml_documents_every_key_with_its_default(tmp_path: Path) -> No
             model = typing.get_args(model)[1]
         for key in model.model_fields:  # type: ignore[union-attr]
             assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{section}.{key} is not in example.toml"
+
+
+def test_estimate_prices_a_local_reference_as_one_entry(folders: Folders, sandbox: Sandbox) -> None:
+    """A local reference file is sent as an asset: the dry run sees one entry for it, as the daemon sends."""
+    import base64
+
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    (folders.root / "beach.png").write_bytes(png)
+    (folders.root / "sky.png").write_bytes(png)
+    one = folders.root / "one.json"
+    one.write_text('{"prompt": "x", "referenceImages": ["beach.png"]}')
+    two = folders.root / "two.json"
+    two.write_text('{"prompt": "y", "referenceImages": ["beach.png", "sky.png"], "numOutputs": 2}')
+    result = run_cli("estimate", "-c", str(folders.config), str(one), str(two))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "one.json: 5 creative units" in result.stdout and "two.json: 10 creative units" in result.stdout
+    dry = [r for r in sandbox.requests if r.method == "POST" and r.query.get("dryRun") == "api"]
+    assert [len(r.body.get("referenceImages", [])) for r in dry] == [1, 2]
+    uploads = [r for r in sandbox.requests if r.method == "POST" and r.path.rstrip("/").endswith("/assets")]
+    assert len(uploads) == 1  # one placeholder for the run, whatever the files
+    assert generate_posts(sandbox) == [] and sandbox.generate_jobs == []
