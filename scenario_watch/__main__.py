@@ -1,5 +1,5 @@
 """`python -m scenario_watch` is the `scenario-watch` command."""
 
-from .cli import main
+from scenario_watch.shell.cli import main
 
 raise SystemExit(main())

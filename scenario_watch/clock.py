@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -63,3 +64,8 @@ class ManualClock:
         with self._lock:
             self._wall += seconds
             self._monotonic += seconds
+
+
+def iso(ts: float | None) -> str | None:
+    """A Unix time as ISO 8601 UTC, for files people read."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")

@@ -14,9 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .errors import ConfigError
-from .logs import MASK
-from .sections import (
+from scenario_watch.errors import ConfigError
+from scenario_watch.logs import MASK
+from scenario_watch.sections import (
     GenerateDefaults,
     HttpSettings,
     ImageSettings,

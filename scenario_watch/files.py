@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, BinaryIO, TypeAlias
 
-from .errors import UnsafeFile
+from scenario_watch.errors import UnsafeFile
 
 TEMP_SUFFIX = ".part"
 StrPath: TypeAlias = str | os.PathLike[str]

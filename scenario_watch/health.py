@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import logs
-from .errors import ConfigError
-from .files import temp_path
+from scenario_watch import logs
+from scenario_watch.errors import ConfigError
+from scenario_watch.files import temp_path
 
 log = logs.get()
 

@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .rows import Row
+    from scenario_watch.journal.rows import Row
 
 
 class State(StrEnum):

@@ -14,8 +14,8 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from .config import JobSettings
-from .lifecycle import WORKER_TASKS, Advanced, Again, Ended, Pause, Paused, Result, Task
+from scenario_watch.config import JobSettings
+from scenario_watch.lifecycle import WORKER_TASKS, Advanced, Again, Ended, Pause, Paused, Result, Task
 
 # Credentials refused: try submitting again after this long (someone may have fixed them meanwhile);
 # a poll or download that met the refusal asks again after AUTH_PROBE (an answer ends the pause at once).

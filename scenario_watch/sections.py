@@ -11,9 +11,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from . import naming
-from .errors import ConfigError
-from .listen import is_loopback, split_listen
+from scenario_watch.deliver import naming
+from scenario_watch.errors import ConfigError
+from scenario_watch.shell.listen import is_loopback, split_listen
 
 MIN_TOKEN = 16  # [http] token: shorter ones can be guessed over the network
 

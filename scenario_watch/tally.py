@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .errors import RateLimited, TransientError
+from scenario_watch.errors import RateLimited, TransientError
 
 
 class Tally(Protocol):

@@ -17,11 +17,11 @@ from typing import Any
 
 import structlog
 
-from scenario_watch.client import ScenarioClient
+from scenario_watch.api.client import ScenarioClient
 from scenario_watch.clock import ManualClock
 from scenario_watch.config import load_settings
-from scenario_watch.daemon import Daemon
 from scenario_watch.sandbox import Sandbox
+from scenario_watch.shell.daemon import Daemon
 
 # The clock moves at most this far at once (so pauses and timers are met in order, never skipped).
 MAX_STEP = 30.0

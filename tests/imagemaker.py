@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-from scenario_watch.containers import PNG_SIGNATURE, png_chunk
+from scenario_watch.prepare.containers import PNG_SIGNATURE, png_chunk
 
 XYZ = tuple[float, float, float]
 D50: XYZ = (0.9642, 1.0, 0.8249)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from scenario_watch import logs
-from scenario_watch.budget import Budget, day_start, fits, next_day, shape
 from scenario_watch.config import BudgetSettings
-from scenario_watch.store import Store
+from scenario_watch.dispatch.budget import Budget, day_start, fits, next_day, shape
+from scenario_watch.journal.store import Store
 
 NOON = datetime(2026, 3, 14, 12, 0, tzinfo=UTC).timestamp()
 

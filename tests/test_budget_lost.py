@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from conftest import Folders, write_config
 
-from scenario_watch.budget import Budget
-from scenario_watch.client import ScenarioClient
+from scenario_watch.api.client import ScenarioClient
 from scenario_watch.config import BudgetSettings, load_settings
-from scenario_watch.dispatcher import Dispatcher
+from scenario_watch.dispatch.budget import Budget
+from scenario_watch.dispatch.dispatcher import Dispatcher
+from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import Advanced, Again, State
 from scenario_watch.sandbox import Fault, Sandbox
-from scenario_watch.store import Store
 
 
 def dispatcher(folders: Folders, sandbox: Sandbox, journal: Path) -> Dispatcher:

@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 from conftest import KEY, SECRET, wait_for
 
-from scenario_watch.client import (
+from scenario_watch.api.client import (
     DIRECT_UPLOAD_LIMIT,
     DIRECT_UPLOAD_MARGIN,
     ScenarioClient,
     direct_body_size,
     is_plan_refusal,
 )
+from scenario_watch.api.jobs import format_cost, parse_job
 from scenario_watch.config import MODEL_ID
 from scenario_watch.errors import AuthError, NotFound, PlanError, PromptError, RateLimited
-from scenario_watch.jobs import format_cost, parse_job
-from scenario_watch.prompt import PromptRules, parse_prompt
+from scenario_watch.prepare.prompt import PromptRules, parse_prompt
+from scenario_watch.prepare.schema import check_value, parse_model
 from scenario_watch.sandbox import Fault, Sandbox
-from scenario_watch.schema import check_value, parse_model
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import pytest
 from imagemaker import ADOBE_GAMMA, ADOBE_RGB, decode, encode, icc_profile, photo, srgb_from
 from PIL import Image, ImageCms
 
-from scenario_watch.convert import Target, convert
+from scenario_watch.deliver.convert import Target, convert
+from scenario_watch.deliver.provenance import Provenance, embed, read
 from scenario_watch.errors import BadImage
-from scenario_watch.provenance import Provenance, embed, read
 from scenario_watch.sandbox.images import make_png
 
 SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()

@@ -13,9 +13,9 @@ from conftest import Folders, StartDaemon, generate_posts, wait_for
 
 from scenario_watch.config import WatchSettings
 from scenario_watch.errors import PromptError, UnsafeFile
-from scenario_watch.prompt import check_reference, read_prompt_bytes
+from scenario_watch.intake.watcher import Arrivals, Watcher
+from scenario_watch.prepare.prompt import check_reference, read_prompt_bytes
 from scenario_watch.sandbox import Sandbox
-from scenario_watch.watcher import Arrivals, Watcher
 
 SECRET = "SECRET-do-not-leak-7f3a9c"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64

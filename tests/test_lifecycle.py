@@ -16,7 +16,7 @@ import pytest
 from conftest import Folders, cli_env, generate_posts, run_cli, wait_for, write_config
 from harness import capture_logs
 
-from scenario_watch.client import ScenarioClient
+from scenario_watch.api.client import ScenarioClient
 from scenario_watch.clock import ManualClock
 from scenario_watch.config import (
     MODEL_ID,
@@ -27,17 +27,17 @@ from scenario_watch.config import (
     WatchSettings,
 )
 from scenario_watch.errors import TransitionRefused
-from scenario_watch.finisher import Finisher
-from scenario_watch.hooks import HookRunner
-from scenario_watch.instance import InstanceLock, lock_path
-from scenario_watch.intake import Intake
-from scenario_watch.journal_schema import VERSION, journal_problem
+from scenario_watch.finish.finisher import Finisher
+from scenario_watch.finish.hooks import HookRunner
+from scenario_watch.intake.intake import Intake
+from scenario_watch.journal.journal_schema import VERSION, journal_problem
+from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import NEXT, TRANSITIONS, Advanced, State, Task, next_task
-from scenario_watch.recovery import recover
 from scenario_watch.sandbox import Fault, Sandbox
 from scenario_watch.scheduler import Scheduler
-from scenario_watch.status import build
-from scenario_watch.store import Store
+from scenario_watch.shell.instance import InstanceLock, lock_path
+from scenario_watch.shell.recovery import recover
+from scenario_watch.shell.status import build
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 

@@ -10,8 +10,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from scenario_watch import __version__
-from scenario_watch.metrics import Metrics, Snapshot, TextfileWriter, endpoint, waiting_reasons
 from scenario_watch.sandbox import Sandbox
+from scenario_watch.shell.metrics import Metrics, Snapshot, TextfileWriter, endpoint, waiting_reasons
 
 BASE = "https://api.cloud.scenario.com/v1"
 

@@ -258,8 +258,9 @@ def test_a_taken_port_stops_the_start(
 def test_no_listener_no_textfile_no_metrics_imported() -> None:
     """Neither [http] listen nor [metrics] textfile: start-up imports no prometheus_client, no listener."""
     code = (
-        "import sys, scenario_watch.daemon, scenario_watch.cli;"
-        "print(sorted(m for m in sys.modules if m.startswith(('prometheus_client', 'scenario_watch.web'))))"
+        "import sys, scenario_watch.shell.daemon, scenario_watch.shell.cli;"
+        "print(sorted(m for m in sys.modules"
+        " if m.startswith(('prometheus_client', 'scenario_watch.shell.web'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -7,8 +7,8 @@ from pathlib import PurePosixPath
 
 import pytest
 
+from scenario_watch.deliver.naming import DEFAULT, MAX_COMPONENT, check, fields, render
 from scenario_watch.errors import ConfigError
-from scenario_watch.naming import DEFAULT, MAX_COMPONENT, check, fields, render
 
 WHEN = datetime(2026, 3, 1, 23, 59, 7, tzinfo=timezone(timedelta(hours=-2)))  # 01:59:07 UTC, 2 March
 

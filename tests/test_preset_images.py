@@ -15,7 +15,7 @@ from PIL import Image
 from scenario_watch import provenance, sidecar
 from scenario_watch.config import load_settings
 from scenario_watch.errors import ConfigError
-from scenario_watch.presets import load_presets
+from scenario_watch.prepare.presets import load_presets
 from scenario_watch.sandbox import Sandbox
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`

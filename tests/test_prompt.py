@@ -10,9 +10,9 @@ import pytest
 from conftest import Folders, run_cli, write_config
 
 from scenario_watch.errors import MissingReference, PromptError
-from scenario_watch.prompt import PromptRules, image_type, parse_prompt, prepare_prompt
+from scenario_watch.prepare.prompt import PromptRules, image_type, parse_prompt, prepare_prompt
+from scenario_watch.prepare.schema import BUILTIN, parse_model
 from scenario_watch.sandbox import Sandbox
-from scenario_watch.schema import BUILTIN, parse_model
 
 MODEL = "model_google-gemini-pro-image-editing"
 # The live schema as the 2026-08 skill describes it: no seed.

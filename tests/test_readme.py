@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, wait_for
 
-from scenario_watch.cli import _parser
+from scenario_watch.shell.cli import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

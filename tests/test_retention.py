@@ -14,15 +14,15 @@ import pytest
 from conftest import Folders, wait_for, write_config
 from harness import HereDaemon, capture_logs
 
-from scenario_watch.budget import day_start
 from scenario_watch.clock import ManualClock
 from scenario_watch.config import load_settings
+from scenario_watch.dispatch.budget import day_start
 from scenario_watch.errors import ConfigError
-from scenario_watch.journal_schema import VERSION
+from scenario_watch.journal.journal_schema import VERSION
+from scenario_watch.journal.retention import BATCH, DAY, FIRST_PASS, PASS_EVERY, STEP_PAUSE, Retention
+from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import ACTIVE, State
-from scenario_watch.retention import BATCH, DAY, FIRST_PASS, PASS_EVERY, STEP_PAUSE, Retention
 from scenario_watch.sandbox import Sandbox
-from scenario_watch.store import Store
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 

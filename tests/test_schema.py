@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from scenario_watch.schema import BUILTIN, ModelInput, check_value, from_json, parse_model, to_json
+from scenario_watch.prepare.schema import BUILTIN, ModelInput, check_value, from_json, parse_model, to_json
 
 # Shaped like GET /v1/models/{id} (scenario-sdk 2.4.0 ModelRetrieveResponse): no seed, as the 2026-08
 # skill says of Gemini image models; extra fields the daemon does not use.

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import DaemonProcess, Folders, StartDaemon, cli_env, wait_for
 
-from scenario_watch.notify import Notifier
+from scenario_watch.shell.notify import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_UNIT = ROOT / "systemd" / "scenario-watch.service"

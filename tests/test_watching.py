@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import Folders, StartDaemon, generate_posts, wait_for, write_config
 
-from scenario_watch.names import classify
+from scenario_watch.intake.names import classify
+from scenario_watch.intake.watcher import filesystem_type
 from scenario_watch.sandbox import Sandbox
-from scenario_watch.watcher import filesystem_type
 
 PROMPT = json.dumps({"prompt": "watch me"})
 

@@ -20,8 +20,8 @@ from web_site import API_KEY, API_SECRET, Site
 from scenario_watch.config import load_settings
 from scenario_watch.errors import ConfigError
 from scenario_watch.sections import HttpSettings
-from scenario_watch.web import Listener
-from scenario_watch.web.server import MAX_CONNECTIONS
+from scenario_watch.shell.web import Listener
+from scenario_watch.shell.web.server import MAX_CONNECTIONS
 
 TOKEN = "t0ken-for-the-web-tests-0123"
 CSP = (

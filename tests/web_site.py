@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from scenario_watch.config import Settings
-from scenario_watch.instance import InstanceLock, lock_path
-from scenario_watch.metrics import Metrics, Snapshot
+from scenario_watch.journal.store import Store
 from scenario_watch.sandbox.images import make_png
-from scenario_watch.status import JOURNAL, build
-from scenario_watch.store import Store
-from scenario_watch.web import Listener
+from scenario_watch.shell.instance import InstanceLock, lock_path
+from scenario_watch.shell.metrics import Metrics, Snapshot
+from scenario_watch.shell.status import JOURNAL, build
+from scenario_watch.shell.web import Listener
 
 API_KEY, API_SECRET = "sk-web-test-key-0123456789", "web-test-secret-abcdefghij"
 

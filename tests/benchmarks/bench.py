@@ -51,8 +51,8 @@ from typing import Any
 
 import requests
 
+from scenario_watch.intake.watcher import filesystem_type
 from scenario_watch.sandbox import Sandbox
-from scenario_watch.watcher import filesystem_type
 
 KEY, SECRET = "sandbox-key", "sandbox-secret"
 MODEL = "model_google-gemini-pro-image-editing"
@@ -682,7 +682,7 @@ def free_port() -> int:
 
 def metrics_work(jobs: int = 20_000, scrapes: int = 200) -> tuple[float, float]:
     """In this process: CPU (ms) of one job's metric events (claim, 5 requests, end) and of one render."""
-    from scenario_watch.metrics import Metrics, Snapshot
+    from scenario_watch.shell.metrics import Metrics, Snapshot
 
     api, cdn = "http://127.0.0.1:1/v1", "http://127.0.0.1:2"
     m = Metrics(presets=["recolor"], base_url=api, budget_daily=1000)

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # imagemaker
 
 from imagemaker import ADOBE_GAMMA, ADOBE_RGB, encode, exif_block, icc_profile, photo
 
-from scenario_watch.convert import convert
-from scenario_watch.images import normalize
-from scenario_watch.provenance import InputImage, Provenance, embed
+from scenario_watch.deliver.convert import convert
+from scenario_watch.deliver.provenance import InputImage, Provenance, embed
+from scenario_watch.prepare.images import normalize
 
 INFO = Provenance(
     prompt="Turn the sky into a purple aurora, keep the people on the beach as they are",

@@ -52,8 +52,8 @@ from typing import Any
 
 from bench import KEY, SECRET, Api, Daemon, body_of, make_root, wait_until, write_config
 
-from scenario_watch.retention import BATCH
-from scenario_watch.store import Store
+from scenario_watch.journal.retention import BATCH
+from scenario_watch.journal.store import Store
 
 DAY = 86400.0
 KEEP_DAYS = 90.0

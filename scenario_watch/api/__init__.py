@@ -1,0 +1,1 @@
+"""The Scenario REST API as typed calls and typed errors."""

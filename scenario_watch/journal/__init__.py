@@ -1,0 +1,1 @@
+"""The SQLite journal: rows, checked transitions, schema versions, retention."""

@@ -1,0 +1,1 @@
+"""The service shell: wiring, the loop, signals, systemd, status, the CLI, the listener."""

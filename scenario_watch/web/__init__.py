@@ -1,5 +1,0 @@
-"""The HTTP listener (`[http] listen`): Prometheus metrics, the status object and a live page."""
-
-from .server import Listener
-
-__all__ = ["Listener"]
