@@ -11,13 +11,15 @@ from typing import Any
 import pytest
 from conftest import KEY, SECRET, Folders, StartDaemon, generate_posts, run_cli, wait_for, write_config
 
-from scenario_watch import backlog, cli, logs
+from scenario_watch import logs
 from scenario_watch.api.client import ScenarioClient
 from scenario_watch.config import load_settings
+from scenario_watch.intake import backlog
 from scenario_watch.prepare.prompt import PromptRules
 from scenario_watch.prepare.schema import BUILTIN
 from scenario_watch.sandbox import Sandbox
 from scenario_watch.sandbox.images import make_png
+from scenario_watch.shell import cli
 from scenario_watch.shell.daemon import Daemon
 
 

@@ -18,7 +18,7 @@ from conftest import Folders, StartDaemon, generate_posts, run_cli, wait_for, wr
 from imagemaker import decode, encode, photo, png_bomb
 from PIL import Image
 
-from scenario_watch import containers
+from scenario_watch.prepare import containers
 from scenario_watch.sandbox import Sandbox
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`

@@ -10,7 +10,7 @@ from conftest import Folders, generate_posts, wait_for, write_config
 from imagemaker import decode, encode, exif_block, photo
 from PIL import Image
 
-from scenario_watch import provenance
+from scenario_watch.deliver import provenance
 from scenario_watch.sandbox import Sandbox
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`

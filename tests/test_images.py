@@ -20,8 +20,8 @@ from imagemaker import (
 )
 from PIL import Image, ImageCms
 
-from scenario_watch import containers
 from scenario_watch.errors import BadImage, PromptError
+from scenario_watch.prepare import containers
 from scenario_watch.prepare.images import DECODABLE, MAX_PIXELS, normalize
 
 ADOBE = icc_profile("Adobe RGB (1998)", ADOBE_RGB, ADOBE_GAMMA)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import SECRET, Folders, StartDaemon, cli_env, generate_posts, run_cli, wait_for
 
-from scenario_watch import provenance
+from scenario_watch.deliver import provenance
 from scenario_watch.sandbox import Sandbox
 
 

@@ -12,9 +12,10 @@ from conftest import Folders, StartDaemon, generate_posts, run_cli, wait_for, wr
 from imagemaker import encode, exif_block, photo
 from PIL import Image
 
-from scenario_watch import provenance, sidecar
 from scenario_watch.config import load_settings
+from scenario_watch.deliver import provenance
 from scenario_watch.errors import ConfigError
+from scenario_watch.prepare import sidecar
 from scenario_watch.prepare.presets import load_presets
 from scenario_watch.sandbox import Sandbox
 

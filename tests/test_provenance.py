@@ -13,8 +13,8 @@ import pytest
 from imagemaker import decode, encode, exif_block, photo
 from PIL import Image, ImageCms
 
-from scenario_watch import containers
 from scenario_watch.deliver.provenance import InputImage, Provenance, embed, read
+from scenario_watch.prepare import containers
 from scenario_watch.sandbox.images import make_png
 
 INFO = Provenance(

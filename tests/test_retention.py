@@ -188,8 +188,8 @@ def test_what_finished_after_a_prompt_in_flight_was_claimed_is_kept(store: Store
 
 
 def test_totals_survive_pruning(store: Store, clock: ManualClock, tmp_path: Path) -> None:
-    from scenario_watch import status
     from scenario_watch.config import BudgetSettings
+    from scenario_watch.shell import status
 
     for k in range(3):
         finished(store, f"old-{k}", cost=2.0)
@@ -295,7 +295,7 @@ def test_the_space_is_given_back(store: Store, clock: ManualClock) -> None:
 def test_an_old_journal_is_converted_once_when_small(
     tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scenario_watch import journal_prune
+    from scenario_watch.journal import journal_prune
 
     path = tmp_path / "journal.sqlite3"
     with sqlite3.connect(path) as db:  # auto_vacuum NONE, as every journal before version 2
@@ -347,7 +347,7 @@ def test_start_status_and_budget_read_no_finished_prompt(store: Store, clock: Ma
 def test_retention_steps_while_there_is_more_then_waits_an_hour(
     store: Store, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scenario_watch import retention
+    from scenario_watch.journal import retention
 
     monkeypatch.setattr(retention, "BATCH", 3)
     for k in range(7):

@@ -10,10 +10,10 @@ import pytest
 from conftest import Folders, StartDaemon, generate_posts, wait_for, write_config
 from imagemaker import encode, photo
 
-from scenario_watch import retry
 from scenario_watch.clock import ManualClock
 from scenario_watch.config import load_settings
 from scenario_watch.sandbox import Sandbox
+from scenario_watch.shell import retry
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 
