@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageCms, JpegImagePlugin, UnidentifiedImageError, features
 
-from scenario_watch.deliver.convert import FORMATS, is_srgb, profile_name, to_srgb
+from scenario_watch.deliver.convert import DECODING, FORMATS, is_srgb, profile_name, to_srgb
 from scenario_watch.errors import BadImage
 from scenario_watch.prepare import containers
 from scenario_watch.prepare.containers import Malformed
@@ -72,6 +72,12 @@ class _Survey:
 
 
 def normalize(data: bytes, *, max_side: int = 0, name: str = "the image") -> Normalized:
+    """The image as it should be uploaded (see _normalize), at most two decoded at once (convert.DECODING)."""
+    with DECODING:
+        return _normalize(data, max_side=max_side, name=name)
+
+
+def _normalize(data: bytes, *, max_side: int, name: str) -> Normalized:
     """The image to upload: upright, sRGB, 8-bit RGB(A), no EXIF/GPS, at most ``max_side`` (0: any)."""
     if not data:
         raise BadImage("empty", f"{name} is empty (0 bytes): drop the image again (the copy may have failed)")
