@@ -26,7 +26,7 @@ from scenario_watch.prepare.prompt import rules_from_settings
 from scenario_watch.prepare.schema import BUILTIN, ModelSchema, parse_model, show
 from scenario_watch.prepare.schema_source import cached_schema
 from scenario_watch.shell import retry, status
-from scenario_watch.shell.instance import InstanceLock, lock_path
+from scenario_watch.shell.instance import InstanceLock, limit_heap_arenas, lock_path
 from scenario_watch.shell.status import JOURNAL, SANDBOX_JOURNAL
 
 if TYPE_CHECKING:  # requests is loaded by the commands that talk to the API only: `status` stays quick
@@ -171,6 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loaded.ignored_credentials:
         log.info("sandbox.credentials_ignored", note=IGNORED_CREDENTIALS, sources=loaded.ignored_credentials)
     journal = SANDBOX_JOURNAL if args.sandbox else JOURNAL
+    limit_heap_arenas()
     with _lock(settings.folders.state, journal):
         sandbox = None
         base_url = settings.api.base_url
