@@ -347,3 +347,32 @@ def test_a_journal_of_the_previous_release_opens_migrated_and_resumes(
     assert len(sandbox.generate_jobs) == 2  # the old job, and one new job for the queued prompt
     manifest = json.loads((folders.outbox / "old1.manifest.json").read_text())
     assert manifest["jobId"] == job.job_id
+
+
+def test_forty_prompts_through_a_quarter_of_failing_requests_are_each_paid_once(
+    folders: Folders, sandbox: Sandbox, daemon: Any
+) -> None:
+    """About a quarter of the requests fail (answered 5xx before and after a job is made, resets, failing
+    polls): all 40 are delivered, each paid once. The slowest prompt's time is printed (`-s`)."""
+    write_config(folders, sandbox.base_url, api={"lost_answer_wait": 180.0}, jobs={"max_in_flight": 8})
+    for fault in (
+        Fault(route="generate", kind="status", status=502, times=5),  # answered, nothing made
+        Fault(route="generate", kind="status", status=500, after=True, times=4),  # answered, job made
+        Fault(route="generate", kind="reset", times=2),  # no answer: the long quiet period
+        Fault(route="job", kind="status", status=503, times=8),
+        Fault(route="asset", kind="reset", times=4),
+    ):
+        sandbox.inject(fault)
+    daemon()
+    for n in range(40):
+        folders.drop(f"f{n:02}.json", {"prompt": f"fault run {n}"})
+    wait_for(lambda: len(folders.names(folders.done)) == 40, timeout=60, what="40 delivered")
+    assert folders.names(folders.failed) == [] and len(sandbox.generate_jobs) == 40
+    store = Store(folders.state / "journal.sqlite3")
+    try:
+        times = sorted((row.finished_at or 0.0) - row.claimed_at for row in store.recent(State.DONE, 40))
+    finally:
+        store.close()
+    print(
+        f"\nfault run: slowest prompt {times[-1]:.1f} s, median {times[len(times) // 2]:.1f} s (daemon clock)"
+    )
