@@ -27,6 +27,8 @@ def test_stage_ones_manifest_stays_true_and_nothing_is_taken_twice(
     folders.drop("sketch.json", {"prompt": "a pencil sketch", "numOutputs": 2})
     final = folders.outbox / "colour"
     wait_for(lambda: folders.names(final) == STAGE_TWO, timeout=30, what="stage two's outputs")
+    # Each image is filed after its outputs and manifest are published: wait for both filings.
+    wait_for(lambda: len(folders.names(folders.done / "colour")) == 2, timeout=30, what="both filed")
     stage1 = json.loads((folders.outbox / "sketch.manifest.json").read_text())
     for out in stage1["files"]:  # where the manifest (and SW_FILES) said, byte for byte
         kept = folders.outbox / out["file"]
