@@ -115,6 +115,16 @@ class Folders:
         )
 
 
+def move_in(folders: Folders, folder: Path, name: str, data: bytes) -> Path:
+    """Deliver a file the safe way: written elsewhere, renamed in."""
+    staging = folders.root / "staging"
+    staging.mkdir(exist_ok=True)
+    (staging / name).write_bytes(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.replace(staging / name, folder / name)
+    return folder / name
+
+
 def write_config(folders: Folders, base_url: str, **sections: dict[str, Any]) -> None:
     config: dict[str, dict[str, Any]] = {
         "api": {"base_url": base_url, "request_timeout": 5.0, "lost_answer_wait": 1.0},

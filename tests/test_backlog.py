@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import io
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KEY, SECRET, Folders, StartDaemon, generate_posts, run_cli, wait_for, write_config
+from conftest import (
+    KEY,
+    SECRET,
+    Folders,
+    StartDaemon,
+    generate_posts,
+    move_in,
+    run_cli,
+    wait_for,
+    write_config,
+)
 
 from scenario_watch import logs
 from scenario_watch.api.client import ScenarioClient
@@ -26,16 +34,6 @@ from scenario_watch.shell.daemon import Daemon
 def png(seed: int, width: int = 32) -> bytes:
     """A real, clean PNG of its own (normalising uploads it byte for byte); `width` sets its size."""
     return make_png(f"backlog {seed}", width=width, height=32)
-
-
-def move_in(folders: Folders, folder: Path, name: str, data: bytes) -> Path:
-    """Deliver a file the safe way: written elsewhere, renamed in."""
-    staging = folders.root / "staging"
-    staging.mkdir(exist_ok=True)
-    (staging / name).write_bytes(data)
-    folder.mkdir(parents=True, exist_ok=True)
-    os.replace(staging / name, folder / name)
-    return folder / name
 
 
 def run_once(folders: Folders, sandbox: Sandbox) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Folders, StartDaemon, generate_posts, inotify_lines, run_cli, wait_for
+from conftest import Folders, StartDaemon, generate_posts, inotify_lines, move_in, run_cli, wait_for
 from conftest import write_config as _write_config
 
 from scenario_watch.sandbox import Sandbox
@@ -51,16 +51,6 @@ def png(size: int, seed: int) -> bytes:
     """Bytes that are a PNG by their signature (all the daemon and the sandbox look at)."""
     body = hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
     return (b"\x89PNG\r\n\x1a\n" + body)[:size]
-
-
-def move_in(folders: Folders, folder: Path, name: str, data: bytes) -> Path:
-    """Deliver a file the safe way: written elsewhere, renamed in."""
-    staging = folders.root / "staging"
-    staging.mkdir(exist_ok=True)
-    (staging / name).write_bytes(data)
-    folder.mkdir(parents=True, exist_ok=True)
-    os.replace(staging / name, folder / name)
-    return folder / name
 
 
 def hook_calls(path: Path) -> list[dict[str, Any]]:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
-from conftest import Folders, StartDaemon, generate_posts, wait_for, write_config
+from conftest import Folders, StartDaemon, generate_posts, move_in, wait_for, write_config
 from imagemaker import encode, photo
 
 from scenario_watch.clock import ManualClock
@@ -18,16 +16,6 @@ from scenario_watch.shell import retry
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 
 JPEG = encode(photo(48, 32), "JPEG")
-
-
-def move_in(folders: Folders, folder: Path, name: str, data: bytes) -> Path:
-    """Deliver a file the safe way: written elsewhere, renamed in."""
-    staging = folders.root / "staging"
-    staging.mkdir(exist_ok=True)
-    (staging / name).write_bytes(data)
-    folder.mkdir(parents=True, exist_ok=True)
-    os.replace(staging / name, folder / name)
-    return folder / name
 
 
 def two_seconds_later(clock: ManualClock, since: float) -> None:
