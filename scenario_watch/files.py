@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -88,7 +89,16 @@ def _rename_over_reservation(src: StrPath, dst: StrPath) -> None:
 
 def fsync_dir(path: StrPath) -> None:
     """Make a folder's entries (a rename, a new name) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    _fsync(path, os.O_DIRECTORY)
+
+
+def fsync_file(path: StrPath) -> None:
+    """Make a file written earlier (and closed) durable, before it is published by rename."""
+    _fsync(path, 0)
+
+
+def _fsync(path: StrPath, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
@@ -237,3 +247,14 @@ def read_regular(path: StrPath, limit: int) -> bytes:
     """At most `limit` + 1 bytes of a regular file (more than `limit` means too big); UnsafeFile otherwise."""
     with open_regular(path) as handle:
         return handle.read(limit + 1)
+
+
+def digest(path: StrPath) -> tuple[int, str]:
+    """A regular file's size and sha256, read in chunks (never through a link: UnsafeFile)."""
+    sha = hashlib.sha256()
+    size = 0
+    with open_regular(path) as handle:
+        while chunk := handle.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()

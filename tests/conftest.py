@@ -96,14 +96,7 @@ class Folders:
 
     def drop(self, name: str, body: Any, *, raw: bytes | None = None) -> Path:
         """Write a prompt elsewhere, then move it in (the safe way a script delivers a file)."""
-        data = raw if raw is not None else json.dumps(body).encode()
-        staging = self.root / "staging"
-        staging.mkdir(exist_ok=True)
-        tmp = staging / name
-        tmp.write_bytes(data)
-        dest = self.inbox / name
-        os.replace(tmp, dest)
-        return dest
+        return move_in(self, self.inbox, name, raw if raw is not None else json.dumps(body).encode())
 
     def claimed(self) -> list[str]:
         """Prompt files under inbox/.processing/ (each daemon claims into a folder of its own there)."""

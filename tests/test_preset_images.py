@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
-from conftest import Folders, StartDaemon, generate_posts, run_cli, wait_for, write_config
+from conftest import Folders, StartDaemon, generate_posts, move_in, run_cli, wait_for, write_config
 from imagemaker import encode, exif_block, photo
 from PIL import Image
 
@@ -22,14 +21,6 @@ from scenario_watch.sandbox import Sandbox
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 
 PHONE = encode(photo(64, 32), "JPEG", exif=exif_block(orientation=6, gps=True))
-
-
-def move_in(folders: Folders, folder: Path, name: str, data: bytes) -> None:
-    staging = folders.root / "staging"
-    staging.mkdir(exist_ok=True)
-    (staging / name).write_bytes(data)
-    folder.mkdir(parents=True, exist_ok=True)
-    os.replace(staging / name, folder / name)
 
 
 def test_a_presets_own_keys_apply_to_its_prompts_only(

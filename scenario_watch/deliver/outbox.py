@@ -26,8 +26,8 @@ from scenario_watch.api.jobs import Asset, Job
 from scenario_watch.clock import SYSTEM, Clock, iso
 from scenario_watch.config import FolderSettings
 from scenario_watch.deliver import naming, provenance
-from scenario_watch.errors import BadImage, UrlExpired
-from scenario_watch.files import fsync_dir, rename_noreplace, temp_path
+from scenario_watch.errors import BadImage, UnsafeFile, UrlExpired
+from scenario_watch.files import digest, fsync_dir, fsync_file, rename_noreplace, temp_path
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.prepare.containers import Malformed
@@ -161,23 +161,28 @@ class Outbox:
             except UrlExpired:  # signed URLs expire: ask for the asset again and use the fresh URL once
                 self.tally.retry("url_expired")
                 self._fetch(self.client.get_asset(asset.asset_id).url, temp, sync=not rewrite)
-            data = temp.read_bytes() if rewrite else b""
-            original = (
-                {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} if rewrite else _digest(temp)
-            )
-            mime_type, entry = asset.mime_type, dict(original)
-            if rewrite:
+            mime_type = asset.mime_type
+            if not rewrite:
+                size, sha256 = digest(temp)
+                entry: dict[str, Any] = {"size": size, "sha256": sha256}
+            else:
+                data = temp.read_bytes()
+                entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                 out, mime_type = self._transform(data, asset.mime_type, row, job)
                 if out == data:  # published as Scenario made it after all: sync it now
-                    _sync(temp)
+                    fsync_file(temp)
                 else:
                     made = temp_path(folder / base)
                     with made.open("xb") as handle:
                         handle.write(out)
                         handle.flush()
                         os.fsync(handle.fileno())
-                    entry = {"size": len(out), "sha256": hashlib.sha256(out).hexdigest()}
-                    entry["originalSha256"] = original["sha256"]
+                    original = entry["sha256"]
+                    entry = {
+                        "size": len(out),
+                        "sha256": hashlib.sha256(out).hexdigest(),
+                        "originalSha256": original,
+                    }
             self._sizes.append(entry["size"])
             name = f"{base}.{EXTENSIONS.get(mime_type, 'png')}"
             dest = self._publish(made or temp, folder, name, lambda dest: _same_file(dest, entry["sha256"]))
@@ -286,23 +291,11 @@ class Outbox:
         }
 
 
-def _digest(path: Path) -> dict[str, Any]:
-    sha = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            sha.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": sha.hexdigest()}
-
-
 def _same_file(path: Path, sha256: str) -> bool:
     """Whether `path` is a regular file (never a link) with exactly this content."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return False
-        return str(_digest(path)["sha256"]) == sha256
-    except OSError:
+        return digest(path)[1] == sha256
+    except (OSError, UnsafeFile):  # a link, a FIFO, ... is never ours
         return False
 
 
@@ -314,12 +307,3 @@ def _manifest_of(path: Path, job_id: str) -> bool:
         return bool(json.loads(path.read_bytes()).get("jobId") == job_id)
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _sync(path: Path) -> None:
-    """fsync a file written earlier (before it is published by rename)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -9,7 +9,6 @@ result of lifecycle.py; it never files a prompt itself.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,7 +34,7 @@ from scenario_watch.errors import (
     ScenarioWatchError,
     TransientError,
 )
-from scenario_watch.files import open_regular
+from scenario_watch.files import digest as file_digest
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import Advanced, Again, Failed, Pause, Paused, Result, State
@@ -109,7 +108,7 @@ class Dispatcher:
                 rules=self.rules(),
                 wait_text=waited < watch.settle,  # a preset image's .txt may follow it that long
             )
-            digest = _file_sha256(Path(row.claimed))
+            digest = file_digest(row.claimed)[1]
         except TextPending:
             return Again(delay=min(REFERENCE_RECHECK, max(0.0, watch.settle - waited)))
         except MissingReference as exc:
@@ -318,12 +317,3 @@ class Dispatcher:
         logs.bind(job_id=job.job_id)
         log.info("job.submitted", cost=cost)
         return Advanced(State.SUBMITTED)
-
-
-def _file_sha256(path: Path) -> str:
-    """The content hash of a claimed file (never through a link: open_regular refuses one)."""
-    sha = hashlib.sha256()
-    with open_regular(path) as handle:
-        while chunk := handle.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()

@@ -7,14 +7,13 @@ refused unread); each has its own error file (`car.error.json`, `car.png.error.j
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 
 from scenario_watch.config import FolderSettings
 from scenario_watch.errors import PromptError
-from scenario_watch.files import move_no_clobber
+from scenario_watch.files import digest, move_no_clobber
 from scenario_watch.finish.finisher import error_file_for
 from scenario_watch.intake.names import is_image_name, is_text_name
 from scenario_watch.journal.store import Store
@@ -111,13 +110,13 @@ def _paid_job(error_file: Path) -> str | None:
 
 def _adopt_later(state: Path, rel: Path, src: Path, job_id: str) -> None:
     """Note in the journal that made the job: when this file comes back, ask about the job first."""
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    sha256 = digest(src)[1]
     for name in (JOURNAL, SANDBOX_JOURNAL):
         if not (state / name).exists():
             continue
         store = Store(state / name)
         try:
             if store.owns_job(job_id):
-                store.adopt_later(str(rel), digest, job_id)
+                store.adopt_later(str(rel), sha256, job_id)
         finally:
             store.close()

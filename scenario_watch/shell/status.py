@@ -59,8 +59,9 @@ def build(
     live = published if running else {}  # a dead daemon's pauses and waits say nothing any more
     budget_until = live.get("budget_until")
     active = store.active()
+    done = store.recent(State.DONE, max(RECENT, TYPICAL_OF))  # read once: recent, and typical times
     if not live.get("typical"):  # nothing learned (or published) yet: the median of recent jobs
-        live = {**live, "typical": _typical_seconds(store.recent(State.DONE, TYPICAL_OF))}
+        live = {**live, "typical": _typical_seconds(done[:TYPICAL_OF])}
     return {
         "daemon": {
             "running": running,
@@ -74,7 +75,7 @@ def build(
             "spent_today": round(store.spent_since(day_start(now)), 4),
             "resumes_at": iso(budget_until) if budget_until else None,
         },
-        "recent": _recent(store, active),
+        "recent": _recent(store, done[:RECENT], active),
         # Per preset: the files there before it, left alone until `scenario-watch take` (backlog.py).
         "presets": backlog.counts(store),
     }
@@ -137,8 +138,8 @@ def _waiting_for(row: Row, live: dict[str, Any], running: bool, reference_wait: 
     return str(live.get("queue") or "a free slot")
 
 
-def _recent(store: Store, active: list[Row]) -> list[dict[str, Any]]:
-    rows = store.recent(State.DONE, RECENT) + store.recent(State.FAILED, RECENT)
+def _recent(store: Store, done: list[Row], active: list[Row]) -> list[dict[str, Any]]:
+    rows = done + store.recent(State.FAILED, RECENT)
     rows.sort(key=lambda row: row.finished_at or row.updated_at, reverse=True)
     return [
         {
