@@ -58,7 +58,9 @@ def test_writers_of_every_kind_each_processed_once(
     daemon()
     source = folders.root / "source.json"
     source.write_text(json.dumps({"prompt": "copied in"}))
-    shutil.copy(source, folders.inbox / "copied.json")  # create + write + close
+    # create + write + close. Not shutil.copy: it sets the mode by path *after* closing, and the daemon
+    # may already have taken the complete file by then (the README says so under "Which writers").
+    shutil.copyfile(source, folders.inbox / "copied.json")
     editor_temp = folders.inbox / ".saved.json.swp"  # an editor's atomic save: temp, then rename
     editor_temp.write_text(json.dumps({"prompt": "saved by an editor"}))
     os.replace(editor_temp, folders.inbox / "saved.json")
