@@ -170,6 +170,13 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def from_a_terminal() -> None:
+    """Popen's preexec_fn for a command a test stops with Ctrl-C (SIGINT): a process started with
+    SIGINT ignored (a background job of a non-interactive shell, as pytest may be) keeps it ignored,
+    so Python would raise no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60.0, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Folders, StartDaemon, cli_env, run_cli, wait_for, write_config
+from conftest import Folders, StartDaemon, cli_env, from_a_terminal, run_cli, wait_for, write_config
 
 from scenario_watch.sandbox import Sandbox
 
@@ -160,6 +160,7 @@ def test_status_estimates_progress_from_the_learned_generation_time(
             env=cli_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=from_a_terminal,
         )
         try:
             bar = re.compile(r"second\.json  job=job_\w+  \[#*\.*\] ~\d+ %")

@@ -15,6 +15,7 @@ from conftest import (
     Folders,
     StartDaemon,
     cli_env,
+    from_a_terminal,
     generate_posts,
     run_cli,
     wait_for,
@@ -97,18 +98,22 @@ def test_status_says_whether_it_runs_and_how_far_a_job_is(
 
 def test_status_watch_redraws_until_interrupted(folders: Folders, sandbox: Sandbox) -> None:
     assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0  # a journal to show
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scenario_watch", "status", "--watch", "-c", str(folders.config)],
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(2.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0, err
-    assert out.count("daemon   not running") >= 2  # redrawn each second
+    screen = folders.root / "watch.out"
+    with screen.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scenario_watch", "status", "--watch", "-c", str(folders.config)],
+            env=cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=from_a_terminal,
+        )
+        try:  # redrawn each second
+            wait_for(lambda: screen.read_text().count("daemon   not running") >= 2, what="two redraws")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(10)
+    assert code == 0, screen.read_text()
+    assert "Traceback" not in screen.read_text()
 
 
 def test_daily_budget_holds_prompts_until_lifted_and_never_fails_or_pays_them(
@@ -173,7 +178,7 @@ def test_the_sandbox_remembers_its_jobs_across_a_restart(tmp_path: Path, folders
     try:
         folders.drop("resume.json", {"prompt": "survive a restart"})
         wait_for(lambda: proc.saw("job.submitted"), what="the job submitted")
-        proc.proc.send_signal(signal.SIGINT)
+        proc.proc.send_signal(signal.SIGINT)  # the daemon handles SIGINT itself, even if started ignoring it
         assert proc.proc.wait(10) == 0
     finally:
         proc.stop()
