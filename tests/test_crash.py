@@ -55,7 +55,7 @@ def test_kill_9_again_and_again_then_everything_finishes_exactly_once(
     folders: Folders, sandbox: Sandbox
 ) -> None:
     sandbox.generation_seconds = 0.6
-    write_config(folders, sandbox.base_url, jobs={"max_in_flight": 3, "poll_interval": 0.05})
+    write_config(folders, sandbox.base_url, jobs={"max_in_flight": 6, "poll_interval": 0.05})
     prompts = {f"k{n:02}": 1 + n % 3 for n in range(36)}
     for name, outputs in prompts.items():
         folders.drop(f"{name}.json", {"prompt": f"crash {name}", "numOutputs": outputs})
