@@ -11,6 +11,7 @@ from typing import Any
 from conftest import Folders, generate_posts, wait_for, write_config
 
 from scenario_watch.sandbox import Sandbox
+from scenario_watch.sandbox.images import make_png
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 
@@ -59,3 +60,25 @@ def test_a_kept_file_replaced_by_a_new_one_is_taken(folders: Folders, sandbox: S
     os.replace(replacement, folders.outbox / "sketch_1.png")
     wait_for(lambda: len(generate_posts(sandbox)) == 3, timeout=30, what="the new file taken")
     assert done.is_dir()
+
+
+def test_a_crash_between_the_claim_and_the_link_back_leaves_the_image_in_the_outbox(
+    folders: Folders, sandbox: Sandbox, daemon: Any
+) -> None:
+    """Killed after claiming stage one's image and before linking it back: at the next start the image
+    is linked back under its name (stage one's manifest stays true) and edited once."""
+    write_config(
+        folders, sandbox.base_url, presets={"colour": {"prompt": "colour it", "folder": str(folders.outbox)}}
+    )
+    daemon().stop()  # the preset is known (its baseline taken), the instance named
+    instance = (folders.state / "instance-id").read_text().strip()
+    image = make_png("stage one", width=24, height=24)
+    claimed = folders.outbox / ".processing" / instance / "photo_1.png"
+    claimed.write_bytes(image)  # as the claim's rename left it: no link back, no journal row
+    again = daemon()
+    wait_for(lambda: (folders.done / "colour" / "photo_1.png").exists(), timeout=30, what="edited and filed")
+    again.stop()
+    assert (folders.outbox / "photo_1.png").read_bytes() == image  # back where stage one published it
+    assert os.path.samefile(folders.outbox / "photo_1.png", folders.done / "colour" / "photo_1.png")
+    assert again.saw("recover.kept_restored", count=1)
+    assert len(generate_posts(sandbox)) == 1  # edited once: the restored name is not taken again

@@ -158,6 +158,20 @@ class Intake:
             claimed.append(Claim(source.name(path), dest, source.preset))  # sub/x.json when recursive
         return claimed
 
+    def restore_kept(self) -> int:
+        """At start: link back what a preset on the outbox had claimed when the daemon stopped (a crash
+        between the claim and the link left the name empty); how many were linked back."""
+        restored = 0
+        for source in self.sources:
+            if self.kept is None or source.preset not in self.kept.folders:
+                continue
+            for claimed in sorted(source.processing.rglob("*")):
+                original = source.folder / claimed.relative_to(source.processing)
+                if claimed.is_file() and not os.path.lexists(original):
+                    self.kept.took(source.preset, str(original), claimed)
+                    restored += 1
+        return restored
+
     def unknown_claims(self, known: set[str]) -> list[Claim]:
         """Files in the claim folders the journal does not know (a crash between claim and record)."""
         found = []

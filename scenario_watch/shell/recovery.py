@@ -40,6 +40,13 @@ def recover(
         removed = remove_temp_files(folder)
         if removed:
             log.info("recover.temp_removed", folder=str(folder), count=removed)
+    restored = intake.restore_kept()
+    if restored:
+        log.info(
+            "recover.kept_restored",
+            count=restored,
+            note="linked back into the outbox, as stage one left them",
+        )
     known = set()
     for row in store.unfinished():
         known.add(row.claimed)
