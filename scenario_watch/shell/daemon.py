@@ -204,10 +204,8 @@ class Daemon:
         backlog.at_start(self.store, self.intake, self.client, rules, once=self.once, wall=wall)
         self.intake.start(self.clock.monotonic(), watch=not self.once)
         self.notifier.send("READY=1")
-        folders = self.folders
-        log.info(
-            "daemon.started", inbox=str(folders.inbox), outbox=str(folders.outbox), api=self.client.base_url
-        )
+        inbox, outbox = str(self.folders.inbox), str(self.folders.outbox)
+        log.info("daemon.started", inbox=inbox, outbox=outbox, api=self.client.base_url)
         if self.watching.url is not None:
             log.info("daemon.page", url=f"{self.watching.url}/", note="the live page; /metrics beside it")
 
