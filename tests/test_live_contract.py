@@ -56,12 +56,12 @@ def test_live_api_that_differs_from_the_docs(folders: Folders, sandbox: Sandbox,
 def test_answers_arriving_after_the_client_gave_up_are_not_paid_twice(
     folders: Folders, sandbox: Sandbox, daemon: StartDaemon
 ) -> None:
-    """A slow gateway: 30 % of generate calls answered after 7 s; the client gives up after 5 s."""
-    sandbox.set_knobs(late_answer_rate=0.3, late_answer_delay=7.0)
+    """A slow gateway: 30 % of generate calls answered after 3.5 s; the client gives up after 2.5 s."""
+    sandbox.set_knobs(late_answer_rate=0.3, late_answer_delay=3.5)
     write_config(
         folders,
         sandbox.base_url,
-        api={"request_timeout": 5.0, "lost_answer_wait": 9.0},
+        api={"request_timeout": 2.5, "lost_answer_wait": 4.5},
         jobs={"max_in_flight": 16, "poll_interval": 0.05},
     )
     proc = daemon()
