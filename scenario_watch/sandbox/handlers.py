@@ -1,107 +1,24 @@
-"""HTTP request handling for the sandbox: API and CDN routes, injected faults, control endpoints."""
+"""HTTP transport for both servers: connections, request bodies, the log, injected faults, sending."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hmac
-import json
 import socket
 import struct
 import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .faults import REPLACING, Fault, FaultQueue, route_of
-from .models import MODEL_ID, ApiError, model_answer
-from .records import CdnError
-from .state import World
+from scenario_watch.sandbox.control import control
+from scenario_watch.sandbox.endpoints import INVALID, Context, Reply, api, cdn, parse_json
+from scenario_watch.sandbox.faults import REPLACING, Fault, route_of
+from scenario_watch.sandbox.request_log import RequestRecord
 
 CHUNK = 64 * 1024
-INVALID = object()  # a request body that is not JSON
-CDN_CODES = {400: "InvalidArgument", 403: "AccessDenied", 404: "NoSuchKey"}
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One request either server saw (never the Authorization value); status 0: reset or no answer yet."""
-
-    server: str
-    method: str
-    path: str
-    query: dict[str, str]
-    body: Any
-    has_auth: bool
-    status: int
-    time: float  # monotonic, this process's (latency benchmarks)
-    at: float  # wall, the sandbox's clock (a test's manual clock moves it)
-
-
-class Recorder:
-    """The request log, in arrival order; the status is filled in once the answer is sent."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._records: list[RequestRecord] = []
-
-    def add(self, record: RequestRecord) -> int:
-        with self._lock:
-            self._records.append(record)
-            return len(self._records) - 1
-
-    def set_status(self, index: int, status: int) -> None:
-        with self._lock:
-            self._records[index] = replace(self._records[index], status=status)
-
-    def snapshot(self) -> list[RequestRecord]:
-        with self._lock:
-            return list(self._records)
-
-
-@dataclass
-class Context:
-    """What both servers share."""
-
-    world: World
-    faults: FaultQueue
-    recorder: Recorder
-    key: str
-    secret: str
-    stopping: threading.Event
-
-
-@dataclass
-class Reply:
-    """An answer to send: a JSON payload, or raw bytes of some content type; `lost`: reset instead."""
-
-    status: int
-    payload: Any = None
-    raw: bytes | None = None
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
-    lost: bool = False
-
-    def body(self) -> bytes:
-        if self.raw is not None:
-            return self.raw
-        return b"" if self.payload is None else json.dumps(self.payload).encode()
-
-
-def error_reply(exc: ApiError) -> Reply:
-    if isinstance(exc, CdnError):
-        code = CDN_CODES.get(exc.status, "Error")
-        xml = f"<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>{code}</Code>"
-        xml += f"<Message>{exc.reason}</Message></Error>"
-        return Reply(exc.status, raw=xml.encode(), content_type="application/xml")
-    payload: dict[str, Any] = {"reason": exc.reason}
-    if exc.details is not None:
-        payload["details"] = exc.details
-    return Reply(exc.status, payload)
 
 
 def garble(reply: Reply, kind: str) -> Reply:
@@ -234,9 +151,10 @@ class Handler(BaseHTTPRequestHandler):
         """Answer the request, bent by the fault if there is one."""
 
         def handle() -> Reply:
+            ctx = self.server.context
             if self.server.name == "cdn":
-                return self._cdn(path, query, raw)
-            return self._api(path, query, body)
+                return cdn(ctx, self.command, path, query, self.headers, raw)
+            return api(ctx, self.command, path, query, self.headers, body)
 
         if fault is None:
             self._send(handle())
@@ -298,143 +216,3 @@ class Handler(BaseHTTPRequestHandler):
         for start in range(0, len(data), CHUNK):
             self.wfile.write(data[start : start + CHUNK])
         self.wfile.flush()
-
-    # -- the API server ---------------------------------------------------------------------------
-
-    def _authorized(self) -> bool:
-        ctx = self.server.context
-        header = self.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        expected = base64.b64encode(f"{ctx.key}:{ctx.secret}".encode()).decode()
-        return scheme.lower() == "basic" and hmac.compare_digest(token.strip().encode(), expected.encode())
-
-    def _api(self, path: str, query: dict[str, str], body: Any) -> Reply:
-        if not self._authorized():
-            return Reply(401, {"reason": "Unauthorized"})
-        try:
-            if self.command in ("POST", "PUT", "PATCH") and body is INVALID:
-                raise ApiError(400, "The request body is not valid JSON")
-            return self._route(path, query, body)
-        except ApiError as exc:
-            return error_reply(exc)
-
-    def _route(self, path: str, query: dict[str, str], body: Any) -> Reply:
-        world = self.server.context.world
-        parts = path.strip("/").split("/")
-        match self.command, parts:
-            case "POST", ["v1", "generate", "custom", model]:
-                if model != MODEL_ID:
-                    raise ApiError(404, f"Model not found: {model}")
-                return self._generate(world, query, body)
-            case "GET", ["v1", "models", model]:
-                return Reply(200, model_answer(model, world.seed_input))
-            case "GET", ["v1", "jobs"]:
-                return Reply(
-                    200,
-                    world.list_jobs(
-                        query.get("createdAfter"), query.get("pageSize"), query.get("paginationToken")
-                    ),
-                )
-            case "GET", ["v1", "jobs", job_id]:
-                return Reply(200, {"job": world.job(job_id)})
-            case "POST", ["v1", "jobs", job_id, "action"]:
-                world.job(job_id)  # 404 for an unknown job first
-                raise ApiError(400, "Cannot cancel this type of job")
-            case "GET", ["v1", "assets", asset_id]:
-                return Reply(200, world.asset(asset_id))
-            case "POST", ["v1", "assets"]:
-                return Reply(200, world.upload_asset(body))
-            case "POST", ["v1", "assets", asset_id, "download"]:
-                return Reply(200, world.download(asset_id, body))
-            case "POST", ["v1", "uploads"]:
-                return Reply(200, world.create_upload(body))
-            case "GET", ["v1", "uploads", upload_id]:
-                return Reply(200, world.upload(upload_id))
-            case "POST", ["v1", "uploads", upload_id, "action"]:
-                return Reply(200, world.upload_action(upload_id, body))
-        raise ApiError(404, f"No route for {self.command} {path}")
-
-    def _generate(self, world: World, query: dict[str, str], body: Any) -> Reply:
-        """A generate POST, answered late or lost as the knobs draw it (dry runs never are)."""
-        dry_run = query.get("dryRun", "").lower() in ("true", "api")
-        delay, lost = (0.0, False) if dry_run else world.generate_fate()
-        # A slow gateway: the request is handled only after the delay, so no job exists before then.
-        if delay and self.server.context.stopping.wait(delay):
-            return Reply(0, lost=True)  # the sandbox stopped meanwhile: hang up, create nothing
-        status, payload = world.generate(body, dry_run)
-        return Reply(status, payload, lost=lost and status == 200)
-
-    # -- the CDN server ---------------------------------------------------------------------------
-
-    def _cdn(self, path: str, query: dict[str, str], raw: bytes) -> Reply:
-        world = self.server.context.world
-        try:
-            if "Authorization" in self.headers:  # signed URLs plus a credential: a real CDN refuses
-                raise CdnError(400, "Only one auth mechanism allowed; do not send an Authorization header")
-            parts = path.strip("/").split("/")
-            match self.command, parts:
-                case "GET" | "HEAD", ["assets", _]:
-                    mime, data = world.cdn_asset(path, query)
-                    return Reply(200, raw=data, content_type=mime)
-                case "PUT", ["uploads", _, _]:
-                    etag = world.put_part(path, query, raw)
-                    return Reply(
-                        200, raw=b"", content_type="application/octet-stream", headers={"ETag": etag}
-                    )
-            raise CdnError(404, "Not Found")
-        except ApiError as exc:
-            return error_reply(exc)
-
-
-def parse_json(raw: bytes) -> Any:
-    """The JSON in a body, None for an empty one, INVALID for anything else."""
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return INVALID
-
-
-def control(ctx: Context, method: str, path: str, raw: bytes) -> Reply:
-    """The /_sandbox/ endpoints: drive a sandbox that runs in another process (no auth, never faulted)."""
-    body = parse_json(raw)
-    try:
-        if body is INVALID:
-            raise ValueError("the body is not valid JSON")
-        match method, path:
-            case "POST", "/_sandbox/faults":
-                faults = [Fault.from_json(item) for item in (body if isinstance(body, list) else [body])]
-                for fault in faults:
-                    ctx.faults.add(fault)
-                return Reply(204)
-            case "DELETE", "/_sandbox/faults":
-                ctx.faults.clear()
-                return Reply(204)
-            case "GET", "/_sandbox/requests":
-                return Reply(200, [asdict(record) for record in ctx.recorder.snapshot()])
-            case "GET", "/_sandbox/state":
-                return Reply(
-                    200, {"generate_jobs": list(ctx.world.generate_jobs), "jobs": ctx.world.statuses()}
-                )
-            case "GET", "/_sandbox/knobs":
-                return Reply(200, ctx.world.knobs())
-            case "POST", "/_sandbox/knobs":
-                ctx.world.set_knobs(body)
-                return Reply(200, ctx.world.knobs())
-            case "POST", "/_sandbox/fail-next-jobs":
-                if not isinstance(body, dict):
-                    raise ValueError("expected a JSON object {n, error, hint, status}")
-                n = body.get("n", 1)
-                if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                    raise ValueError("n must be a positive integer")
-                ctx.world.fail_next_jobs(
-                    n,
-                    str(body.get("error", "Generation failed")),
-                    str(body.get("hint", "")),
-                    str(body.get("status", "failure")),
-                )
-                return Reply(204)
-        return Reply(404, {"reason": f"No control endpoint {method} {path}"})
-    except ValueError as exc:
-        return Reply(400, {"reason": str(exc)})

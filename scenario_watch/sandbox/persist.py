@@ -13,8 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .records import AssetRecord, JobRecord, Snapshot, UploadRecord
-from .state import World
+from scenario_watch.sandbox.records import AssetRecord, JobRecord, Snapshot, UploadRecord
+from scenario_watch.sandbox.state import World
 
 VERSION = 1
 DEBOUNCE = 0.1  # seconds: a burst of changes is written once, and a crash loses at most this much

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
 
-from .models import ApiError
+from scenario_watch.sandbox.models import ApiError
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Who made what: the sandbox's own key belongs to ME; team noise comes from TEAMMATE, in the same project.

@@ -12,11 +12,13 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Generic, TypeVar, cast, overload
 
-from . import persist
-from .faults import Fault, FaultQueue
-from .handlers import Context, Recorder, RequestRecord, SandboxServer
-from .models import MODEL_ID
-from .state import World
+from scenario_watch.sandbox import persist
+from scenario_watch.sandbox.endpoints import Context
+from scenario_watch.sandbox.faults import Fault, FaultQueue
+from scenario_watch.sandbox.handlers import SandboxServer
+from scenario_watch.sandbox.models import MODEL_ID
+from scenario_watch.sandbox.request_log import Recorder, RequestRecord
+from scenario_watch.sandbox.state import World
 
 T = TypeVar("T")
 
