@@ -40,6 +40,9 @@ PROBE_DOWN = 0.01
 MISSED_RETRY_SHARE = 0.1
 # A prompt that could not be moved to done/ or failed/ (a full disk) is tried again this much later.
 REFILE_DELAY = 10.0
+# A task that waits for a moment (a quiet period's end, a reference's deadline) runs again at least this
+# much later: what is left of a wait may be a rounding error, and the task must not spin until it passes.
+SHORTEST_WAIT = 0.05
 # A download that could not write the outbox is tried again this much later (submissions wait).
 WRITE_RETRY = 10.0
 # While an output folder cannot be written, submissions stop and a probe file is tried this often.
@@ -298,8 +301,8 @@ class Scheduler:
         self.typical = ordered[min(len(ordered) - 1, int(ESTIMATE_QUANTILE * len(ordered)))]
 
     def _delay(self, outcome: Again) -> float:
-        if outcome.delay is not None:
-            return outcome.delay
+        if outcome.delay is not None:  # the rest of a wait: never a few microseconds, run again and again
+            return max(outcome.delay, SHORTEST_WAIT)
         return 0.0 if outcome.attempt == 0 else self.backoff(outcome.attempt)
 
     def backoff(self, attempt: int) -> float:

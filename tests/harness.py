@@ -114,7 +114,9 @@ class HereDaemon:
                 if d.pump(0.0):
                     continue
                 if d.scheduler.busy or d.intake.more or d.hooks.busy():
-                    d.pump(0.02)  # a worker, a claim or a hook is at work: real time passes
+                    began = time.monotonic()
+                    d.pump(0.02)  # a worker, a claim or a hook is at work: real time passes, here too
+                    clock.advance(time.monotonic() - began)
                     continue
                 due = d.next_due(now)
                 # Nothing runs: give the observer a moment to report a file, then jump.

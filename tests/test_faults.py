@@ -257,6 +257,7 @@ def test_a_job_that_cannot_be_asked_about_is_kept_past_the_timeout(
     )
     proc = daemon()
     folders.drop("p.json", {"prompt": "asked about later"})
+    wait_for(lambda: proc.saw("job.submitted"), what="paid")  # the clock may jump before the file is seen
     start = clock.monotonic()
     wait_for(lambda: clock.monotonic() - start > 10, what="ten timeouts of failing polls")
     assert folders.names(folders.failed) == [] and not (folders.done / "p.json").exists()

@@ -16,6 +16,7 @@ from scenario_watch.scheduler import (
     EXPECTED_MARGIN,
     PROBE_EVERY,
     REFILE_DELAY,
+    SHORTEST_WAIT,
     Scheduler,
 )
 
@@ -129,6 +130,17 @@ def test_a_retried_submission_waits_its_backoff_then_goes_first() -> None:
     assert retry_at is not None and 0.5 * 2.0 <= retry_at <= 2.0  # poll_interval x 2^1, jittered
     assert s.due(retry_at - 0.01) == []
     assert s.due(retry_at) == [(1, Task.SUBMIT)]
+
+
+def test_what_is_left_of_a_wait_is_never_a_rounding_error_to_spin_on() -> None:
+    """A quiet period that ends in 1e-9 s (a remainder computed from the wall clock) is not run again
+    at once, over and over: the task waits at least SHORTEST_WAIT (seen as a livelock of reconciles)."""
+    s = make(max_in_flight=1)
+    submit_all(s, 0.0, 1)
+    s.after(1, Task.SUBMIT, Again(delay=1e-9), None, 10.0)
+    assert s.due(10.0 + 1e-9) == []
+    assert s.next_due() == 10.0 + SHORTEST_WAIT
+    assert s.due(10.0 + SHORTEST_WAIT) == [(1, Task.SUBMIT)]
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:
