@@ -103,14 +103,15 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
 def locate(entry: str, base_dir: Path) -> Reference:
     """Where an entry lives (checked already, e.g. journaled before a restart): an asset id, or its file.
 
-    In the prompt's folder a reference is the file itself (never a symlink: opening refuses one); under
-    a reference root a symlink is fine, so the file is what it resolves to.
+    In the prompt's folder a reference is the file itself (never a symlink: opening refuses one), in the
+    folder its path leads to now; under a reference root a symlink is fine, so the file is what it
+    resolves to. Either way the path has no link on the way: `read_reference` sees if one appears since.
     """
     if ASSET_ID.fullmatch(entry):
         return Reference(entry, asset_id=entry)
     path = base_dir / entry  # an absolute entry stays absolute
     in_folder = _inside(Path(os.path.abspath(path)), [Path(os.path.abspath(base_dir))])
-    return Reference(entry, path=path if in_folder else path.resolve())
+    return Reference(entry, path=path.parent.resolve() / path.name if in_folder else path.resolve())
 
 
 def read_reference(ref: Reference, base_dir: Path) -> tuple[bytes, str]:
@@ -124,6 +125,9 @@ def read_reference(ref: Reference, base_dir: Path) -> tuple[bytes, str]:
         raise PromptError([problem]) from None
     except OSError as exc:
         raise _unreadable(ref.entry, base_dir, exc) from None
+    if os.path.realpath(ref.path.parent) != os.fspath(ref.path.parent):  # a folder on the way is a link now
+        problem = f"{REFERENCES}: {ref.entry!r} is reached through a symbolic link now: refused"
+        raise PromptError([problem], hint="name the image file itself, in a folder of its own (no links)")
     if len(data) > MAX_REFERENCE_BYTES:
         raise PromptError([f"{REFERENCES}: {ref.entry!r} grew past {MAX_REFERENCE_BYTES >> 20} MiB"])
     return data, _image_mime(ref.entry, data[:HEAD_BYTES], len(data))
@@ -144,7 +148,7 @@ def claimed_image(path: Path, entry: str, label: str, hint: str) -> Reference:
         raise PromptError(
             [f"{label} is larger than {MAX_REFERENCE_BYTES >> 20} MiB, the most Scenario takes"]
         )
-    return Reference(entry, path=path, mime_type=mime)
+    return Reference(entry, path=path.parent.resolve() / path.name, mime_type=mime)  # as `locate` has it
 
 
 def missing_reference_name(problem: str) -> str | None:
