@@ -19,7 +19,8 @@ from scenario_watch.api.client import (
 from scenario_watch.api.jobs import format_cost, parse_job
 from scenario_watch.config import MODEL_ID
 from scenario_watch.errors import AuthError, NotFound, PlanError, PromptError, RateLimited
-from scenario_watch.prepare.prompt import PromptRules, parse_prompt
+from scenario_watch.prepare.preparation import parse_prompt
+from scenario_watch.prepare.prompt import PromptRules
 from scenario_watch.prepare.schema import check_value, parse_model
 from scenario_watch.sandbox import Fault, Sandbox
 

@@ -14,7 +14,8 @@ from conftest import Folders, StartDaemon, generate_posts, wait_for
 from scenario_watch.config import WatchSettings
 from scenario_watch.errors import PromptError, UnsafeFile
 from scenario_watch.intake.watcher import Arrivals, Watcher
-from scenario_watch.prepare.prompt import check_reference, read_prompt_bytes
+from scenario_watch.prepare.prompt import read_prompt_bytes
+from scenario_watch.prepare.reference import check_reference
 from scenario_watch.sandbox import Sandbox
 
 SECRET = "SECRET-do-not-leak-7f3a9c"

@@ -10,7 +10,10 @@ import pytest
 from conftest import Folders, run_cli, write_config
 
 from scenario_watch.errors import MissingReference, PromptError
-from scenario_watch.prepare.prompt import PromptRules, image_type, parse_prompt, prepare_prompt
+from scenario_watch.prepare.preparation import parse_prompt
+from scenario_watch.prepare.preparation import prepare as prepare_prompt
+from scenario_watch.prepare.prompt import PromptRules
+from scenario_watch.prepare.reference import image_type
 from scenario_watch.prepare.schema import BUILTIN, parse_model
 from scenario_watch.sandbox import Sandbox
 

@@ -1,4 +1,5 @@
-"""Reference images from the inbox: uploads (small and multipart), dedup, late arrivals, chaining."""
+"""Reference images from the inbox: uploads (small and multipart), dedup, late arrivals, chaining, and
+what the upload says of a reference that went missing or changed after it was checked."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ import pytest
 from conftest import DaemonProcess, Folders, StartDaemon, generate_posts, run_cli, wait_for
 from conftest import write_config as _write_config
 
+from scenario_watch.api.client import ScenarioClient
+from scenario_watch.config import load_settings
+from scenario_watch.dispatch.dispatcher import Dispatcher
+from scenario_watch.journal.store import Store
+from scenario_watch.lifecycle import Advanced, Failed
 from scenario_watch.sandbox import Sandbox
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -215,3 +221,66 @@ def test_two_stage_pipeline_from_the_readme(folders: Folders, sandbox: Sandbox, 
     for ref, out in zip(final["references"], stage1["files"], strict=True):
         assert sandbox.asset_bytes(ref["assetId"]) == (folders.outbox / out["file"]).read_bytes()
     assert final["prompt"] == "colour it in"
+
+
+# -- checked once, at accept: what submit does with a file that changed since --------------------------
+
+
+def _dispatcher(folders: Folders, sandbox: Sandbox, journal: Path) -> Dispatcher:
+    settings = load_settings(folders.config, env={}).settings
+    for folder in (folders.outbox, folders.done, folders.failed):
+        folder.mkdir(exist_ok=True)
+    api = settings.api
+    client = ScenarioClient(api.base_url, sandbox.key, sandbox.secret, model_id=api.model_id, timeout=5)
+    return Dispatcher(settings, client, Store(journal))
+
+
+def test_a_reference_gone_or_changed_after_accept_fails_unpaid_saying_what_happened(
+    folders: Folders, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Accept checks a reference once; the upload opens it safely and says what became of it since."""
+    journal = tmp_path / "journal.sqlite3"
+    d = _dispatcher(folders, sandbox, journal)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "photo.png").write_bytes(png(2000, seed=9))
+    ids = {}
+    (folders.inbox / "sub").mkdir()
+    (folders.inbox / "sub" / "deep.png").write_bytes(png(2000, seed=7))
+    (outside / "deep.png").write_bytes(png(2000, seed=8))
+    deep = folders.inbox / "deep.json"
+    deep.write_text(json.dumps({"prompt": "deep", "referenceImages": ["sub/deep.png"]}))
+    ids["deep"] = d.store.add(deep.name, deep)
+    assert isinstance(d.accept(ids["deep"]), Advanced)
+    for name in ("gone", "linked", "text", "kept", "restart"):
+        (folders.inbox / f"{name}.png").write_bytes(png(2000, seed=len(name)))
+        prompt = folders.inbox / f"{name}.json"
+        prompt.write_text(json.dumps({"prompt": name, "referenceImages": [f"{name}.png"]}))
+        ids[name] = d.store.add(prompt.name, prompt)
+        assert isinstance(d.accept(ids[name]), Advanced)
+    (folders.inbox / "gone.png").unlink()
+    (folders.inbox / "linked.png").unlink()
+    (folders.inbox / "linked.png").symlink_to(outside / "photo.png")  # an image, but through a link
+    (folders.inbox / "text.png").write_text("not an image any more")
+    (folders.inbox / "restart.png").unlink()
+    (folders.inbox / "sub").rename(tmp_path / "sub-was")
+    (folders.inbox / "sub").symlink_to(outside)  # a folder on the way swapped for a link to an image
+    expected = {
+        "gone": f"referenceImages: 'gone.png' does not exist in {folders.inbox}",
+        "linked": "referenceImages: 'linked.png' is a symbolic link: refused (name an image file)",
+        "text": "referenceImages: 'text.png' is not a PNG, JPEG, GIF, WebP, TIFF, AVIF or HEIC image",
+        "deep": "referenceImages: 'sub/deep.png' is reached through a symbolic link now: refused",
+    }
+    for name, error in expected.items():
+        result = d.submit(ids[name])
+        assert isinstance(result, Failed) and result.stage == "references", result
+        assert result.error == error
+    assert isinstance(d.submit(ids["kept"]), Advanced)  # unchanged: uploaded and sent
+    d.store.close()
+    # After a restart the journaled entries are found again (not checked again) and opened the same way.
+    again = _dispatcher(folders, sandbox, journal)
+    result = again.submit(ids["restart"])
+    assert isinstance(result, Failed) and result.stage == "references"
+    assert result.error == f"referenceImages: 'restart.png' does not exist in {folders.inbox}"
+    again.store.close()
+    assert uploads(sandbox) == ["POST /v1/assets"] and len(generate_posts(sandbox)) == 1

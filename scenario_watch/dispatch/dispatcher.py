@@ -38,7 +38,8 @@ from scenario_watch.files import digest as file_digest
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import Advanced, Again, Failed, Pause, Paused, Result, State
-from scenario_watch.prepare.presets import Preset, find_preset, prepare, prompt_folder
+from scenario_watch.prepare.preparation import find_preset, prepare, prompt_folder
+from scenario_watch.prepare.presets import Preset
 from scenario_watch.prepare.prompt import PromptRules, rules_from_settings
 from scenario_watch.prepare.schema import unknown_input
 from scenario_watch.prepare.schema_source import SchemaSource
@@ -82,9 +83,7 @@ class Dispatcher:
         folders = settings.folders
         self.outputs = (folders.outbox, folders.done, folders.failed)
         self.output_size = output_size  # the largest recent output (the outbox learns it), or None
-        self.references = References(
-            client, store, self.inbox, settings.watch.reference_roots, self.presets, settings.images
-        )
+        self.references = References(client, store, self.inbox, self.presets, settings.images)
         self.budget = budget or Budget(settings.budget, store.spent_since, clock.wall, meta=store)
         for row in store.lost_answers():  # after a restart: their jobs may exist, costs unknown yet
             self.budget.hold(row.id, row.inputs or {})
@@ -129,9 +128,10 @@ class Dispatcher:
             return Failed("validate", f"cannot use the prompt file: {exc!r}")
         self.awaiting_references.pop(prompt_id, None)
         inputs = dict(prompt.inputs)
-        if prompt.references:
+        if prompt.references:  # journaled as written (they survive a restart); what they are is kept
             inputs["referenceImages"] = [ref.entry for ref in prompt.references]
         self.store.queued(prompt_id, inputs, prompt.stem, digest)
+        self.references.accepted(prompt_id, prompt.references)
         log.info("prompt.queued", prompt_id=prompt_id)
         return Advanced(State.QUEUED)
 
@@ -159,6 +159,8 @@ class Dispatcher:
         elif row.file_sha256 and (job_id := self.store.adoption(row.file, row.file_sha256)):
             adopted = self._adopt_retried(row, job_id)
             if adopted is not None:
+                if not isinstance(adopted, Again | Paused):
+                    self.references.forget(row.id)  # its earlier job was adopted, or it failed: no upload
                 return adopted
         need = health.output_bytes(row.inputs or {}, self.output_size())
         problem = health.deliverable(self.outputs, need)
@@ -167,6 +169,7 @@ class Dispatcher:
         try:
             inputs = self.references.resolve(row)
         except PromptError as exc:
+            self.references.forget(row.id)
             return Failed("references", str(exc), exc.hint)
         except (TransientError, ApiError) as exc:
             failed = ("references", "uploading a reference failed", "check the image file")

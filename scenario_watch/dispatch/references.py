@@ -1,4 +1,10 @@
-"""Reference images: the local files a prompt names, uploaded once per content (sha256) as assets."""
+"""Reference images: the local files a prompt names, uploaded once per content (sha256) as assets.
+
+The references were checked when the prompt was accepted (`prepare/reference.py`); what that found is
+what is uploaded here. After a restart the journaled entries are located, not checked again. Either way
+the file is read the safe way at upload (never through a link, bounded, typed by its bytes), so one
+that went missing or changed since fails the prompt with a clear problem.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,12 @@ from typing import Any
 
 from scenario_watch import logs
 from scenario_watch.api.client import ScenarioClient
-from scenario_watch.errors import PromptError
-from scenario_watch.files import read_regular
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
-from scenario_watch.prepare.presets import Preset, prompt_folder
-from scenario_watch.prepare.prompt import MAX_REFERENCE_BYTES, Prompt, check_reference
+from scenario_watch.prepare.preparation import prompt_folder
+from scenario_watch.prepare.presets import Preset
+from scenario_watch.prepare.prompt import Prompt
+from scenario_watch.prepare.reference import Reference, locate, read_reference
 from scenario_watch.sections import ImageSettings
 
 log = logs.get()
@@ -38,22 +44,33 @@ class References:
         client: ScenarioClient,
         store: Store,
         inbox: Path,
-        roots: list[Path],
         presets: Mapping[str, Preset],
         settings: ImageSettings | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.inbox = inbox
-        self.roots = roots
         self.presets = presets
         self.settings = settings or ImageSettings(normalize=False)
         self._locks = [threading.Lock() for _ in range(UPLOAD_LOCKS)]
+        # Prompt id → the references accept checked (entry → what it is), until they are uploaded. Set
+        # on the main thread, taken by a worker: one dict operation each, atomic in CPython.
+        self._checked: dict[int, dict[str, Reference]] = {}
+
+    def accepted(self, prompt_id: int, references: list[Reference]) -> None:
+        """Keep what accept found about a prompt's references: the upload uses it, without a second check."""
+        if references:
+            self._checked[prompt_id] = {ref.entry: ref for ref in references}
+
+    def forget(self, prompt_id: int) -> None:
+        """The prompt will not upload its references (it failed, or an earlier job was adopted)."""
+        self._checked.pop(prompt_id, None)
 
     def resolve(self, row: Row) -> dict[str, Any]:
         """The inputs to send: local reference files uploaded once per content (sha256)."""
         inputs = dict(row.inputs or {})
         entries = inputs.get("referenceImages")
+        checked = self._checked.get(row.id, {})  # none after a restart: the journaled entries are located
         if not entries:
             return inputs
         resolved: list[str] = []
@@ -62,17 +79,15 @@ class References:
         preset = self.presets.get(row.preset) if row.preset else None
         settings = preset.images if preset is not None else self.settings  # [images] as its preset sets it
         for entry in entries:
-            ref = check_reference(entry, folder, self.roots)
+            ref = checked.get(entry) or locate(entry, folder)
             if ref.asset_id is not None:
                 resolved.append(ref.asset_id)
                 records.append({"assetId": ref.asset_id})
                 continue
-            assert ref.path is not None and ref.mime_type is not None
-            data = read_regular(ref.path, MAX_REFERENCE_BYTES)  # never through a link swapped in since
-            if len(data) > MAX_REFERENCE_BYTES:
-                raise PromptError([f"referenceImages: {entry!r} grew past {MAX_REFERENCE_BYTES >> 20} MiB"])
+            assert ref.path is not None
+            data, file_type = read_reference(ref, folder)  # gone, a link, no image now: PromptError
             original = hashlib.sha256(data).hexdigest()
-            upload, mime_type, name, changes = data, ref.mime_type, ref.path.name, None
+            upload, mime_type, name, changes = data, file_type, ref.path.name, None
             if settings.normalize:  # BadImage (a PromptError) fails the prompt, unpaid
                 from scenario_watch.prepare import (
                     images,  # Pillow loads when the first local image is sent, not at start
@@ -80,7 +95,7 @@ class References:
 
                 normalized = images.normalize(data, max_side=settings.max_side, name=entry)
                 upload, mime_type, changes = normalized.data, normalized.mime_type, normalized.changes
-                if mime_type != ref.mime_type:  # re-encoded into another type: a name that says so
+                if mime_type != file_type:  # re-encoded into another type: a name that says so
                     name = f"{ref.path.stem}.{mime_type.split('/')[1].replace('jpeg', 'jpg')}"
             digest = hashlib.sha256(upload).hexdigest() if upload is not data else original
             resolved.append(self._upload_once(digest, upload, name, mime_type, entry))
@@ -91,6 +106,7 @@ class References:
                 record["changes"] = changes
             records.append({**record, "assetId": resolved[-1]})
         inputs["referenceImages"] = resolved
+        self._checked.pop(row.id, None)  # uploaded: a resend sends the asset ids
         if not row.references:  # a resend sees asset ids only: keep the first, fuller record
             self.store.set_references(row.id, records)
         return inputs

@@ -30,7 +30,8 @@ from scenario_watch.api.jobs import format_cost
 from scenario_watch.dispatch.budget import Shape, shape
 from scenario_watch.errors import ScenarioWatchError
 from scenario_watch.journal.store import Store
-from scenario_watch.prepare.prompt import PromptRules, prepare_prompt
+from scenario_watch.prepare.preparation import prepare
+from scenario_watch.prepare.prompt import PromptRules
 
 if TYPE_CHECKING:
     from scenario_watch.intake.intake import Intake
@@ -297,7 +298,7 @@ def estimate(
     per_file: list[Shape | None] = []
     for path in sample:
         try:
-            prompt = prepare_prompt(
+            prompt = prepare(
                 Path(path), name=os.path.relpath(path, inbox), base_dir=Path(path).parent, rules=rules
             )
         except (ScenarioWatchError, OSError, ValueError):

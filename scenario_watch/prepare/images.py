@@ -13,7 +13,7 @@ from scenario_watch.deliver.convert import DECODING, FORMATS, is_srgb, profile_n
 from scenario_watch.errors import BadImage
 from scenario_watch.prepare import containers
 from scenario_watch.prepare.containers import Malformed
-from scenario_watch.prepare.prompt import image_type
+from scenario_watch.prepare.reference import image_type
 
 # Above every common camera sensor (Fujifilm GFX100: 102 MP); one RGB image of this size is 360 MB.
 MAX_PIXELS = 120_000_000

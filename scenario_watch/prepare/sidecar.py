@@ -14,7 +14,6 @@ one (`companion`), unless another prompt still uses it.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from scenario_watch.errors import MissingReference, PromptError, ScenarioWatchError
 from scenario_watch.files import read_regular
 from scenario_watch.intake.names import IMAGE_SUFFIXES, is_image_name, is_text_name
-from scenario_watch.prepare.prompt import MAX_PROMPT_BYTES, REFERENCES, Prompt, PromptRules, parse_prompt
+from scenario_watch.prepare.prompt import MAX_PROMPT_BYTES
 
 if TYPE_CHECKING:
     from scenario_watch.journal.rows import Row
@@ -72,19 +71,17 @@ def image_beside(folder: Path, stem: str) -> Path | None:
     return folder / names[0] if names else None
 
 
-def text_prompt(path: Path, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
-    """The prompt a `.txt` in the inbox makes: its text, the image of its name as first reference."""
-    label = os.path.basename(name)
-    text = read_text(path, label)
+def image_of(label: str, folder: Path) -> str:
+    """The name of the image a `.txt` in the inbox is about (`stem.<image>` beside it); MissingReference
+    while it has not arrived, PromptError when there are several."""
     stem = os.path.splitext(label)[0]
-    image = image_beside(base_dir, stem)
+    image = image_beside(folder, stem)
     if image is None:
         raise MissingReference(
-            [f"the image of {label} ({stem}.<{SUFFIXES}>) is not in {base_dir}"],
+            [f"the image of {label} ({stem}.<{SUFFIXES}>) is not in {folder}"],
             hint=f"drop the image beside it as {stem}.jpg (or .png ...), or write a .json prompt file",
         )
-    body: dict[str, Any] = {"prompt": text, REFERENCES: [image.name]}
-    return parse_prompt(json.dumps(body).encode(), name=name, base_dir=base_dir, rules=rules)
+    return image.name
 
 
 def preset_text(image: Path, folder: Path, *, wait: bool) -> str | None:

@@ -21,7 +21,8 @@ from scenario_watch.errors import ConfigError, PromptError, ScenarioWatchError
 from scenario_watch.health import cannot_write
 from scenario_watch.intake import backlog
 from scenario_watch.journal.store import Store
-from scenario_watch.prepare.presets import load_presets, prepare_file, select_preset
+from scenario_watch.prepare.preparation import prepare_file
+from scenario_watch.prepare.presets import load_presets, select_preset
 from scenario_watch.prepare.prompt import rules_from_settings
 from scenario_watch.prepare.schema import BUILTIN, ModelSchema, parse_model, show
 from scenario_watch.prepare.schema_source import cached_schema

@@ -17,7 +17,7 @@ from typing import Any
 
 from scenario_watch import logs
 from scenario_watch.journal.store import Store
-from scenario_watch.prepare.prompt import missing_reference_name
+from scenario_watch.prepare.reference import missing_reference_name
 from scenario_watch.scheduler import Scheduler
 
 log = logs.get()
