@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ def png(size: int, seed: int = 0) -> bytes:
     """Bytes the sandbox accepts as a PNG (it sniffs the signature), of a chosen size."""
     body = hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
     return (b"\x89PNG\r\n\x1a\n" + body)[:size]
+
+
+def written_long_ago(path: Path) -> None:
+    """Date a file an hour back: not one a writer may still be at (accept waits for those)."""
+    then = time.time() - 3600
+    os.utime(path, (then, then))
 
 
 def uploads(sandbox: Sandbox) -> list[str]:
@@ -117,6 +124,28 @@ def test_prompt_waits_for_a_late_image(folders: Folders, sandbox: Sandbox, daemo
     folders.drop("late.png", None, raw=png(2000))
     wait_for(lambda: (folders.done / "late.json").exists(), what="done once the image arrived")
     assert len(generate_posts(sandbox)) == 1
+
+
+def test_an_image_written_in_place_is_uploaded_only_once_complete(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    """The prompt is there while its image is still being written (cp, a camera's upload): the image is
+    sent once it stopped changing for [watch] settle (0.5 s here), whole, never its first half."""
+    proc = daemon()
+    data = png(60_000, seed=3)
+    image = folders.inbox / "slow.png"
+    with image.open("wb") as out:
+        out.write(data[:10_000])
+        out.flush()
+        folders.drop("slow.json", {"prompt": "wait for the whole picture", "referenceImages": ["slow.png"]})
+        for start in range(10_000, len(data), 10_000):  # written on for about a second
+            time.sleep(0.2)
+            out.write(data[start : start + 10_000])
+            out.flush()
+    wait_for(lambda: (folders.done / "slow.json").exists(), what="done")
+    [post] = generate_posts(sandbox)
+    assert sandbox.asset_bytes(post.body["referenceImages"][0]) == data
+    assert folders.names(folders.failed) == [] and proc.saw("job.submitted")
 
 
 def test_missing_image_fails_after_reference_wait_naming_it(
@@ -247,6 +276,7 @@ def test_a_reference_gone_or_changed_after_accept_fails_unpaid_saying_what_happe
     ids = {}
     (folders.inbox / "sub").mkdir()
     (folders.inbox / "sub" / "deep.png").write_bytes(png(2000, seed=7))
+    written_long_ago(folders.inbox / "sub" / "deep.png")  # accept waits for a file still being written
     (outside / "deep.png").write_bytes(png(2000, seed=8))
     deep = folders.inbox / "deep.json"
     deep.write_text(json.dumps({"prompt": "deep", "referenceImages": ["sub/deep.png"]}))
@@ -254,6 +284,7 @@ def test_a_reference_gone_or_changed_after_accept_fails_unpaid_saying_what_happe
     assert isinstance(d.accept(ids["deep"]), Advanced)
     for name in ("gone", "linked", "text", "kept", "restart"):
         (folders.inbox / f"{name}.png").write_bytes(png(2000, seed=len(name)))
+        written_long_ago(folders.inbox / f"{name}.png")
         prompt = folders.inbox / f"{name}.json"
         prompt.write_text(json.dumps({"prompt": name, "referenceImages": [f"{name}.png"]}))
         ids[name] = d.store.add(prompt.name, prompt)

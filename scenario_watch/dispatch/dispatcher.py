@@ -9,6 +9,7 @@ result of lifecycle.py; it never files a prompt itself.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +42,7 @@ from scenario_watch.lifecycle import Advanced, Again, Failed, Pause, Paused, Res
 from scenario_watch.prepare.preparation import find_preset, prepare, prompt_folder
 from scenario_watch.prepare.presets import Preset
 from scenario_watch.prepare.prompt import PromptRules, rules_from_settings
+from scenario_watch.prepare.reference import Reference
 from scenario_watch.prepare.schema import unknown_input
 from scenario_watch.prepare.schema_source import SchemaSource
 from scenario_watch.prepare.sidecar import TextPending
@@ -126,6 +128,13 @@ class Dispatcher:
         except Exception as exc:  # whatever a file holds, it must end in failed/, never stop intake
             log.exception("prompt.unexpected_error")
             return Failed("validate", f"cannot use the prompt file: {exc!r}")
+        unsettled = _unsettled(prompt.references, Path(row.claimed), self.clock.wall(), watch.settle)
+        if unsettled is not None:  # a reference written in place: uploaded (paid for) once it is complete
+            entry, left = unsettled
+            if waited < watch.reference_wait:
+                return Again(delay=min(REFERENCE_RECHECK, left))
+            error = f"referenceImages: {entry!r} was still being written {watch.reference_wait:g} s later"
+            return Failed("references", error, "write it elsewhere and move it in, then retry the prompt")
         self.awaiting_references.pop(prompt_id, None)
         inputs = dict(prompt.inputs)
         if prompt.references:  # journaled as written (they survive a restart); what they are is kept
@@ -320,3 +329,21 @@ class Dispatcher:
         logs.bind(job_id=job.job_id)
         log.info("job.submitted", cost=cost)
         return Advanced(State.SUBMITTED)
+
+
+def _unsettled(
+    references: list[Reference], claimed: Path, now: float, settle: float
+) -> tuple[str, float] | None:
+    """A local reference file changed less than `settle` seconds ago (written in place: maybe not complete)
+    and how long until it has been still that long, as intake judges a prompt file; None: all are still."""
+    own = (claimed, claimed.parent.resolve() / claimed.name)  # a preset's own image: intake settled it
+    for ref in references:
+        if ref.path is None or ref.path in own:  # an asset id, or that image
+            continue
+        try:
+            age = now - os.stat(ref.path).st_mtime
+        except OSError:
+            continue  # gone: the upload says so
+        if -1.0 < age < settle:  # a time further ahead is a skewed clock, not a writer at work
+            return ref.entry, settle - age
+    return None
