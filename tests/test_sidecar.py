@@ -85,8 +85,9 @@ def test_a_bad_text_fails_unpaid_and_its_image_goes_with_it(
     proc = daemon()
     move_in(folders, folders.inbox, "photo.jpg", JPEG)
     move_in(folders, folders.inbox, "photo.txt", text)
-    wait_for(lambda: (folders.failed / "photo.txt.error.json").exists(), what="photo.txt failed")
-    wait_for(lambda: (folders.failed / "photo.jpg").exists(), what="its image filed with it")
+    # Filed in this order: the image, the error file, the prompt (.txt) itself, last.
+    wait_for(lambda: (folders.failed / "photo.txt").exists(), what="photo.txt failed")
+    assert (folders.failed / "photo.jpg").exists()  # its image filed with it
     report = error_of(folders, "photo.txt")
     assert says in report["error"] and report["stage"] == "validate", report
     assert len(sandbox.generate_jobs) == 0 and not generate_posts(sandbox)
@@ -167,7 +168,7 @@ def test_retry_sends_a_failed_pair_back_together(
     daemon()
     move_in(folders, folders.inbox, "photo.jpg", JPEG)
     move_in(folders, folders.inbox, "photo.txt", b"caf\xe9")
-    wait_for(lambda: (folders.failed / "photo.jpg").exists(), what="the pair failed")
+    wait_for(lambda: (folders.failed / "photo.txt").exists(), what="the pair failed")  # the prompt: last
     (folders.failed / "photo.txt").write_text("café, now in UTF-8")
     failed = load_settings(folders.config, env={"HOME": str(folders.root)}).settings.folders
     assert retry.everything(folders.failed) == ["photo.txt"]  # the image goes with its text

@@ -38,7 +38,8 @@ def sysctl(name: str, value: str) -> Iterator[None]:
 def test_a_file_still_changing_is_never_declared_bad(
     folders: Folders, sandbox: Sandbox, daemon: StartDaemon
 ) -> None:
-    daemon()  # settle is 0.5 s in the test config
+    write_config(folders, sandbox.base_url, watch={"settle": 2.0})  # 10 x the writer's pauses: load-proof
+    daemon()
     path = folders.inbox / "slow.json"
     text = json.dumps({"prompt": "written slowly by a scanner over two seconds " + "x" * 40})
     chunks = [text[i : i + 8] for i in range(0, len(text), 8)]
