@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,6 +71,16 @@ def free_port() -> int:
 def in_process(request: pytest.FixtureRequest) -> bool:
     """Whether the test's module asks for in-process daemons (`IN_PROCESS = True`: see harness.py)."""
     return bool(getattr(request.module, "IN_PROCESS", False))
+
+
+@pytest.fixture(autouse=True)
+def _system_wide_alone(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A `system_wide` test (an inotify limit lowered for every process) runs while no other test of
+    any xdist worker does: it holds this lock exclusively, every other test holds it shared."""
+    exclusive = request.node.get_closest_marker("system_wide") is not None
+    with open(Path(tempfile.gettempdir()) / "scenario-watch-tests.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield  # released when the file closes
 
 
 @pytest.fixture

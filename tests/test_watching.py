@@ -183,6 +183,7 @@ def test_inbox_deleted_and_recreated_self_heals(
     wait_for(lambda: (folders.done / "p2.json").exists(), timeout=30, what="p2 done")
 
 
+@pytest.mark.system_wide
 def test_lost_events_are_caught_by_the_rescan(
     folders: Folders, sandbox: Sandbox, daemon: StartDaemon
 ) -> None:
@@ -198,6 +199,7 @@ def test_lost_events_are_caught_by_the_rescan(
     assert len(generate_posts(sandbox)) == 80
 
 
+@pytest.mark.system_wide
 @pytest.mark.parametrize("knob", ["fs.inotify.max_user_instances", "fs.inotify.max_user_watches"])
 def test_inotify_limit_names_the_sysctl_and_falls_back_to_polling(
     folders: Folders, sandbox: Sandbox, daemon: StartDaemon, knob: str

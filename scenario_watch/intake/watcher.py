@@ -42,6 +42,16 @@ NETWORK_FILESYSTEMS = frozenset(
 
 log = logs.get()
 
+# What the handler takes as "a file may have arrived" (see _Handler.on_any_event).
+WANTED = (
+    FileMovedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+)
+
 
 class _Handler(FileSystemEventHandler):
     """Only enqueues: an exception in a watchdog handler would kill the observer thread."""
@@ -282,7 +292,11 @@ class Watcher:
         # inotify always watches .processing/ too, so each claim's rename is one paired move event:
         # watchdog holds an unpaired IN_MOVED_FROM for 0.5 s and every event behind it waits as long.
         # The handler drops what recursive = false does not want.
-        observer.schedule(handler, str(self.inbox), recursive=self.recursive or not polling)
+        # Only the events the handler reads: no IN_OPEN/IN_CLOSE_NOWRITE, so the daemon's own reads and
+        # scans (and watchdog's walk after a queue overflow, which would overflow it again) make none.
+        observer.schedule(
+            handler, str(self.inbox), recursive=self.recursive or not polling, event_filter=list(WANTED)
+        )
         observer.daemon = True
         observer.start()
         return observer
