@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -10,7 +11,12 @@ from conftest import Folders, generate_posts, wait_for, write_config
 from imagemaker import decode, encode, exif_block, photo
 from PIL import Image
 
+from scenario_watch.api.client import ScenarioClient
+from scenario_watch.clock import ManualClock
+from scenario_watch.config import MODEL_ID, FolderSettings
 from scenario_watch.deliver import provenance
+from scenario_watch.deliver.outbox import Outbox
+from scenario_watch.journal.store import Store
 from scenario_watch.sandbox import Sandbox
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
@@ -106,3 +112,42 @@ def test_truncated_jpeg_reference_fails_unpaid(folders: Folders, sandbox: Sandbo
     assert len(sandbox.generate_jobs) == 0
     report = json.loads((folders.failed / "p.error.json").read_text())
     assert "cut.jpg" in report["error"] and "truncated" in report["error"], report
+
+
+def test_a_redo_after_a_crash_knows_the_output_it_published_with_provenance(
+    folders: Folders, sandbox: Sandbox, clock: ManualClock
+) -> None:
+    """Killed after an output's rename, before the journal heard of it: the redo (a minute later) writes
+    the very same bytes, provenance included, so it finds its own file instead of publishing a copy."""
+    client = ScenarioClient(sandbox.base_url, sandbox.key, sandbox.secret, model_id=MODEL_ID)
+    job, cost = client.generate({"prompt": "made once", "numOutputs": 2})
+    clock.advance(5.0)
+    job = client.get_job(job.job_id)
+    assert job.status == "success" and len(job.asset_ids) == 2
+    store = Store(folders.state / "journal.sqlite3", clock)
+    prompt = store.add("made.json", folders.inbox / "made.json")
+    store.queued(prompt, {"prompt": "made once", "numOutputs": 2}, "made", "0" * 64)
+    store.submitting(prompt, {"prompt": "made once", "numOutputs": 2}, "2026-12-01T00:00:00.000Z")
+    store.submitted(prompt, job.job_id, cost)
+    store.downloading(prompt, list(job.asset_ids), cost)
+    folder_settings = FolderSettings(
+        inbox=folders.inbox,
+        outbox=folders.outbox,
+        done=folders.done,
+        failed=folders.failed,
+        state=folders.state,
+    )
+    outbox = Outbox(folder_settings, client, store, clock)  # [outbox] metadata = true: the default
+    first = outbox.deliver(store.get(prompt), job)
+    written = {name: (folders.outbox / name).read_bytes() for name in first}
+    assert provenance.read(written["made_1.png"]) is not None
+    # The crash: the journal lost the outputs (and no manifest was written); the redo comes later.
+    (folders.outbox / "made.manifest.json").unlink()
+    crashed = dataclasses.replace(store.get(prompt), delivered=[])
+    clock.advance(60.0)
+    again = outbox.deliver(crashed, job)
+    assert again == first
+    assert sorted(p.name for p in folders.outbox.iterdir()) == sorted(first)  # no made_1-2.png
+    assert all((folders.outbox / name).read_bytes() == data for name, data in written.items() if "_" in name)
+    store.close()
+    client.close()

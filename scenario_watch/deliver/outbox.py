@@ -16,7 +16,7 @@ import os
 import stat
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +226,7 @@ class Outbox:
             inputs={k: v for k, v in inputs.items() if k != "referenceImages"},
             references=references,
             cost=row.cost if row.cost is not None else job.cost,
-            created=datetime.fromtimestamp(self.clock.wall(), UTC),
+            created=made_at(row, job),
         )
 
     def _fetch(self, url: str, temp: Path, *, sync: bool) -> None:
@@ -289,6 +289,17 @@ class Outbox:
                 "writtenAt": iso(self.clock.wall()),
             },
         }
+
+
+def made_at(row: Row, job: Job) -> datetime:
+    """When Scenario made the images: the job's end by its own clock, else the submission. The same on
+    every attempt, so a redo after a crash writes the very bytes it published before (and knows them)."""
+    if job.created_at:
+        with contextlib.suppress(ValueError):
+            start = datetime.fromisoformat(job.created_at.replace("Z", "+00:00"))
+            start = start if start.tzinfo else start.replace(tzinfo=UTC)
+            return start + timedelta(seconds=job.duration or 0.0)
+    return datetime.fromtimestamp(row.submitted_at or row.claimed_at, UTC)
 
 
 def _same_file(path: Path, sha256: str) -> bool:
