@@ -78,9 +78,17 @@ def _system_wide_alone(request: pytest.FixtureRequest) -> Iterator[None]:
     """A `system_wide` test (an inotify limit lowered for every process) runs while no other test of
     any xdist worker does: it holds this lock exclusively, every other test holds it shared."""
     exclusive = request.node.get_closest_marker("system_wide") is not None
-    with open(Path(tempfile.gettempdir()) / "scenario-watch-tests.lock", "a") as lock:
+    locks = Path(tempfile.gettempdir())
+    with (
+        open(locks / "scenario-watch-tests.gate", "a") as gate,
+        open(locks / "scenario-watch-tests.lock", "a") as lock,
+    ):
+        # The gate lets no new test in while a system_wide one waits: it waits only for those running.
+        fcntl.flock(gate, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield  # released when the file closes
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # both released when the files close
 
 
 @pytest.fixture
