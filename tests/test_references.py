@@ -308,10 +308,26 @@ def test_a_reference_gone_or_changed_after_accept_fails_unpaid_saying_what_happe
         assert result.error == error
     assert isinstance(d.submit(ids["kept"]), Advanced)  # unchanged: uploaded and sent
     d.store.close()
-    # After a restart the journaled entries are found again (not checked again) and opened the same way.
+    # After a restart the journaled entries are found again (not checked again) and opened the same way,
+    # and a folder on the way swapped for a link while the daemon was stopped is not followed out.
+    (folders.inbox / "away").mkdir()
+    (folders.inbox / "away" / "pic.png").write_bytes(png(2000, seed=5))
+    written_long_ago(folders.inbox / "away" / "pic.png")
+    away = folders.inbox / "away.json"
+    away.write_text(json.dumps({"prompt": "away", "referenceImages": ["away/pic.png"]}))
+    again = _dispatcher(folders, sandbox, journal)
+    ids_away = again.store.add(away.name, away)
+    assert isinstance(again.accept(ids_away), Advanced)
+    again.store.close()
+    (outside / "pic.png").write_bytes(png(2000, seed=6))  # an image outside the inbox, same name
+    (folders.inbox / "away").rename(tmp_path / "away-was")
+    (folders.inbox / "away").symlink_to(outside)
     again = _dispatcher(folders, sandbox, journal)
     result = again.submit(ids["restart"])
     assert isinstance(result, Failed) and result.stage == "references"
     assert result.error == f"referenceImages: 'restart.png' does not exist in {folders.inbox}"
+    result = again.submit(ids_away)
+    assert isinstance(result, Failed), result
+    assert result.error == "referenceImages: 'away/pic.png' is reached through a symbolic link now: refused"
     again.store.close()
     assert uploads(sandbox) == ["POST /v1/assets"] and len(generate_posts(sandbox)) == 1

@@ -110,8 +110,12 @@ def locate(entry: str, base_dir: Path) -> Reference:
     if ASSET_ID.fullmatch(entry):
         return Reference(entry, asset_id=entry)
     path = base_dir / entry  # an absolute entry stays absolute
-    in_folder = _inside(Path(os.path.abspath(path)), [Path(os.path.abspath(base_dir))])
-    return Reference(entry, path=path.parent.resolve() / path.name if in_folder else path.resolve())
+    if _inside(Path(os.path.abspath(path)), [Path(os.path.abspath(base_dir))]):
+        # The folder resolved, the entry's own path not: a folder inside it swapped for a link while
+        # the daemon was stopped is refused by `read_reference`, not followed out of the folder.
+        inside = os.path.relpath(os.path.abspath(path), os.path.abspath(base_dir))
+        return Reference(entry, path=base_dir.resolve() / inside)
+    return Reference(entry, path=path.resolve())
 
 
 def read_reference(ref: Reference, base_dir: Path) -> tuple[bytes, str]:
