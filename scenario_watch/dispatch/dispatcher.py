@@ -85,7 +85,8 @@ class Dispatcher:
         folders = settings.folders
         self.outputs = (folders.outbox, folders.done, folders.failed)
         self.output_size = output_size  # the largest recent output (the outbox learns it), or None
-        self.references = References(client, store, self.inbox, self.presets, settings.images)
+        roots = settings.watch.reference_roots
+        self.references = References(client, store, self.inbox, roots, self.presets, settings.images)
         self.budget = budget or Budget(settings.budget, store.spent_since, clock.wall, meta=store)
         for row in store.lost_answers():  # after a restart: their jobs may exist, costs unknown yet
             self.budget.hold(row.id, row.inputs or {})

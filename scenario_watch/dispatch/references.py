@@ -1,9 +1,10 @@
 """Reference images: the local files a prompt names, uploaded once per content (sha256) as assets.
 
 The references were checked when the prompt was accepted (`prepare/reference.py`); what that found is
-what is uploaded here. After a restart the journaled entries are located, not checked again. Either way
-the file is read the safe way at upload (never through a link, bounded, typed by its bytes), so one
-that went missing or changed since fails the prompt with a clear problem.
+what is uploaded here. After a restart the journaled entries are checked again by the same rules (the
+folders changed unwatched meanwhile). Either way the file is read the safe way at upload (never through
+a link, bounded, typed by its bytes), so one that went missing or changed since fails the prompt with a
+clear problem.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from scenario_watch.journal.store import Store
 from scenario_watch.prepare.preparation import prompt_folder
 from scenario_watch.prepare.presets import Preset
 from scenario_watch.prepare.prompt import Prompt
-from scenario_watch.prepare.reference import Reference, locate, read_reference
+from scenario_watch.prepare.reference import Reference, check_reference, read_reference
 from scenario_watch.sections import ImageSettings
 
 log = logs.get()
@@ -44,12 +45,14 @@ class References:
         client: ScenarioClient,
         store: Store,
         inbox: Path,
+        roots: Sequence[Path],
         presets: Mapping[str, Preset],
         settings: ImageSettings | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.inbox = inbox
+        self.roots = roots  # [watch] reference_roots: after a restart the rules are applied again
         self.presets = presets
         self.settings = settings or ImageSettings(normalize=False)
         self._locks = [threading.Lock() for _ in range(UPLOAD_LOCKS)]
@@ -70,7 +73,7 @@ class References:
         """The inputs to send: local reference files uploaded once per content (sha256)."""
         inputs = dict(row.inputs or {})
         entries = inputs.get("referenceImages")
-        checked = self._checked.get(row.id, {})  # none after a restart: the journaled entries are located
+        checked = self._checked.get(row.id, {})  # none after a restart: the journaled entries are checked
         if not entries:
             return inputs
         resolved: list[str] = []
@@ -79,7 +82,9 @@ class References:
         preset = self.presets.get(row.preset) if row.preset else None
         settings = preset.images if preset is not None else self.settings  # [images] as its preset sets it
         for entry in entries:
-            ref = checked.get(entry) or locate(entry, folder)
+            # After a restart the folders may have changed while nothing watched: the same rules as
+            # accept (a link out of the inbox or the roots is refused, not followed), then opened safely.
+            ref = checked.get(entry) or check_reference(entry, folder, self.roots)
             if ref.asset_id is not None:
                 resolved.append(ref.asset_id)
                 records.append({"assetId": ref.asset_id})

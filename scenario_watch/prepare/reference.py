@@ -1,11 +1,12 @@
-"""A referenceImages entry: the rules it is checked by (once, at accept), and how its file is read to upload.
+"""A referenceImages entry: the rules it is checked by (at accept, and again after a restart), and how
+its file is read to upload.
 
 An entry is a Scenario asset id, or an image file relative to the prompt's folder (inside it, no `..`,
 never a symlink) or under a `[watch] reference_roots` folder (a symlink there is fine once it resolves
 inside the roots). `check_references` applies those rules and sniffs each file's type; the dispatcher
-keeps what it found. `locate` says where a journaled entry lives without judging it again (after a
-restart), and `read_reference` reads the file to upload: never through a link, bounded, its type by
-its bytes, with a clear problem when it went missing or changed since it was accepted.
+keeps what it found, and checks a journaled entry again only after a restart (nothing watched the
+folders meanwhile). `read_reference` reads the file to upload: never through a link, bounded, its type
+by its bytes, with a clear problem when it went missing or changed since it was accepted.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
 
 
 def locate(entry: str, base_dir: Path) -> Reference:
-    """Where an entry lives (checked already, e.g. journaled before a restart): an asset id, or its file.
+    """Where an entry lives (its rules checked already): an asset id, or its file.
 
     In the prompt's folder a reference is the file itself (never a symlink: opening refuses one), in the
     folder its path leads to now; under a reference root a symlink is fine, so the file is what it
