@@ -21,7 +21,11 @@ from typing import Any
 import pytest
 from harness import HereDaemon, capture_logs
 
+from scenario_watch.api.client import ScenarioClient
 from scenario_watch.clock import ManualClock
+from scenario_watch.config import load_settings
+from scenario_watch.dispatch.dispatcher import Dispatcher
+from scenario_watch.journal.store import Store
 from scenario_watch.sandbox import Sandbox
 
 KEY, SECRET = "sandbox-key", "sandbox-secret"
@@ -195,6 +199,38 @@ def from_a_terminal() -> None:
     SIGINT ignored (a background job of a non-interactive shell, as pytest may be) keeps it ignored,
     so Python would raise no KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def make_dispatcher(folders: Folders, sandbox: Sandbox, journal: Path) -> Dispatcher:
+    """The dispatcher of the folders' config, on its own journal, for tests that drive its tasks by hand."""
+    settings = load_settings(folders.config, env={}).settings
+    for folder in (folders.outbox, folders.done, folders.failed):
+        folder.mkdir(exist_ok=True)
+    api = settings.api
+    client = ScenarioClient(api.base_url, sandbox.key, sandbox.secret, model_id=api.model_id, timeout=5)
+    return Dispatcher(settings, client, Store(journal))
+
+
+def status_watch_until(folders: Folders, seen: Callable[[str], Any], what: str, timeout: float = 20.0) -> str:
+    """Run `status --watch` until its screen shows what `seen` looks for, then Ctrl-C it; the screen
+    (exit status 0 and no traceback checked)."""
+    screen = folders.root / "watch.out"
+    with screen.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scenario_watch", "status", "--watch", "-c", str(folders.config)],
+            env=cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=from_a_terminal,
+        )
+        try:
+            wait_for(lambda: seen(screen.read_text()), timeout=timeout, what=what)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(10)
+    text = screen.read_text()
+    assert code == 0 and "Traceback" not in text, text
+    return text
 
 
 def run_cli(

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Folders, write_config
+from conftest import Folders, make_dispatcher, write_config
 
-from scenario_watch.api.client import ScenarioClient
-from scenario_watch.config import BudgetSettings, load_settings
+from scenario_watch.config import BudgetSettings
 from scenario_watch.dispatch.budget import Budget
 from scenario_watch.dispatch.dispatcher import Dispatcher
 from scenario_watch.journal.store import Store
@@ -19,12 +18,7 @@ from scenario_watch.sandbox import Fault, Sandbox
 
 def dispatcher(folders: Folders, sandbox: Sandbox, journal: Path) -> Dispatcher:
     write_config(folders, sandbox.base_url, budget={"daily": 100})
-    settings = load_settings(folders.config, env={}).settings
-    for folder in (folders.outbox, folders.done, folders.failed):
-        folder.mkdir(exist_ok=True)
-    api = settings.api
-    client = ScenarioClient(api.base_url, sandbox.key, sandbox.secret, model_id=api.model_id, timeout=5)
-    return Dispatcher(settings, client, Store(journal))
+    return make_dispatcher(folders, sandbox, journal)
 
 
 def queued(d: Dispatcher, folders: Folders, name: str, body: str) -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Folders, StartDaemon, cli_env, from_a_terminal, run_cli, wait_for, write_config
+from conftest import Folders, StartDaemon, cli_env, run_cli, status_watch_until, wait_for, write_config
 
 from scenario_watch.sandbox import Sandbox
 
@@ -153,22 +152,9 @@ def test_status_estimates_progress_from_the_learned_generation_time(
     assert 0 <= job["progress_estimate"] <= 0.99
     text = run_cli("status", "-c", str(folders.config)).stdout
     assert re.search(r"second\.json  job=job_\w+  ~\d+ %", text), text
-    log = folders.root / "watch.out"
-    with log.open("w") as out:
-        watch = subprocess.Popen(
-            [sys.executable, "-m", "scenario_watch", "status", "--watch", "-c", str(folders.config)],
-            env=cli_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=from_a_terminal,
-        )
-        try:
-            bar = re.compile(r"second\.json  job=job_\w+  \[#*\.*\] ~\d+ %")
-            wait_for(lambda: bar.search(log.read_text()), timeout=10, what="a progress bar")
-        finally:
-            watch.send_signal(signal.SIGINT)
-            assert watch.wait(10) == 0
-    assert re.search(r"\[[#.]{20}\]", log.read_text())
+    bar = re.compile(r"second\.json  job=job_\w+  \[#*\.*\] ~\d+ %")
+    screen = status_watch_until(folders, bar.search, what="a progress bar", timeout=10)
+    assert re.search(r"\[[#.]{20}\]", screen)
 
 
 def test_status_names_the_reference_a_prompt_waits_for(folders: Folders, daemon: StartDaemon) -> None:

@@ -14,13 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, Folders, StartDaemon, generate_posts, run_cli, wait_for
+from conftest import DaemonProcess, Folders, StartDaemon, generate_posts, make_dispatcher, run_cli, wait_for
 from conftest import write_config as _write_config
 
-from scenario_watch.api.client import ScenarioClient
-from scenario_watch.config import load_settings
-from scenario_watch.dispatch.dispatcher import Dispatcher
-from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import Advanced, Failed
 from scenario_watch.sandbox import Sandbox
 
@@ -255,21 +251,12 @@ def test_two_stage_pipeline_from_the_readme(folders: Folders, sandbox: Sandbox, 
 # -- checked once, at accept: what submit does with a file that changed since --------------------------
 
 
-def _dispatcher(folders: Folders, sandbox: Sandbox, journal: Path) -> Dispatcher:
-    settings = load_settings(folders.config, env={}).settings
-    for folder in (folders.outbox, folders.done, folders.failed):
-        folder.mkdir(exist_ok=True)
-    api = settings.api
-    client = ScenarioClient(api.base_url, sandbox.key, sandbox.secret, model_id=api.model_id, timeout=5)
-    return Dispatcher(settings, client, Store(journal))
-
-
 def test_a_reference_gone_or_changed_after_accept_fails_unpaid_saying_what_happened(
     folders: Folders, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     """Accept checks a reference once; the upload opens it safely and says what became of it since."""
     journal = tmp_path / "journal.sqlite3"
-    d = _dispatcher(folders, sandbox, journal)
+    d = make_dispatcher(folders, sandbox, journal)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "photo.png").write_bytes(png(2000, seed=9))
@@ -315,14 +302,14 @@ def test_a_reference_gone_or_changed_after_accept_fails_unpaid_saying_what_happe
     written_long_ago(folders.inbox / "away" / "pic.png")
     away = folders.inbox / "away.json"
     away.write_text(json.dumps({"prompt": "away", "referenceImages": ["away/pic.png"]}))
-    again = _dispatcher(folders, sandbox, journal)
+    again = make_dispatcher(folders, sandbox, journal)
     ids_away = again.store.add(away.name, away)
     assert isinstance(again.accept(ids_away), Advanced)
     again.store.close()
     (outside / "pic.png").write_bytes(png(2000, seed=6))  # an image outside the inbox, same name
     (folders.inbox / "away").rename(tmp_path / "away-was")
     (folders.inbox / "away").symlink_to(outside)
-    again = _dispatcher(folders, sandbox, journal)
+    again = make_dispatcher(folders, sandbox, journal)
     result = again.submit(ids["restart"])
     assert isinstance(result, Failed) and result.stage == "references"
     assert result.error == f"referenceImages: 'restart.png' does not exist in {folders.inbox}"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +13,9 @@ from conftest import (
     Folders,
     StartDaemon,
     cli_env,
-    from_a_terminal,
     generate_posts,
     run_cli,
+    status_watch_until,
     wait_for,
     write_config,
 )
@@ -98,22 +96,8 @@ def test_status_says_whether_it_runs_and_how_far_a_job_is(
 
 def test_status_watch_redraws_until_interrupted(folders: Folders, sandbox: Sandbox) -> None:
     assert run_cli("run", "--once", "-c", str(folders.config)).returncode == 0  # a journal to show
-    screen = folders.root / "watch.out"
-    with screen.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scenario_watch", "status", "--watch", "-c", str(folders.config)],
-            env=cli_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=from_a_terminal,
-        )
-        try:  # redrawn each second
-            wait_for(lambda: screen.read_text().count("daemon   not running") >= 2, what="two redraws")
-        finally:
-            proc.send_signal(signal.SIGINT)
-            code = proc.wait(10)
-    assert code == 0, screen.read_text()
-    assert "Traceback" not in screen.read_text()
+    redrawn = lambda screen: screen.count("daemon   not running") >= 2  # noqa: E731 (each second)
+    status_watch_until(folders, redrawn, what="two redraws")
 
 
 def test_daily_budget_holds_prompts_until_lifted_and_never_fails_or_pays_them(
