@@ -19,7 +19,7 @@ from scenario_watch.api.client import (
 from scenario_watch.api.jobs import format_cost, parse_job
 from scenario_watch.config import MODEL_ID
 from scenario_watch.errors import AuthError, NotFound, PlanError, PromptError, RateLimited
-from scenario_watch.prepare.preparation import parse_prompt
+from scenario_watch.prepare.preparation import checked_prompt
 from scenario_watch.prepare.prompt import PromptRules
 from scenario_watch.prepare.schema import check_value, parse_model
 from scenario_watch.sandbox import Fault, Sandbox
@@ -118,8 +118,8 @@ def test_get_model_is_the_live_schema(sandbox: Sandbox, client: ScenarioClient) 
     without = parse_model(client.get_model(), "live", 2.0)
     assert "seed" not in without.inputs
     with pytest.raises(PromptError, match="'seed' is not an input of model"):
-        parse_prompt(
-            b'{"prompt": "x", "seed": 7}', name="p.json", base_dir=Path("."), rules=PromptRules(without)
+        checked_prompt(
+            {"prompt": "x", "seed": 7}, name="p.json", base_dir=Path("."), rules=PromptRules(without)
         )
     with pytest.raises(NotFound):
         client.get_model("model_nope")

@@ -118,6 +118,12 @@ def test_prompt_reads_and_references_refuse_links_and_fifos(tmp_path: Path) -> N
         check_reference("alias.png", inbox)
     with pytest.raises(PromptError, match=re.escape("'pipe.png' is a FIFO")):
         check_reference("pipe.png", inbox)
+    (inbox / "real").mkdir()
+    (inbox / "real" / "pic.png").write_bytes(PNG)
+    (inbox / "alias").symlink_to(inbox / "real")  # a folder link, even one that stays inside
+    with pytest.raises(PromptError, match=re.escape("'alias/pic.png' is reached through a symbolic link")):
+        check_reference("alias/pic.png", inbox)
+    assert check_reference("real/pic.png", inbox).mime_type == "image/png"
     # Under a reference root a symlink may be used as long as it resolves inside the roots.
     library = tmp_path / "library"
     library.mkdir()

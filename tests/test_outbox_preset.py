@@ -10,6 +10,7 @@ from typing import Any
 
 from conftest import Folders, generate_posts, wait_for, write_config
 
+from scenario_watch.journal.store import Store
 from scenario_watch.sandbox import Sandbox
 from scenario_watch.sandbox.images import make_png
 
@@ -82,3 +83,25 @@ def test_a_crash_between_the_claim_and_the_link_back_leaves_the_image_in_the_out
     assert os.path.samefile(folders.outbox / "photo_1.png", folders.done / "colour" / "photo_1.png")
     assert again.saw("recover.kept_restored", count=1)
     assert len(generate_posts(sandbox)) == 1  # edited once: the restored name is not taken again
+
+
+def test_an_image_moved_out_of_the_outbox_while_its_prompt_ran_is_not_brought_back(
+    folders: Folders, sandbox: Sandbox, daemon: Any
+) -> None:
+    """A claim the journal knows was linked back when it was taken: if its name is empty at the next
+    start, someone moved the image away since, and it stays away (only an unjournaled claim is relinked)."""
+    write_config(
+        folders, sandbox.base_url, presets={"colour": {"prompt": "colour it", "folder": str(folders.outbox)}}
+    )
+    daemon().stop()
+    instance = (folders.state / "instance-id").read_text().strip()
+    claimed = folders.outbox / ".processing" / instance / "photo_1.png"
+    claimed.write_bytes(make_png("moved away", width=24, height=24))
+    store = Store(folders.state / "journal.sqlite3")
+    store.add("colour/photo_1.png", claimed, "colour")  # journaled: its link back was made, then moved
+    store.close()
+    again = daemon()
+    wait_for(lambda: (folders.done / "colour" / "photo_1.png").exists(), timeout=30, what="edited and filed")
+    again.stop()
+    assert not (folders.outbox / "photo_1.png").exists()
+    assert not again.saw("recover.kept_restored")

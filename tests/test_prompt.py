@@ -10,9 +10,9 @@ import pytest
 from conftest import Folders, run_cli, write_config
 
 from scenario_watch.errors import MissingReference, PromptError
-from scenario_watch.prepare.preparation import parse_prompt
+from scenario_watch.prepare.preparation import checked_prompt
 from scenario_watch.prepare.preparation import prepare as prepare_prompt
-from scenario_watch.prepare.prompt import PromptRules
+from scenario_watch.prepare.prompt import PromptRules, parse_json
 from scenario_watch.prepare.reference import image_type
 from scenario_watch.prepare.schema import BUILTIN, parse_model
 from scenario_watch.sandbox import Sandbox
@@ -39,7 +39,7 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 
 def parse(body: Any, tmp_path: Path, **rules: Any) -> Any:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return parse_prompt(data, name="p.json", base_dir=tmp_path, rules=PromptRules(**rules))
+    return checked_prompt(parse_json(data), name="p.json", base_dir=tmp_path, rules=PromptRules(**rules))
 
 
 def problems(body: Any, tmp_path: Path, **rules: Any) -> list[str]:

@@ -292,8 +292,9 @@ class Outbox:
 
 
 def made_at(row: Row, job: Job) -> datetime:
-    """When Scenario made the images: the job's end by its own clock, else the submission. The same on
-    every attempt, so a redo after a crash writes the very bytes it published before (and knows them)."""
+    """When Scenario made the images: the job's end by its own clock (its start when the API gives no
+    status history), else the submission. The same on every attempt, so a redo after a crash writes the
+    very bytes it published before (and knows them)."""
     if job.created_at:
         with contextlib.suppress(ValueError):
             start = datetime.fromisoformat(job.created_at.replace("Z", "+00:00"))

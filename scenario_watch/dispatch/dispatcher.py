@@ -123,6 +123,7 @@ class Dispatcher:
             self.awaiting_references.pop(prompt_id, None)
             return Failed("references", f"{exc} (waited {watch.reference_wait:g} s for it)", exc.hint)
         except PromptError as exc:
+            self.awaiting_references.pop(prompt_id, None)
             return Failed("validate", f"invalid prompt file: {exc}", exc.hint)
         except OSError as exc:
             return Failed("validate", f"cannot read the prompt file: {exc.strerror}")
@@ -130,13 +131,14 @@ class Dispatcher:
             log.exception("prompt.unexpected_error")
             return Failed("validate", f"cannot use the prompt file: {exc!r}")
         unsettled = _unsettled(prompt.references, Path(row.claimed), self.clock.wall(), watch.settle)
-        if unsettled is not None:  # a reference written in place: uploaded (paid for) once it is complete
-            entry, left = unsettled
-            if waited < watch.reference_wait:
-                return Again(delay=min(REFERENCE_RECHECK, left))
-            error = f"referenceImages: {entry!r} was still being written {watch.reference_wait:g} s later"
+        if unsettled is not None and waited < watch.reference_wait:  # a reference written in place:
+            return Again(delay=min(REFERENCE_RECHECK, unsettled[1]))  # uploaded once it is complete
+        self.awaiting_references.pop(prompt_id, None)  # (status: it no longer waits for a missing one)
+        if unsettled is not None:
+            error = (
+                f"referenceImages: {unsettled[0]!r} was still being written {watch.reference_wait:g} s later"
+            )
             return Failed("references", error, "write it elsewhere and move it in, then retry the prompt")
-        self.awaiting_references.pop(prompt_id, None)
         inputs = dict(prompt.inputs)
         if prompt.references:  # journaled as written (they survive a restart); what they are is kept
             inputs["referenceImages"] = [ref.entry for ref in prompt.references]
@@ -153,6 +155,12 @@ class Dispatcher:
 
     def submit(self, prompt_id: int) -> Result:
         """Send a queued prompt: reconcile a lost answer first, check delivery, upload references, POST."""
+        result = self._submit(prompt_id)
+        if not isinstance(result, Again | Paused):  # sent, adopted or failed: accept's findings are spent
+            self.references.forget(prompt_id)
+        return result
+
+    def _submit(self, prompt_id: int) -> Result:
         row = self.store.get(prompt_id)
         logs.bind(file=row.file, job_id=row.job_id)
         if row.state not in (State.QUEUED, State.SUBMITTING):
@@ -169,8 +177,6 @@ class Dispatcher:
         elif row.file_sha256 and (job_id := self.store.adoption(row.file, row.file_sha256)):
             adopted = self._adopt_retried(row, job_id)
             if adopted is not None:
-                if not isinstance(adopted, Again | Paused):
-                    self.references.forget(row.id)  # its earlier job was adopted, or it failed: no upload
                 return adopted
         need = health.output_bytes(row.inputs or {}, self.output_size())
         problem = health.deliverable(self.outputs, need)
@@ -179,7 +185,6 @@ class Dispatcher:
         try:
             inputs = self.references.resolve(row)
         except PromptError as exc:
-            self.references.forget(row.id)
             return Failed("references", str(exc), exc.hint)
         except (TransientError, ApiError) as exc:
             failed = ("references", "uploading a reference failed", "check the image file")
@@ -336,7 +341,8 @@ def _unsettled(
     references: list[Reference], claimed: Path, now: float, settle: float
 ) -> tuple[str, float] | None:
     """A local reference file changed less than `settle` seconds ago (written in place: maybe not complete)
-    and how long until it has been still that long, as intake judges a prompt file; None: all are still."""
+    and how long until it has been still that long; None: all are still. Judged by its modification time
+    against this clock, so a file server whose clock is off by more than `settle` is not judged right."""
     own = (claimed, claimed.parent.resolve() / claimed.name)  # a preset's own image: intake settled it
     for ref in references:
         if ref.path is None or ref.path in own:  # an asset id, or that image

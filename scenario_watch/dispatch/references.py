@@ -66,7 +66,7 @@ class References:
             self._checked[prompt_id] = {ref.entry: ref for ref in references}
 
     def forget(self, prompt_id: int) -> None:
-        """The prompt will not upload its references (it failed, or an earlier job was adopted)."""
+        """The prompt's submission is over (sent, failed, or an earlier job adopted): nothing to upload."""
         self._checked.pop(prompt_id, None)
 
     def resolve(self, row: Row) -> dict[str, Any]:
@@ -111,7 +111,6 @@ class References:
                 record["changes"] = changes
             records.append({**record, "assetId": resolved[-1]})
         inputs["referenceImages"] = resolved
-        self._checked.pop(row.id, None)  # uploaded: a resend sends the asset ids
         if not row.references:  # a resend sees asset ids only: keep the first, fuller record
             self.store.set_references(row.id, records)
         return inputs

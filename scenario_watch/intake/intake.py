@@ -158,16 +158,18 @@ class Intake:
             claimed.append(Claim(source.name(path), dest, source.preset))  # sub/x.json when recursive
         return claimed
 
-    def restore_kept(self) -> int:
-        """At start: link back what a preset on the outbox had claimed when the daemon stopped (a crash
-        between the claim and the link left the name empty); how many were linked back."""
+    def restore_kept(self, known: set[str]) -> int:
+        """At start: link back what a preset on the outbox claimed just before a crash, between the claim
+        and the link back (so before the journal heard of it: not in `known`); how many were linked."""
+        if self.kept is None:
+            return 0
         restored = 0
         for source in self.sources:
-            if self.kept is None or source.preset not in self.kept.folders:
+            if source.preset not in self.kept.folders:
                 continue
             for claimed in sorted(source.processing.rglob("*")):
                 original = source.folder / claimed.relative_to(source.processing)
-                if claimed.is_file() and not os.path.lexists(original):
+                if str(claimed) not in known and claimed.is_file() and not os.path.lexists(original):
                     self.kept.took(source.preset, str(original), claimed)
                     restored += 1
         return restored

@@ -66,7 +66,7 @@ class _Handler(FileSystemEventHandler):
                 return  # a subfolder to watch (without recursion, a folder named *.json is claimed: it fails)
             if isinstance(event, FileMovedEvent | DirMovedEvent):
                 path, moved = os.fsdecode(event.dest_path), True
-            elif isinstance(event, FileCreatedEvent | FileModifiedEvent | FileClosedEvent | DirCreatedEvent):
+            elif isinstance(event, WANTED):  # created, modified, closed after writing
                 path, moved = os.fsdecode(event.src_path), False
             else:
                 return

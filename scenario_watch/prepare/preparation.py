@@ -107,11 +107,6 @@ def checked_prompt(
     return Prompt(inputs=inputs, stem=stem, references=references)
 
 
-def parse_prompt(data: bytes, *, name: str, base_dir: Path, rules: PromptRules) -> Prompt:
-    """A prompt file's bytes as a checked prompt (`prepare` of a JSON prompt file, without the reading)."""
-    return checked_prompt(parse_json(data), name=name, base_dir=base_dir, rules=rules)
-
-
 def prepare_file(path: Path, preset: Preset | None, rules: PromptRules) -> Prompt:
     """A file named on the command line, judged as the daemon judges it in the inbox or preset folder."""
     verdict = classify(path.name, ".", recursive=False, images=preset is not None)

@@ -26,6 +26,7 @@ from scenario_watch.prepare.schema import show
 REFERENCES = "referenceImages"  # the input whose entries may be local files, uploaded before generate
 MAX_REFERENCE_BYTES = 50 * 1024 * 1024
 MISSING = "does not exist in"  # a missing reference file's problem: "'beach.jpg' does not exist in DIR"
+NO_LINKS = "name the image file itself, in a folder of its own (no links in the inbox)"
 ASSET_ID = re.compile(r"asset_[A-Za-z0-9_-]+")
 
 # Magic bytes of the image types Scenario accepts as references (AVIF and HEIC: see _iso_bmff).
@@ -87,10 +88,19 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
     problem = _path_problem(Path(entry), base_dir / entry, [base_dir, *roots])
     if problem:
         raise PromptError([f"{REFERENCES}: {entry!r} {problem}"])
-    ref = locate(entry, base_dir)
-    assert ref.path is not None
+    path = base_dir / entry  # an absolute entry stays absolute
+    if _inside(Path(os.path.abspath(path)), [Path(os.path.abspath(base_dir))]):
+        # In the prompt's folder a reference is the file itself, with no link on the way: the folder
+        # resolved, the entry's own path not (`read_reference` refuses a link that appears since).
+        path = base_dir.resolve() / os.path.relpath(os.path.abspath(path), os.path.abspath(base_dir))
+        if _link_on_the_way(path):
+            raise PromptError(
+                [f"{REFERENCES}: {entry!r} is reached through a symbolic link: refused"], hint=NO_LINKS
+            )
+    else:  # under a reference root a symlink is fine (it resolves inside the roots: checked above)
+        path = path.resolve()
     try:
-        with open_regular(ref.path) as handle:
+        with open_regular(path) as handle:
             size = os.fstat(handle.fileno()).st_size
             head = handle.read(HEAD_BYTES)
     except UnsafeFile as exc:
@@ -98,41 +108,27 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
     except OSError as exc:
         raise _unreadable(entry, base_dir, exc) from None
     mime = _image_mime(entry, head, size)
-    return Reference(entry, path=ref.path, mime_type=mime)  # the file that was checked is the one read
-
-
-def locate(entry: str, base_dir: Path) -> Reference:
-    """Where an entry lives (its rules checked already): an asset id, or its file.
-
-    In the prompt's folder a reference is the file itself (never a symlink: opening refuses one), in the
-    folder its path leads to now; under a reference root a symlink is fine, so the file is what it
-    resolves to. Either way the path has no link on the way: `read_reference` sees if one appears since.
-    """
-    if ASSET_ID.fullmatch(entry):
-        return Reference(entry, asset_id=entry)
-    path = base_dir / entry  # an absolute entry stays absolute
-    if _inside(Path(os.path.abspath(path)), [Path(os.path.abspath(base_dir))]):
-        # The folder resolved, the entry's own path not: a folder inside it swapped for a link while
-        # the daemon was stopped is refused by `read_reference`, not followed out of the folder.
-        inside = os.path.relpath(os.path.abspath(path), os.path.abspath(base_dir))
-        return Reference(entry, path=base_dir.resolve() / inside)
-    return Reference(entry, path=path.resolve())
+    return Reference(entry, path=path, mime_type=mime)  # the file that was checked is the one read
 
 
 def read_reference(ref: Reference, base_dir: Path) -> tuple[bytes, str]:
     """A local reference's bytes and type, to upload: opened never through a link, bounded, typed by its
     bytes (it may have changed since it was checked); PromptError when it is gone or no longer fits."""
     assert ref.path is not None
+    linked = PromptError(
+        [f"{REFERENCES}: {ref.entry!r} is reached through a symbolic link now: refused"], hint=NO_LINKS
+    )
+    if _link_on_the_way(ref.path):  # a folder on the way became a link since it was checked
+        raise linked
     try:
-        data = read_regular(ref.path, MAX_REFERENCE_BYTES)  # never through a link swapped in since
+        data = read_regular(ref.path, MAX_REFERENCE_BYTES)  # the file itself never through a link
     except UnsafeFile as exc:
         problem = f"{REFERENCES}: {ref.entry!r} is {exc.kind}: refused (name an image file)"
         raise PromptError([problem]) from None
     except OSError as exc:
         raise _unreadable(ref.entry, base_dir, exc) from None
-    if os.path.realpath(ref.path.parent) != os.fspath(ref.path.parent):  # a folder on the way is a link now
-        problem = f"{REFERENCES}: {ref.entry!r} is reached through a symbolic link now: refused"
-        raise PromptError([problem], hint="name the image file itself, in a folder of its own (no links)")
+    if _link_on_the_way(ref.path):  # and while it was read
+        raise linked
     if len(data) > MAX_REFERENCE_BYTES:
         raise PromptError([f"{REFERENCES}: {ref.entry!r} grew past {MAX_REFERENCE_BYTES >> 20} MiB"])
     return data, _image_mime(ref.entry, data[:HEAD_BYTES], len(data))
@@ -153,7 +149,7 @@ def claimed_image(path: Path, entry: str, label: str, hint: str) -> Reference:
         raise PromptError(
             [f"{label} is larger than {MAX_REFERENCE_BYTES >> 20} MiB, the most Scenario takes"]
         )
-    return Reference(entry, path=path.parent.resolve() / path.name, mime_type=mime)  # as `locate` has it
+    return Reference(entry, path=path.parent.resolve() / path.name, mime_type=mime)  # its folder resolved
 
 
 def missing_reference_name(problem: str) -> str | None:
@@ -219,6 +215,11 @@ def _path_problem(entry: Path, path: Path, roots: list[Path]) -> str | None:
     if not _inside(path.resolve(), resolved_roots):
         return "is a symlink that points outside the inbox and [watch] reference_roots"
     return None
+
+
+def _link_on_the_way(path: Path) -> bool:
+    """Whether a folder on the way to `path` is a symbolic link (its parent does not resolve to itself)."""
+    return os.path.realpath(path.parent) != os.fspath(path.parent)
 
 
 def _inside(candidate: Path, roots: Sequence[Path]) -> bool:

@@ -40,13 +40,6 @@ def recover(
         removed = remove_temp_files(folder)
         if removed:
             log.info("recover.temp_removed", folder=str(folder), count=removed)
-    restored = intake.restore_kept()
-    if restored:
-        log.info(
-            "recover.kept_restored",
-            count=restored,
-            note="linked back into the outbox, as stage one left them",
-        )
     known = set()
     for row in store.unfinished():
         known.add(row.claimed)
@@ -60,7 +53,11 @@ def recover(
         else:
             scheduler.resume(row.id, task, now, first=row.state == State.SUBMITTING)
         structlog.contextvars.clear_contextvars()
-    # A crash between the claim (rename) and the journal entry leaves an unknown file there.
+    # A crash between the claim (rename) and the journal entry leaves an unknown file there; a preset
+    # on the outbox had not linked it back yet either.
+    restored = intake.restore_kept(known)
+    if restored:
+        log.info("recover.kept_restored", count=restored, note="linked back into the outbox as it was")
     for claim in intake.unknown_claims(known):
         scheduler.resume(store.add(claim.name, claim.path, claim.preset), Task.ACCEPT, now)
         tally.prompt_taken(claim.preset)
