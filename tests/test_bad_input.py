@@ -64,8 +64,10 @@ def test_bad_input_corpus_fails_clearly_and_a_good_prompt_still_succeeds(
     wait_for(lambda: (folders.done / "good.json").exists(), timeout=30, what="the good prompt")
     filed = [*(f"{name}.json" for name in CORPUS), "huge.json"]  # each filed after its error file
     wait_for(
-        lambda: all((folders.failed / name).exists() for name in filed)
-        and len([n for n in folders.names(folders.failed) if n.endswith(".error.json")]) == expected,
+        lambda: (
+            all((folders.failed / name).exists() for name in filed)
+            and len([n for n in folders.names(folders.failed) if n.endswith(".error.json")]) == expected
+        ),
         timeout=30,
         what="every bad file in failed/",
     )
