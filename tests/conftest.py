@@ -54,14 +54,23 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll a condition until it is truthy (bounded); fail the test with `what` otherwise."""
+    """Poll a condition until it is truthy (bounded); fail the test with `what` otherwise.
+
+    A condition that meets the world mid-change (a file renamed away as it is read, a connection the
+    server still drops, half a JSON line) raises OSError or ValueError: that counts as "not yet", and
+    the last such error is shown if the time runs out.
+    """
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except (OSError, ValueError) as exc:
+            value, last = None, exc
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
         time.sleep(0.02)
 
 
