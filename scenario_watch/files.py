@@ -243,6 +243,41 @@ def open_regular(path: StrPath) -> BinaryIO:
         raise
 
 
+def open_beneath(root: Path, relative: Path) -> BinaryIO:
+    """Open a regular file below `root` following no link on the way, one folder at a time (openat):
+    no swap of a folder for a link, however timed, leads out. The root itself is configured (it may be
+    a link: the operator's choice). UnsafeFile for a link or anything but a regular file (naming the
+    part), FileNotFoundError for a missing part, ValueError for a path that is not plain and relative."""
+    parts = relative.parts
+    if not parts or relative.is_absolute() or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{relative} is not a plain relative path")
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            next_fd = _open_at(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd)
+            os.close(dir_fd)
+            dir_fd = next_fd
+        fd = _open_at(parts[-1], os.O_RDONLY | os.O_NONBLOCK, dir_fd)
+    finally:
+        os.close(dir_fd)
+    mode = os.fstat(fd).st_mode  # the descriptor itself: no swap can fool this
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafeFile(parts[-1], _kind(mode))
+    return os.fdopen(fd, "rb")
+
+
+def _open_at(name: str, flags: int, dir_fd: int) -> int:
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(name, "a symbolic link") from None
+        if exc.errno in (errno.ENOTDIR, errno.ENXIO):  # a file where a folder was, a socket
+            raise UnsafeFile(name, "not a folder" if exc.errno == errno.ENOTDIR else "a socket") from None
+        raise
+
+
 def read_regular(path: StrPath, limit: int) -> bytes:
     """At most `limit` + 1 bytes of a regular file (more than `limit` means too big); UnsafeFile otherwise."""
     with open_regular(path) as handle:

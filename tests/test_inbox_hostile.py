@@ -6,6 +6,7 @@ import json
 import os
 import re
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from scenario_watch.config import WatchSettings
 from scenario_watch.errors import PromptError, UnsafeFile
 from scenario_watch.intake.watcher import Arrivals, Watcher
 from scenario_watch.prepare.prompt import read_prompt_bytes
-from scenario_watch.prepare.reference import check_reference
+from scenario_watch.prepare.reference import check_reference, read_reference
 from scenario_watch.sandbox import Sandbox
 
 SECRET = "SECRET-do-not-leak-7f3a9c"
@@ -133,3 +134,42 @@ def test_prompt_reads_and_references_refuse_links_and_fifos(tmp_path: Path) -> N
     assert check_reference(str(library / "linked.png"), inbox, roots).mime_type == "image/png"
     with pytest.raises(PromptError, match="points outside the inbox"):
         check_reference(str(library / "escape.png"), inbox, [library])
+
+
+def test_a_folder_flipped_to_a_link_and_back_during_uploads_never_yields_the_outside_file(
+    tmp_path: Path,
+) -> None:
+    """Whoever writes the inbox swaps a folder for a link out of it and back, as fast as it can, while
+    the daemon reads a reference below it: every read gives the inbox's image or a refusal, never the
+    image outside (the read is checked against the link on the way and the file at the path after)."""
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    (inbox / "sub").mkdir(parents=True)
+    outside.mkdir()
+    mine, theirs = PNG + b"inbox" * 1000, PNG + b"secret" * 1000
+    (inbox / "sub" / "pic.png").write_bytes(mine)
+    (outside / "pic.png").write_bytes(theirs)
+    (tmp_path / "link").symlink_to(outside)
+    ref = check_reference("sub/pic.png", inbox)
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            os.rename(inbox / "sub", tmp_path / "real")
+            os.rename(tmp_path / "link", inbox / "sub")  # now a link out of the inbox
+            os.rename(inbox / "sub", tmp_path / "link")
+            os.rename(tmp_path / "real", inbox / "sub")  # and back
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    seen: set[bytes | str] = set()
+    try:
+        for _ in range(3000):
+            try:
+                seen.add(read_reference(ref, inbox)[0])
+            except PromptError as exc:
+                seen.add(str(exc).split(": ", 2)[-1])
+    finally:
+        stop.set()
+        flipper.join()
+    assert theirs not in seen
+    assert mine in seen  # and it did get through between the flips

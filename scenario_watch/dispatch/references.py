@@ -90,7 +90,9 @@ class References:
                 records.append({"assetId": ref.asset_id})
                 continue
             assert ref.path is not None
-            data, file_type = read_reference(ref, folder)  # gone, a link, no image now: PromptError
+            data, file_type = read_reference(
+                ref, folder, self.roots
+            )  # gone, a link, no image now: PromptError
             original = hashlib.sha256(data).hexdigest()
             upload, mime_type, name, changes = data, file_type, ref.path.name, None
             if settings.normalize:  # BadImage (a PromptError) fails the prompt, unpaid

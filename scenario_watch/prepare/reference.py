@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from scenario_watch.errors import MissingReference, PromptError, UnsafeFile
-from scenario_watch.files import open_regular, read_regular
+from scenario_watch.files import open_beneath, open_regular
 from scenario_watch.prepare.schema import show
 
 REFERENCES = "referenceImages"  # the input whose entries may be local files, uploaded before generate
@@ -111,24 +111,29 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
     return Reference(entry, path=path, mime_type=mime)  # the file that was checked is the one read
 
 
-def read_reference(ref: Reference, base_dir: Path) -> tuple[bytes, str]:
-    """A local reference's bytes and type, to upload: opened never through a link, bounded, typed by its
-    bytes (it may have changed since it was checked); PromptError when it is gone or no longer fits."""
+def read_reference(ref: Reference, base_dir: Path, roots: Sequence[Path] = ()) -> tuple[bytes, str]:
+    """A local reference's bytes and type, to upload: opened one folder at a time below the prompt's
+    folder (or the reference root it lies in) following no link, bounded, typed by its bytes (it may
+    have changed since it was checked); PromptError when it is gone, reached through a link, or no
+    longer fits."""
     assert ref.path is not None
     linked = PromptError(
         [f"{REFERENCES}: {ref.entry!r} is reached through a symbolic link now: refused"], hint=NO_LINKS
     )
-    if _link_on_the_way(ref.path):  # a folder on the way became a link since it was checked
+    anchors = [Path(os.path.realpath(folder)) for folder in (base_dir, *roots)]
+    anchor = next((a for a in anchors if ref.path.is_relative_to(a) and ref.path != a), None)
+    if anchor is None:  # no longer below the folders it was checked in (they moved)
         raise linked
     try:
-        data = read_regular(ref.path, MAX_REFERENCE_BYTES)  # the file itself never through a link
+        with open_beneath(anchor, ref.path.relative_to(anchor)) as handle:
+            data = handle.read(MAX_REFERENCE_BYTES + 1)
     except UnsafeFile as exc:
+        if _link_on_the_way(ref.path):  # a folder on the way is a link (now)
+            raise linked from None
         problem = f"{REFERENCES}: {ref.entry!r} is {exc.kind}: refused (name an image file)"
         raise PromptError([problem]) from None
     except OSError as exc:
         raise _unreadable(ref.entry, base_dir, exc) from None
-    if _link_on_the_way(ref.path):  # and while it was read
-        raise linked
     if len(data) > MAX_REFERENCE_BYTES:
         raise PromptError([f"{REFERENCES}: {ref.entry!r} grew past {MAX_REFERENCE_BYTES >> 20} MiB"])
     return data, _image_mime(ref.entry, data[:HEAD_BYTES], len(data))
@@ -218,8 +223,15 @@ def _path_problem(entry: Path, path: Path, roots: list[Path]) -> str | None:
 
 
 def _link_on_the_way(path: Path) -> bool:
-    """Whether a folder on the way to `path` is a symbolic link (its parent does not resolve to itself)."""
-    return os.path.realpath(path.parent) != os.fspath(path.parent)
+    """Whether a folder on the way to `path` is a symbolic link (its parent does not resolve to itself).
+
+    A folder swapped while it is resolved makes realpath raise (a link gone between lstat and readlink):
+    that path is changing under us, and counts as one with a link.
+    """
+    try:
+        return os.path.realpath(path.parent) != os.fspath(path.parent)
+    except OSError:
+        return True
 
 
 def _inside(candidate: Path, roots: Sequence[Path]) -> bool:

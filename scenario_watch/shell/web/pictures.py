@@ -8,11 +8,9 @@ of a file or a folder since.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
-import stat
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,7 +20,9 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
+from scenario_watch import files
 from scenario_watch.config import FolderSettings
+from scenario_watch.errors import UnsafeFile
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 
@@ -74,38 +74,13 @@ def sniff(head: bytes) -> str | None:
 
 
 def open_beneath(root: Path, relative: Path) -> BinaryIO:
-    """Open a regular file below `root` without following any link on the way; Refused otherwise."""
-    parts = relative.parts
-    if not parts or relative.is_absolute() or any(p in ("", ".", "..") for p in parts):
-        raise Refused(f"{relative} is not a plain relative path")
-    # The root is a configured folder (it may be a link: the operator's choice); below it, none is.
+    """files.open_beneath, said as the page says it: NotFound or Refused."""
     try:
-        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return files.open_beneath(root, relative)
     except FileNotFoundError:
-        raise NotFound(str(root.name)) from None
-    try:
-        for part in parts[:-1]:
-            next_fd = _open_at(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd)
-            os.close(dir_fd)
-            dir_fd = next_fd
-        fd = _open_at(parts[-1], os.O_RDONLY | os.O_NONBLOCK, dir_fd)
-    finally:
-        os.close(dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # the descriptor itself: no swap can fool this
-        os.close(fd)
-        raise Refused(f"{relative} is not a regular file")
-    return os.fdopen(fd, "rb")
-
-
-def _open_at(name: str, flags: int, dir_fd: int) -> int:
-    try:
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise NotFound(name) from None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):  # a link, or not a folder/file
-            raise Refused(f"{name}: {exc.strerror}") from None
-        raise
+        raise NotFound(relative.name) from None
+    except (UnsafeFile, ValueError) as exc:
+        raise Refused(str(exc)) from None
 
 
 class Pictures:
