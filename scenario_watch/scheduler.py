@@ -294,8 +294,11 @@ class Scheduler:
             else:
                 done_at = job.polled_at - job.started
                 sample = done_at if job.running_at is None else (job.running_at + done_at) / 2
-        if sample is None:
-            return
+        if sample is not None:
+            self.recall(sample)
+
+    def recall(self, sample: float) -> None:
+        """One generation time more (learned now, or the one an earlier run had learned, at start)."""
         self._samples.append(sample)
         ordered = sorted(self._samples)
         self.typical = ordered[min(len(ordered) - 1, int(ESTIMATE_QUANTILE * len(ordered)))]

@@ -35,6 +35,7 @@ from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import NEXT, TRANSITIONS, Advanced, State, Task, next_task
 from scenario_watch.sandbox import Fault, Sandbox
 from scenario_watch.scheduler import Scheduler
+from scenario_watch.shell.heartbeat import published
 from scenario_watch.shell.instance import InstanceLock, lock_path
 from scenario_watch.shell.recovery import recover
 from scenario_watch.shell.status import build
@@ -376,3 +377,27 @@ def test_forty_prompts_through_a_quarter_of_failing_requests_are_each_paid_once(
     print(
         f"\nfault run: slowest prompt {times[-1]:.1f} s, median {times[len(times) // 2]:.1f} s (daemon clock)"
     )
+
+
+def test_a_restart_polls_its_first_job_when_the_last_run_learned_it_ends(
+    folders: Folders, sandbox: Sandbox, daemon: Any
+) -> None:
+    """The generation time a run learned is published, and the next run starts from it: its first job
+    is polled once, when it should be done, not every 0.05-0.2 s while the interval grows."""
+    sandbox.generation_seconds = 5.0
+    first = daemon()
+    folders.drop("teach.json", {"prompt": "how long a generation takes"})
+    wait_for(lambda: (folders.done / "teach.json").exists(), what="the first job done")
+    journal = Store(folders.state / "journal.sqlite3")
+    try:
+        wait_for(lambda: published(journal).get("typical"), what="the learned time published")
+    finally:
+        journal.close()
+    first.stop()
+    again = daemon()
+    folders.drop("after.json", {"prompt": "polled once"})
+    wait_for(lambda: (folders.done / "after.json").exists(), what="the job after the restart done")
+    again.stop()
+    job_id = json.loads((folders.outbox / "after.manifest.json").read_text())["jobId"]
+    polls = [r for r in sandbox.requests if r.method == "GET" and r.path == f"/v1/jobs/{job_id}"]
+    assert len(polls) == 1

@@ -39,6 +39,16 @@ def _reference(problem: str) -> str:
     return f"reference {missing_reference_name(problem) or problem}"
 
 
+def published(store: Store) -> dict[str, Any]:
+    """What the daemon (this one or the last) published last; empty when nothing readable is there."""
+    found = store.get_meta(META_KEY)
+    try:
+        value = json.loads(found[0]) if found else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 class Heartbeat:
     """Publishes the scheduler's pauses and waits (main thread only)."""
 
@@ -60,6 +70,11 @@ class Heartbeat:
         self._next_check = float("-inf")
         self._pending = False  # something may have changed since the last check
         self._failing = False
+        # The generation time the last run had learned (it published it): a restart polls its first
+        # jobs when they should be done too, instead of finding them done a growing interval late.
+        typical = published(store).get("typical")
+        if isinstance(typical, int | float) and not isinstance(typical, bool) and typical > 0:
+            scheduler.recall(float(typical))
 
     def tick(self, now: float) -> None:
         """Publish the state if it changed (at most once a second), or when the heartbeat is due."""

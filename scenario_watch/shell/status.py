@@ -18,7 +18,7 @@ from scenario_watch.intake import backlog
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import State
-from scenario_watch.shell.heartbeat import HEARTBEAT_EVERY, META_KEY, iso
+from scenario_watch.shell.heartbeat import HEARTBEAT_EVERY, iso, published
 from scenario_watch.shell.instance import holder, lock_path
 
 JOURNAL, SANDBOX_JOURNAL = "journal.sqlite3", "sandbox.sqlite3"
@@ -53,10 +53,9 @@ def build(
     `reference_wait` ([watch] reference_wait) says how long a prompt waits for a missing reference.
     """
     running, pid = holder(lock)
-    meta = store.get_meta(META_KEY)
-    published: dict[str, Any] = json.loads(meta[0]) if meta else {}
-    beat = published.get("heartbeat")
-    live = published if running else {}  # a dead daemon's pauses and waits say nothing any more
+    last = published(store)
+    beat = last.get("heartbeat")
+    live = last if running else {}  # a dead daemon's pauses and waits say nothing any more
     budget_until = live.get("budget_until")
     active = store.active()
     done = store.recent(State.DONE, max(RECENT, TYPICAL_OF))  # read once: recent, and typical times
@@ -65,7 +64,7 @@ def build(
     return {
         "daemon": {
             "running": running,
-            "pid": (pid or published.get("pid")) if running else None,
+            "pid": (pid or last.get("pid")) if running else None,
             "heartbeat_age_s": round(now - beat, 1) if isinstance(beat, int | float) else None,
         },
         "counts": store.counts(),
