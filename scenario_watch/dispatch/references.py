@@ -90,9 +90,8 @@ class References:
                 records.append({"assetId": ref.asset_id})
                 continue
             assert ref.path is not None
-            data, file_type = read_reference(
-                ref, folder, self.roots
-            )  # gone, a link, no image now: PromptError
+            # Gone, reached through a link, no image any more: PromptError (the prompt fails, unpaid).
+            data, file_type = read_reference(ref, folder, self.roots)
             original = hashlib.sha256(data).hexdigest()
             upload, mime_type, name, changes = data, file_type, ref.path.name, None
             if settings.normalize:  # BadImage (a PromptError) fails the prompt, unpaid
