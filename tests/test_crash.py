@@ -82,12 +82,18 @@ def test_kill_9_again_and_again_then_everything_finishes_exactly_once(
     assert_each_finished_once(folders, sandbox, prompts)
 
 
+def second_config(folders: Folders, tmp_path: Path) -> Path:
+    """The folders' config for a second daemon: the same inbox, outbox, done/ and failed/, its own state."""
+    second = tmp_path / "second.toml"
+    second.write_text(folders.config.read_text().replace(str(folders.state), str(tmp_path / "state-b")))
+    return second
+
+
 def test_two_daemons_sharing_one_inbox_never_take_the_same_file(
     folders: Folders, sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    second = tmp_path / "second.toml"
     write_config(folders, sandbox.base_url)
-    second.write_text(folders.config.read_text().replace(str(folders.state), str(tmp_path / "state-b")))
+    second = second_config(folders, tmp_path)
     a = DaemonProcess(folders.config, tmp_path / "a.log")
     b = DaemonProcess(second, tmp_path / "b.log")
     try:
@@ -108,9 +114,8 @@ def test_two_daemons_on_one_outbox_deliver_every_paid_prompt_of_one_name(
 ) -> None:
     """One file name dropped 12 times (each a new prompt) into an inbox two daemons share: 12/12 paid
     prompts have all their images in the outbox, under names no other daemon took; 0 paid twice."""
-    second = tmp_path / "second.toml"
     write_config(folders, sandbox.base_url)
-    second.write_text(folders.config.read_text().replace(str(folders.state), str(tmp_path / "state-b")))
+    second = second_config(folders, tmp_path)
     a = DaemonProcess(folders.config, tmp_path / "a.log")
     b = DaemonProcess(second, tmp_path / "b.log")
     try:
@@ -290,8 +295,7 @@ def test_a_restarted_daemon_never_adopts_another_daemons_claims(
 ) -> None:
     """Two daemons share an inbox; one restarts while the other has jobs in flight: nothing is redone."""
     sandbox.generation_seconds = 1.5
-    second = tmp_path / "second.toml"
-    second.write_text(folders.config.read_text().replace(str(folders.state), str(tmp_path / "state-b")))
+    second = second_config(folders, tmp_path)
     a = DaemonProcess(folders.config, tmp_path / "a.log")
     b = DaemonProcess(second, tmp_path / "b.log")
     try:
