@@ -343,9 +343,9 @@ def _unsettled(
     """A local reference file changed less than `settle` seconds ago (written in place: maybe not complete)
     and how long until it has been still that long; None: all are still. Judged by its modification time
     against this clock, so a file server whose clock is off by more than `settle` is not judged right."""
-    own = (claimed, claimed.parent.resolve() / claimed.name)  # a preset's own image: intake settled it
     for ref in references:
-        if ref.path is None or ref.path in own:  # an asset id, or that image
+        # An asset id, or a preset's own image (the claimed file: intake settled it).
+        if ref.path is None or ref.path in (claimed, claimed.parent.resolve() / claimed.name):
             continue
         try:
             age = now - os.stat(ref.path).st_mtime
