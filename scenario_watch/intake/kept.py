@@ -21,6 +21,7 @@ from typing import Any
 
 from scenario_watch import logs
 from scenario_watch.intake.backlog import Identity, identity, real
+from scenario_watch.journal.rows import json_object
 from scenario_watch.journal.store import Store
 
 log = logs.get()
@@ -99,13 +100,7 @@ class Kept:
 
     def _read(self) -> dict[str, Any]:
         found = self.store.get_meta(META_KEY)
-        if found is None:
-            return {}
-        try:
-            value = json.loads(found[0])
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
+        return json_object(found[0] if found else None)
 
     def _write(self) -> None:
         self.store.set_meta(META_KEY, json.dumps(self._value(), sort_keys=True))

@@ -91,3 +91,12 @@ def from_db(row: sqlite3.Row) -> Row:
 def _json(text: str | None, default: Any) -> Any:
     """A JSON column's value, or `default` when it is empty."""
     return json.loads(text) if text else default
+
+
+def json_object(text: str | None) -> dict[str, Any]:
+    """A JSON object the journal keeps as text (a meta value): {} when absent, unreadable or no object."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

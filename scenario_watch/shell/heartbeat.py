@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from scenario_watch import logs
+from scenario_watch.journal.rows import json_object
 from scenario_watch.journal.store import Store
 from scenario_watch.prepare.reference import missing_reference_name
 from scenario_watch.scheduler import Scheduler
@@ -42,11 +43,7 @@ def _reference(problem: str) -> str:
 def published(store: Store) -> dict[str, Any]:
     """What the daemon (this one or the last) published last; empty when nothing readable is there."""
     found = store.get_meta(META_KEY)
-    try:
-        value = json.loads(found[0]) if found else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    return json_object(found[0] if found else None)
 
 
 class Heartbeat:
