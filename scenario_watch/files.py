@@ -243,6 +243,32 @@ def open_regular(path: StrPath) -> BinaryIO:
         raise
 
 
+def open_own(path: StrPath) -> BinaryIO:
+    """Open a file of our own to write it anew, creating it if it is gone; UnsafeFile (nothing written)
+    if a link, a FIFO, a socket or a file with other names (a hard link) is there instead."""
+    name = os.path.basename(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(name, "a symbolic link") from None
+        if exc.errno == errno.ENXIO:
+            raise UnsafeFile(name, "a FIFO or socket") from None
+        raise
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise UnsafeFile(name, _kind(found.st_mode))
+        if found.st_nlink != 1:
+            raise UnsafeFile(name, "a file with other names (a hard link)")
+        os.ftruncate(fd, 0)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_beneath(root: Path, relative: Path) -> BinaryIO:
     """Open a regular file below `root` following no link on the way, one folder at a time (openat):
     no swap of a folder for a link, however timed, leads out. The root itself is configured (it may be

@@ -29,7 +29,7 @@ POLL_GROWTH = 1.5
 POLL_JITTER = 0.1
 # A job is polled this long after it should be done: our start is the POST's answer, after the API's
 # own start, so only the API's lag in showing a final status needs covering.
-EXPECTED_MARGIN = 0.01
+EXPECTED_MARGIN = 0.003
 # The learned generation time is this quantile of the last ESTIMATE_WINDOW jobs' times: most jobs
 # are done when first polled, and one that is not is polled again soon (a share of the time, at most
 # poll_interval). Without the API's timestamps, a job found done at its first poll counts as

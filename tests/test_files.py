@@ -23,6 +23,7 @@ from scenario_watch.errors import UnsafeFile
 from scenario_watch.files import (
     TEMP_SUFFIX,
     move_no_clobber,
+    open_own,
     open_regular,
     read_regular,
     rename_into,
@@ -238,6 +239,32 @@ def test_read_regular_refuses_folders_sockets_and_devices(tmp_path: Path) -> Non
         read_regular("/dev/zero", 1000)
     with pytest.raises(FileNotFoundError):
         read_regular(tmp_path / "missing.json", 1000)
+
+
+def test_open_own_writes_anew_a_file_of_ours_and_nothing_else(tmp_path: Path) -> None:
+    ours = tmp_path / ".x.part"
+    ours.write_bytes(b"old and longer")
+    with open_own(ours) as out:
+        out.write(b"new")
+    assert ours.read_bytes() == b"new"  # truncated, not appended
+    ours.unlink()
+    with open_own(ours) as out:  # gone (a restart removed it): made again
+        out.write(b"again")
+    assert ours.read_bytes() == b"again"
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"keep me")
+    link, hard, fifo = tmp_path / ".link.part", tmp_path / ".hard.part", tmp_path / ".fifo.part"
+    link.symlink_to(outside)
+    os.link(outside, hard)
+    os.mkfifo(fifo)
+    for path, kind in ((link, "a symbolic link"), (hard, "a hard link"), (fifo, "FIFO")):
+        with pytest.raises(UnsafeFile, match=kind):
+            open_own(path)
+    assert outside.read_bytes() == b"keep me"  # never truncated or written through a name
+    with pytest.raises(UnsafeFile, match="a symbolic link"):  # dangling: nothing created at the target
+        (tmp_path / ".dangling.part").symlink_to(tmp_path / "made")
+        open_own(tmp_path / ".dangling.part")
+    assert not (tmp_path / "made").exists()
 
 
 # -- what a program watching the folder sees ---------------------------------------------------------

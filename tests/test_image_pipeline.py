@@ -12,6 +12,7 @@ from imagemaker import decode, encode, exif_block, photo
 from PIL import Image
 
 from scenario_watch.api.client import ScenarioClient
+from scenario_watch.api.jobs import Job
 from scenario_watch.clock import ManualClock
 from scenario_watch.config import MODEL_ID, FolderSettings
 from scenario_watch.deliver import provenance
@@ -114,20 +115,19 @@ def test_truncated_jpeg_reference_fails_unpaid(folders: Folders, sandbox: Sandbo
     assert "cut.jpg" in report["error"] and "truncated" in report["error"], report
 
 
-def test_a_redo_after_a_crash_knows_the_output_it_published_with_provenance(
-    folders: Folders, sandbox: Sandbox, clock: ManualClock
-) -> None:
-    """Killed after an output's rename, before the journal heard of it: the redo (a minute later) writes
-    the very same bytes, provenance included, so it finds its own file instead of publishing a copy."""
+def finished_job(
+    folders: Folders, sandbox: Sandbox, clock: ManualClock, outputs: int
+) -> tuple[ScenarioClient, Store, int, Job, Outbox]:
+    """A job of `outputs` images done at Scenario, its prompt journaled as downloading, and an Outbox."""
     client = ScenarioClient(sandbox.base_url, sandbox.key, sandbox.secret, model_id=MODEL_ID)
-    job, cost = client.generate({"prompt": "made once", "numOutputs": 2})
+    job, cost = client.generate({"prompt": "made once", "numOutputs": outputs})
     clock.advance(5.0)
     job = client.get_job(job.job_id)
-    assert job.status == "success" and len(job.asset_ids) == 2
+    assert job.status == "success" and len(job.asset_ids) == outputs
     store = Store(folders.state / "journal.sqlite3", clock)
     prompt = store.add("made.json", folders.inbox / "made.json")
-    store.queued(prompt, {"prompt": "made once", "numOutputs": 2}, "made", "0" * 64)
-    store.submitting(prompt, {"prompt": "made once", "numOutputs": 2}, "2026-12-01T00:00:00.000Z")
+    store.queued(prompt, {"prompt": "made once", "numOutputs": outputs}, "made", "0" * 64)
+    store.submitting(prompt, {"prompt": "made once", "numOutputs": outputs}, "2026-12-01T00:00:00.000Z")
     store.submitted(prompt, job.job_id, cost)
     store.downloading(prompt, list(job.asset_ids), cost)
     folder_settings = FolderSettings(
@@ -137,7 +137,15 @@ def test_a_redo_after_a_crash_knows_the_output_it_published_with_provenance(
         failed=folders.failed,
         state=folders.state,
     )
-    outbox = Outbox(folder_settings, client, store, clock)  # [outbox] metadata = true: the default
+    return client, store, prompt, job, Outbox(folder_settings, client, store, clock)
+
+
+def test_a_redo_after_a_crash_knows_the_output_it_published_with_provenance(
+    folders: Folders, sandbox: Sandbox, clock: ManualClock
+) -> None:
+    """Killed after an output's rename, before the journal heard of it: the redo (a minute later) writes
+    the very same bytes, provenance included, so it finds its own file instead of publishing a copy."""
+    client, store, prompt, job, outbox = finished_job(folders, sandbox, clock, 2)  # metadata: the default
     first = outbox.deliver(store.get(prompt), job)
     written = {name: (folders.outbox / name).read_bytes() for name in first}
     assert provenance.read(written["made_1.png"]) is not None
@@ -149,5 +157,32 @@ def test_a_redo_after_a_crash_knows_the_output_it_published_with_provenance(
     assert again == first
     assert sorted(p.name for p in folders.outbox.iterdir()) == sorted(first)  # no made_1-2.png
     assert all((folders.outbox / name).read_bytes() == data for name, data in written.items() if "_" in name)
+    store.close()
+    client.close()
+
+
+def test_the_manifest_is_written_into_the_stems_marker_never_through_a_link_put_there(
+    folders: Folders, sandbox: Sandbox, clock: ManualClock, tmp_path: Path
+) -> None:
+    """The marker that holds a stem becomes the manifest (nothing is left to delete). A link that took
+    the marker's name meanwhile is not written through: the manifest comes from a fresh temp file."""
+    client, store, prompt, job, outbox = finished_job(folders, sandbox, clock, 1)
+    assert outbox.reserve_stem(store.get(prompt)) == "made"
+    marker = folders.outbox / ".made.sw-stem.part"
+    assert marker.is_file()
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not the daemon's")
+    marker.unlink()
+    marker.symlink_to(outside)
+    outputs = outbox.deliver(store.get(prompt), job)
+    assert outputs == ("made_1.png", "made.manifest.json")
+    assert json.loads((folders.outbox / "made.manifest.json").read_text())["jobId"] == job.job_id
+    assert outside.read_bytes() == b"not the daemon's" and marker.is_symlink()
+    # Without the link, the marker itself is renamed to the manifest: no hidden file is left over.
+    marker.unlink()
+    (folders.outbox / "made.manifest.json").unlink()
+    redo = dataclasses.replace(store.get(prompt), delivered=[])
+    assert outbox.deliver(redo, job) == outputs
+    assert sorted(p.name for p in folders.outbox.iterdir()) == ["made.manifest.json", "made_1.png"]
     store.close()
     client.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import stat
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from scenario_watch import logs
 from scenario_watch.api.client import ScenarioClient
@@ -27,7 +28,7 @@ from scenario_watch.clock import SYSTEM, Clock, iso
 from scenario_watch.config import FolderSettings
 from scenario_watch.deliver import naming, provenance
 from scenario_watch.errors import BadImage, UnsafeFile, UrlExpired
-from scenario_watch.files import digest, fsync_dir, fsync_file, rename_noreplace, temp_path
+from scenario_watch.files import digest, fsync_dir, open_own, rename_noreplace, temp_path
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.prepare.containers import Malformed
@@ -134,63 +135,54 @@ class Outbox:
             delivered.append({"file": str(rel.parent / dest.name), "assetId": asset_id, **entry})
             self.store.published(row.id, delivered)
         body = json.dumps(self._manifest(row, job, delivered), indent=2, ensure_ascii=False).encode() + b"\n"
-        manifest = self._publish_bytes(
-            outbox / Path(stem).parent, f"{Path(stem).name}.manifest.json", body, job.job_id
-        )
-        with contextlib.suppress(OSError):  # the stem is held by its manifest from now on
-            (outbox / Path(stem).parent / STEM_MARKER.format(name=Path(stem).name)).unlink()
+        manifest = self._publish_manifest(outbox / Path(stem).parent, Path(stem).name, body, job.job_id)
         parent = Path(stem).parent
         return (*(str(parent / entry["file"]) for entry in delivered), str(parent / manifest.name))
 
     def _download(
         self, asset: Asset, folder: Path, base: str, row: Row, job: Job
     ) -> tuple[Path, dict[str, Any]]:
-        """Stream one output into a temp file, make it what [outbox] asks, then publish it under a free name.
+        """Download one output, make it what [outbox] asks, then publish it under a free name.
 
-        The digest comes from the temp file before publication: once published, a preset folder on
-        the outbox may take it away at once.
+        The digest comes before publication: once published, a preset folder on the outbox may take it
+        away at once. An output that is rewritten (provenance, format) is downloaded into memory, where
+        it is rewritten anyway, so the only file is the one published: each file created and deleted
+        per output makes ext4's next inode allocation slower (it skips recently deleted inodes).
         """
         temp = temp_path(folder / base)
-        made: Path | None = None
-        # Outputs that are rewritten (provenance, format) are synced once, as the file that is published.
         settings = self.settings_for(row)
-        rewrite = settings.format != "original" or settings.metadata
         try:
-            try:
-                self._fetch(asset.url, temp, sync=not rewrite)
-            except UrlExpired:  # signed URLs expire: ask for the asset again and use the fresh URL once
-                self.tally.retry("url_expired")
-                self._fetch(self.client.get_asset(asset.asset_id).url, temp, sync=not rewrite)
-            mime_type = asset.mime_type
-            if not rewrite:
+            if settings.format == "original" and not settings.metadata:  # streamed to disk as it comes
+                with temp.open("xb") as out:
+                    self._fetch(asset, out)
+                    out.flush()
+                    os.fsync(out.fileno())
                 size, sha256 = digest(temp)
                 entry: dict[str, Any] = {"size": size, "sha256": sha256}
+                mime_type = asset.mime_type
             else:
-                data = temp.read_bytes()
+                buffer = io.BytesIO()
+                self._fetch(asset, buffer)
+                data = buffer.getvalue()
                 entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                out, mime_type = self._transform(data, asset.mime_type, row, job)
-                if out == data:  # published as Scenario made it after all: sync it now
-                    fsync_file(temp)
-                else:
-                    made = temp_path(folder / base)
-                    with made.open("xb") as handle:
-                        handle.write(out)
-                        handle.flush()
-                        os.fsync(handle.fileno())
+                out_bytes, mime_type = self._transform(data, asset.mime_type, row, job)
+                if out_bytes != data:
                     original = entry["sha256"]
                     entry = {
-                        "size": len(out),
-                        "sha256": hashlib.sha256(out).hexdigest(),
+                        "size": len(out_bytes),
+                        "sha256": hashlib.sha256(out_bytes).hexdigest(),
                         "originalSha256": original,
                     }
+                with temp.open("xb") as out:
+                    out.write(out_bytes)
+                    out.flush()
+                    os.fsync(out.fileno())
             self._sizes.append(entry["size"])
             name = f"{base}.{EXTENSIONS.get(mime_type, 'png')}"
-            dest = self._publish(made or temp, folder, name, lambda dest: _same_file(dest, entry["sha256"]))
+            dest = self._publish(temp, folder, name, lambda dest: _same_file(dest, entry["sha256"]))
             return dest, {"mimeType": mime_type, **entry}
         finally:
-            temp.unlink(missing_ok=True)
-            if made is not None:
-                made.unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)  # published: already gone
 
     def _transform(self, data: bytes, mime_type: str, row: Row, job: Job) -> tuple[bytes, str]:
         """Scenario's bytes in the [outbox] format, with provenance written in; as they are if it cannot."""
@@ -229,12 +221,14 @@ class Outbox:
             created=made_at(row, job),
         )
 
-    def _fetch(self, url: str, temp: Path, *, sync: bool) -> None:
-        with temp.open("wb") as out:
-            self.client.download(url, out)
-            out.flush()
-            if sync:
-                os.fsync(out.fileno())
+    def _fetch(self, asset: Asset, out: IO[bytes]) -> None:
+        try:
+            self.client.download(asset.url, out)
+        except UrlExpired:  # signed URLs expire: ask for the asset again and use the fresh URL once
+            self.tally.retry("url_expired")
+            out.seek(0)
+            out.truncate()
+            self.client.download(self.client.get_asset(asset.asset_id).url, out)
 
     def _publish(self, temp: Path, folder: Path, name: str, ours: Callable[[Path], bool]) -> Path:
         """Rename `temp` to `name`, or `name-2` ... when anyone else holds the name; never replaces.
@@ -260,16 +254,28 @@ class Outbox:
             fsync_dir(folder)
             return dest
 
-    def _publish_bytes(self, folder: Path, name: str, body: bytes, job_id: str) -> Path:
-        temp = temp_path(folder / name)
+    def _publish_manifest(self, folder: Path, stem: str, body: bytes, job_id: str) -> Path:
+        """Write the manifest into the stem's marker and rename that to the manifest's name.
+
+        The stem is held throughout (by the marker, then by the manifest), and nothing is left to delete.
+        A marker removed at a restart (a leftover temp file) is made again; if a link or anything but a
+        file of ours has its name, a fresh temp file is written instead and that is left alone.
+        """
+        name = f"{stem}.manifest.json"
+        temp = folder / STEM_MARKER.format(name=stem)
         try:
-            with temp.open("xb") as out:
+            out = open_own(temp)
+        except UnsafeFile:
+            temp = temp_path(folder / name)
+            out = temp.open("xb")
+        try:
+            with out:
                 out.write(body)
                 out.flush()
                 os.fsync(out.fileno())
             return self._publish(temp, folder, name, lambda dest: _manifest_of(dest, job_id))
         finally:
-            temp.unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)  # published: already gone
 
     def _manifest(self, row: Row, job: Job, files: list[dict[str, Any]]) -> dict[str, Any]:
         return {
