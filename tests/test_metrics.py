@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import pytest
-import requests
+from conftest import KEY, SECRET
 from prometheus_client.parser import text_string_to_metric_families
 
 from scenario_watch import __version__
+from scenario_watch.api.client import ScenarioClient
+from scenario_watch.config import MODEL_ID
+from scenario_watch.errors import NotFound, TransientError
 from scenario_watch.sandbox import Sandbox
 from scenario_watch.shell.metrics import Metrics, Snapshot, TextfileWriter, endpoint, waiting_reasons
 
@@ -144,17 +148,14 @@ def test_endpoints_are_a_small_fixed_set(method: str, url: str, expected: str) -
 
 def test_requests_are_counted_by_endpoint_and_status_class(sandbox: Sandbox) -> None:
     m = Metrics(base_url=sandbox.base_url)
-    session = requests.Session()
-    m.instrument(session)
-    auth = ("sandbox-key", "sandbox-secret")
-    assert session.get(f"{sandbox.base_url}/jobs/job_nope", auth=auth, timeout=5).status_code == 404
-    session.get(
-        f"{sandbox.base_url}/jobs", params={"createdAfter": "2020-01-01T00:00:00Z"}, auth=auth, timeout=5
-    )
-    closed = requests.Session()  # a port nobody listens on: no answer at all
-    m.instrument(closed)
-    with pytest.raises(requests.ConnectionError):
-        closed.get(f"{sandbox.base_url.rsplit(':', 1)[0]}:9/v1/jobs/x", timeout=5)
+    client = ScenarioClient(sandbox.base_url, KEY, SECRET, model_id=MODEL_ID, timeout=5, retries=0)
+    client.on_response(m.api_response)
+    with pytest.raises(NotFound):
+        client.get_job("job_nope")
+    assert list(client.list_jobs("2020-01-01T00:00:00Z")) == []
+    with pytest.raises(TransientError):  # a port nobody listens on: no answer at all
+        client.download(f"{sandbox.base_url.rsplit(':', 1)[0]}:9/assets/x", io.BytesIO())
+    client.close()
     assert value(m, "scenario_watch_api_requests_total", endpoint="job", status_class="4xx") == 1
     assert value(m, "scenario_watch_api_requests_total", endpoint="jobs_list", status_class="2xx") == 1
     # Another host than the API's is the CDN (a GET there is a download).

@@ -1,4 +1,4 @@
-"""The Scenario REST API over one `requests.Session`, with errors as types."""
+"""The Scenario REST API over HTTP (transport.py), with errors as types."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import re
 import time
 from collections.abc import Iterator
 from typing import IO, Any
+from urllib.parse import urlencode
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
-from urllib3.util.retry import Retry
+import urllib3
+from urllib3.exceptions import HTTPError, ProtocolError
 
 from scenario_watch import __version__
 from scenario_watch.api.jobs import Asset, Job, as_number, parse_job
 from scenario_watch.api.retries import RetryListener, fault_kind, policy, status_kind
+from scenario_watch.api.transport import ResponseListener, Transport, never_sent
 from scenario_watch.errors import (
     AuthError,
     BadRequest,
@@ -61,34 +61,24 @@ class ScenarioClient:
         self.base_url = base_url.rstrip("/")
         self.model_id = model_id
         self.project_id = project_id
-        self.timeout = (min(5.0, timeout), timeout)
-        self._retry = policy(retries)  # shared by both sessions' adapters
-        self.api = self._session(self._retry, self.base_url)
-        self.api.auth = (key, secret)
+        self._retry = policy(retries)
+        agent = {"User-Agent": f"scenario-watch/{__version__}"}
+        self.api = Transport(
+            self._retry, timeout, {**agent, **urllib3.make_headers(basic_auth=f"{key}:{secret}")}
+        )
         # The CDN gets no credentials: its signed URLs carry their own authorisation.
-        self.cdn = self._session(self._retry, self.base_url)
+        self.cdn = Transport(self._retry, timeout, agent)
 
     def on_retry(self, listener: RetryListener | None) -> None:
-        """Tell `listener` of every retry the sessions make by themselves (5xx, connection, timeout)."""
+        """Tell `listener` of every retry urllib3 makes by itself (5xx, connection, timeout)."""
         self._retry.listener = listener
 
-    @staticmethod
-    def _session(retry: Retry, url: str) -> requests.Session:
-        session = requests.Session()
-        # Proxy and CA-bundle settings from the environment, read once: requests would otherwise read
-        # them (and ~/.netrc) again on every request, about a quarter of a millisecond of CPU each.
-        found = session.merge_environment_settings(url, {}, None, None, None)
-        session.trust_env = False
-        session.proxies.update(found["proxies"])
-        session.verify = found["verify"]
-        adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=64)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        session.headers["User-Agent"] = f"scenario-watch/{__version__}"
-        return session
+    def on_response(self, listener: ResponseListener | None) -> None:
+        """Tell `listener` of every request's outcome, API and CDN alike (status, or None: no answer)."""
+        self.api.listener = self.cdn.listener = listener
 
     def close(self) -> None:
-        """Close both sessions' pooled connections."""
+        """Close the pooled connections."""
         self.api.close()
         self.cdn.close()
 
@@ -100,7 +90,7 @@ class ScenarioClient:
         Raises OutcomeUnknown when the request may have created a job (timeout or reset after
         sending, 5xx, unreadable answer): the caller must reconcile before sending it again.
         """
-        body = self._call("POST", f"/generate/custom/{self.model_id}", json=inputs, post=True)
+        body = self._call("POST", f"/generate/custom/{self.model_id}", payload=inputs, post=True)
         job = body.get("job")
         if not isinstance(job, dict):
             raise OutcomeUnknown("generate answered without a job object", answered=True)
@@ -112,7 +102,7 @@ class ScenarioClient:
     def estimate(self, inputs: dict[str, Any]) -> float:
         """The creative-unit cost of a generation, without running it (dryRun=api: HTTP 269, or 200)."""
         body = self._call(
-            "POST", f"/generate/custom/{self.model_id}", json=inputs, params={"dryRun": DRY_RUN}, post=True
+            "POST", f"/generate/custom/{self.model_id}", payload=inputs, params={"dryRun": DRY_RUN}, post=True
         )
         if isinstance(body.get("job"), dict):
             # A server that ignores dryRun runs (and bills) the generation: say so loudly, never "estimate".
@@ -182,7 +172,7 @@ class ScenarioClient:
         """Upload a reference image; its new asset id (base64 while the body is under 6 MB, else parts)."""
         if direct_body_size(len(data), name) < DIRECT_UPLOAD_LIMIT - DIRECT_UPLOAD_MARGIN:
             encoded = base64.b64encode(data).decode("ascii")
-            body = self._call("POST", "/assets", json={"image": encoded, "name": name}, post=True)
+            body = self._call("POST", "/assets", payload={"image": encoded, "name": name}, post=True)
             asset = body.get("asset")
             if not isinstance(asset, dict) or not isinstance(asset.get("id"), str):
                 raise TransientError("the upload answer has no asset id")
@@ -198,7 +188,7 @@ class ScenarioClient:
             "parts": parts,
             "fileSize": len(data),
         }
-        upload = self._call("POST", "/uploads", json=request, post=True).get("upload")
+        upload = self._call("POST", "/uploads", payload=request, post=True).get("upload")
         if not isinstance(upload, dict) or not isinstance(upload.get("id"), str):
             raise TransientError("the upload answer has no upload id")
         upload_id = upload["id"]
@@ -208,14 +198,14 @@ class ScenarioClient:
                 raise TransientError(f"upload {upload_id}: a part without number or url")
             chunk = data[(number - 1) * PART_SIZE : number * PART_SIZE]
             try:  # the part URLs are signed: no credentials
-                resp = self.cdn.put(part["url"], data=chunk, timeout=self.timeout)
-            except requests.RequestException as exc:
+                resp = self.cdn.request("PUT", part["url"], body=chunk)
+            except HTTPError as exc:
                 message = f"upload {upload_id} part {number}: {type(exc).__name__}"
                 raise TransientError(message, kind=fault_kind(exc)) from exc
-            if resp.status_code >= 300:
-                message = f"upload {upload_id} part {number}: HTTP {resp.status_code}"
-                raise TransientError(message, kind=status_kind(resp.status_code))
-        self._call("POST", f"/uploads/{upload_id}/action", json={"action": "complete"}, post=True)
+            if resp.status >= 300:
+                message = f"upload {upload_id} part {number}: HTTP {resp.status}"
+                raise TransientError(message, kind=status_kind(resp.status))
+        self._call("POST", f"/uploads/{upload_id}/action", payload={"action": "complete"}, post=True)
         delay = 0.1
         for _ in range(600):
             state = self._call("GET", f"/uploads/{upload_id}").get("upload") or {}
@@ -233,18 +223,24 @@ class ScenarioClient:
     def download(self, url: str, out: IO[bytes]) -> int:
         """Stream a signed CDN URL into `out` (no credentials sent); the number of bytes written."""
         try:
-            with self.cdn.get(url, stream=True, timeout=self.timeout) as resp:
-                if resp.status_code == 403:
+            resp = self.cdn.request("GET", url, stream=True)
+            try:
+                if resp.status == 403:
                     raise UrlExpired("the CDN refused the signed URL (expired or bad signature)")
-                if resp.status_code != 200:
-                    message = f"the CDN answered HTTP {resp.status_code}"
-                    raise TransientError(message, kind=status_kind(resp.status_code))
+                if resp.status != 200:
+                    message = f"the CDN answered HTTP {resp.status}"
+                    raise TransientError(message, kind=status_kind(resp.status))
                 expected = resp.headers.get("Content-Length")
                 written = 0
-                for chunk in resp.iter_content(CHUNK):
+                for chunk in resp.stream(CHUNK):
                     out.write(chunk)
                     written += len(chunk)
-        except requests.RequestException as exc:
+            finally:  # what is left of the body (an error page) is read off: the connection is reused
+                resp.drain_conn()
+                resp.release_conn()
+        except ProtocolError as exc:  # the body ended before its Content-Length (or the line dropped)
+            raise TransientError(f"download cut short: {type(exc).__name__}", kind="connection") from exc
+        except HTTPError as exc:
             raise TransientError(f"download failed: {type(exc).__name__}", kind=fault_kind(exc)) from exc
         if expected is not None and expected.isdigit() and int(expected) != written:
             raise TransientError(f"download cut short: {written} of {expected} bytes", kind="connection")
@@ -257,20 +253,21 @@ class ScenarioClient:
         method: str,
         path: str,
         *,
-        json: Any = None,
+        payload: Any = None,
         params: dict[str, Any] | None = None,
         post: bool = False,
     ) -> dict[str, Any]:
         params = dict(params or {})
         if self.project_id:
             params["projectId"] = self.project_id
+        url = self.base_url + path + (f"?{urlencode(params)}" if params else "")
+        body = None if payload is None else json.dumps(payload, allow_nan=False).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else None
         try:
-            resp = self.api.request(
-                method, self.base_url + path, json=json, params=params, timeout=self.timeout
-            )
-        except requests.RequestException as exc:
+            resp = self.api.request(method, url, body=body, headers=headers)
+        except HTTPError as exc:
             kind = fault_kind(exc)
-            if _never_sent(exc):
+            if never_sent(exc):
                 message = f"{method} {path}: cannot connect ({type(exc).__name__})"
                 raise TransientError(message, kind=kind) from exc
             if post:
@@ -280,11 +277,11 @@ class ScenarioClient:
         return _answer(resp, post=post)
 
 
-def _answer(resp: requests.Response, *, post: bool) -> dict[str, Any]:
-    status = resp.status_code
+def _answer(resp: urllib3.BaseHTTPResponse, *, post: bool) -> dict[str, Any]:
+    status = resp.status
     if 200 <= status < 300:
         try:
-            body = resp.json()
+            body = json.loads(resp.data)
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -315,15 +312,15 @@ def is_plan_refusal(reason: str) -> bool:
 
 
 def direct_body_size(size: int, name: str) -> int:
-    """Bytes of the JSON body of a base64 upload of `size` bytes named `name` (as requests encodes it)."""
+    """Bytes of the JSON body of a base64 upload of `size` bytes named `name` (as `_call` encodes it)."""
     return 4 * -(-size // 3) + len(json.dumps({"image": "", "name": name}).encode())
 
 
-def _error(resp: requests.Response) -> tuple[str, dict[str, Any]]:
+def _error(resp: urllib3.BaseHTTPResponse) -> tuple[str, dict[str, Any]]:
     """An error answer's `reason` (else the HTTP reason phrase) and `details` (else empty)."""
-    fallback = resp.reason or f"HTTP {resp.status_code}"
+    fallback = resp.reason or f"HTTP {resp.status}"
     try:
-        body = resp.json()
+        body = json.loads(resp.data)
     except ValueError:
         return fallback, {}
     if not isinstance(body, dict):
@@ -336,22 +333,12 @@ def _error(resp: requests.Response) -> tuple[str, dict[str, Any]]:
     )
 
 
-def _retry_after(resp: requests.Response) -> float | None:
+def _retry_after(resp: urllib3.BaseHTTPResponse) -> float | None:
     value = resp.headers.get("Retry-After", "").strip()
     try:
         return max(0.0, float(value)) if value else None
     except ValueError:
         return None  # an HTTP date: rare enough to fall back to our own backoff
-
-
-def _never_sent(exc: requests.RequestException) -> bool:
-    """True when the request certainly never reached the server (refused, or a connect timeout)."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
-    inner = exc.args[0] if exc.args else None  # requests wraps urllib3's MaxRetryError(reason=...)
-    return isinstance(inner, MaxRetryError) and isinstance(
-        inner.reason, NewConnectionError | ConnectTimeoutError
-    )
 
 
 __all__ = ["ScenarioClient", "is_plan_refusal"]

@@ -1,6 +1,6 @@
-"""The HTTP retry policy of both sessions (urllib3's Retry, declared once), and what kind a fault was.
+"""The HTTP retry policy (urllib3's Retry, declared once), and what kind a fault was.
 
-The adapter retries by itself what is safe to retry (see `policy`); a listener is told of each of
+urllib3 retries by itself what is safe to retry (see `policy`); a listener is told of each of
 those retries, and every TransientError carries the kind of its fault, so the retries metric can
 say why something was tried again without parsing messages.
 """
@@ -11,13 +11,12 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
-import requests
 from urllib3.connectionpool import ConnectionPool
-from urllib3.exceptions import MaxRetryError, TimeoutError
+from urllib3.exceptions import HTTPError, MaxRetryError, NewConnectionError, TimeoutError
 from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
-# Told of each retry the adapter makes on its own: (method, absolute URL, status or None, kind).
+# Told of each retry urllib3 makes on its own: (method, absolute URL, status or None, kind).
 RetryListener = Callable[[str, str, int | None, str], None]
 
 
@@ -51,7 +50,7 @@ class RetryPolicy(Retry):
 
 
 def policy(attempts: int) -> RetryPolicy:
-    """The one retry policy of the API and CDN sessions, `attempts` retries at most."""
+    """The one retry policy of API and CDN requests, `attempts` retries at most."""
     # Declared once: connect errors are retried for every method (the server never saw the request);
     # read errors and 5xx only for idempotent methods, so a generate POST is never resent blindly.
     # 429 is not retried here: the caller turns it into backpressure and honours Retry-After.
@@ -78,15 +77,14 @@ def status_kind(status: int) -> str:
 
 def error_kind(error: BaseException | None) -> str:
     """A request that got no answer, as the retries metric names it: timeout or connection."""
-    return "timeout" if isinstance(error, TimeoutError | requests.Timeout) else "connection"
+    # urllib3 counts a refused connection as a kind of connect timeout: it is a connection fault here.
+    timed_out = isinstance(error, TimeoutError) and not isinstance(error, NewConnectionError)
+    return "timeout" if timed_out else "connection"
 
 
-def fault_kind(exc: requests.RequestException) -> str:
-    """A requests exception as the retries metric names it (the cause inside MaxRetryError too)."""
-    inner = exc.args[0] if exc.args else None
-    if isinstance(inner, MaxRetryError):
-        return error_kind(inner.reason)
-    return error_kind(exc)
+def fault_kind(exc: HTTPError) -> str:
+    """A urllib3 error as the retries metric names it (the cause inside MaxRetryError too)."""
+    return error_kind(exc.reason if isinstance(exc, MaxRetryError) else exc)
 
 
 def _absolute(url: str | None, pool: ConnectionPool | None) -> str:

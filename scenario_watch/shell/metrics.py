@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import requests
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -216,30 +215,6 @@ class Metrics:
     def api_response(self, method: str, url: str, status: int | None) -> None:
         """One request answered (status) or not (None: connection error, timeout)."""
         self.requests.labels(endpoint(method, url, self.base_url), status_class(status)).inc()
-
-    def on_response(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
-        """A `requests` response hook: `session.hooks["response"].append(metrics.on_response)`."""
-        request = response.request
-        self.api_response(request.method or "GET", request.url or response.url, response.status_code)
-
-    def api_error(self, method: str, url: str) -> None:
-        """A request that got no answer (connection refused or reset, timeout)."""
-        self.api_response(method, url, None)
-
-    def instrument(self, session: requests.Session) -> None:
-        """Count every request a session makes: answered (the hook) and unanswered (its send wrapped)."""
-        session.hooks["response"].append(self.on_response)
-        send = session.send
-
-        def counted(request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
-            """Session.send, counting a request that raised before any answer."""
-            try:
-                return send(request, **kwargs)
-            except requests.RequestException:
-                self.api_error(request.method or "GET", request.url or "")
-                raise
-
-        session.send = counted  # type: ignore[method-assign]  # one instance, not the class
 
     def retry(self, reason: str) -> None:
         """Something is tried again (rate_limit, server_error, connection, timeout, lost_answer ...)."""

@@ -72,11 +72,10 @@ class Watching:
         from scenario_watch.shell.metrics import Snapshot, TextfileWriter
 
         self.heartbeat, self.intake, self.budget = heartbeat, intake, budget
-        metrics.instrument(client.api)
-        metrics.instrument(client.cdn)
+        client.on_response(metrics.api_response)
 
         def retried(method: str, url: str, status_code: int | None, kind: str) -> None:
-            """A retry the sessions made by themselves: one more request, and its reason."""
+            """A retry urllib3 made by itself: one more request, and its reason."""
             metrics.api_response(method, url, status_code)
             metrics.retry(kind)
 
