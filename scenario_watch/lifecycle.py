@@ -100,6 +100,7 @@ class Advanced:
 
     state: State | None = None  # the state it moved to (None: whatever the journal says now)
     duration: float | None = None  # a finished job's generation time by the API's clock
+    at: float | None = None  # when the API answered a submission (monotonic): the job's start, for its polls
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ PROBE_EVERY = 5.0
 class _Job:
     """What the scheduler knows about one job at Scenario."""
 
-    started: float  # when the submission returned (monotonic)
+    started: float  # when the submission was answered (monotonic)
     interval: float  # the next poll delay while the generation time is unknown or past
     polled_at: float | None = None  # when the current poll was handed out
     running_at: float | None = None  # the latest poll that found it still running (since start)
@@ -213,7 +213,8 @@ class Scheduler:
             self.slots.discard(prompt_id)
             self.waiting.append(prompt_id)
         elif following == Task.POLL:  # just submitted (or a lost answer's job adopted)
-            self._running[prompt_id] = _Job(started=now, interval=self.jobs.poll_interval)
+            started = now if result.at is None else min(now, result.at)  # the answer, not our bookkeeping
+            self._running[prompt_id] = _Job(started=started, interval=self.jobs.poll_interval)
             self._poll_later(prompt_id, Again(), now)
         elif following == Task.DOWNLOAD:  # terminal at Scenario: its slot is free while outputs download
             if ran == Task.POLL:

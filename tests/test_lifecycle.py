@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from scenario_watch.finish.hooks import HookRunner
 from scenario_watch.intake.intake import Intake
 from scenario_watch.journal.journal_schema import VERSION, journal_problem
 from scenario_watch.journal.store import Store
-from scenario_watch.lifecycle import NEXT, TRANSITIONS, Advanced, State, Task, next_task
+from scenario_watch.lifecycle import NEXT, TRANSITIONS, Advanced, Result, State, Task, next_task
 from scenario_watch.sandbox import Fault, Sandbox
 from scenario_watch.scheduler import Scheduler
 from scenario_watch.shell.heartbeat import published
@@ -205,6 +206,31 @@ def test_an_outbox_made_read_only_pays_for_nothing_until_writable(
     read_only_outbox("rw")
     wait_for(lambda: len(folders.names(folders.done)) == 3, what="three delivered")
     assert len(sandbox.generate_jobs) == 3 and folders.names(folders.failed) == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # it really dies
+def test_a_worker_that_dies_of_a_base_exception_is_replaced_and_its_prompt_goes_on(
+    folders: Folders, sandbox: Sandbox, daemon: Any
+) -> None:
+    """A task ending its thread with SystemExit (not an Exception, so no catch-all sees it): the prompt is
+    not left busy, the loop starts another worker in the dead one's place, and the job is delivered."""
+    proc = daemon()
+    d = proc.daemon
+    poll, died = d.runners[Task.POLL], threading.Event()
+
+    def poll_dies_once(prompt_id: int) -> Result:
+        if not died.is_set():
+            died.set()
+            raise SystemExit("a worker's thread ends")
+        return poll(prompt_id)
+
+    d.runners[Task.POLL] = poll_dies_once
+    workers = len(d.workers)
+    folders.drop("p.json", {"prompt": "outlives its worker"})
+    wait_for(lambda: (folders.done / "p.json").exists(), what="delivered by another worker")
+    assert died.is_set() and proc.saw("worker.died")
+    assert len(d.workers) == workers and all(worker.is_alive() for worker in d.workers)
+    assert len(sandbox.generate_jobs) == 1
 
 
 def test_retrying_a_timed_out_prompt_delivers_its_job_instead_of_paying_again(

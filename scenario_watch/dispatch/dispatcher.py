@@ -301,6 +301,7 @@ class Dispatcher:
         try:
             with self.reconciler.sending(row.id, inputs):
                 job, cost = self.client.generate(inputs)
+                answered = self.clock.monotonic()
                 self.store.submitted(row.id, job.job_id, cost)  # recorded before a twin may reconcile
         except RateLimited as exc:
             self.store.back_to_queued(row.id)
@@ -334,7 +335,7 @@ class Dispatcher:
         self.budget.learn(inputs, cost)  # what this shape really costs: the next estimate
         logs.bind(job_id=job.job_id)
         log.info("job.submitted", cost=cost)
-        return Advanced(State.SUBMITTED)
+        return Advanced(State.SUBMITTED, at=answered)
 
 
 def _unsettled(

@@ -49,7 +49,7 @@ from scenario_watch.lifecycle import (
 from scenario_watch.prepare import sidecar
 from scenario_watch.prepare.presets import check_against, load_presets
 from scenario_watch.scheduler import Scheduler
-from scenario_watch.shell.events import Arrived, Event, Finished, Wake
+from scenario_watch.shell.events import Arrived, Event, Finished, Wake, WorkerDied
 from scenario_watch.shell.heartbeat import Heartbeat
 from scenario_watch.shell.notify import Notifier, status_line
 from scenario_watch.shell.recovery import recover
@@ -161,7 +161,7 @@ class Daemon:
                 self.tick(now)
                 if self.once and self.idle():
                     break
-                self._wait(now)
+                self.pump(max(0.0, self.next_due(now) - now))  # until due, or an event comes
         finally:
             self.close()
         return self.exit_code
@@ -259,12 +259,8 @@ class Daemon:
     # -- the loop -------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """One iteration: claim what is ready, start what is due, keep the observer and workers alive."""
+        """One iteration: claim what is ready, start what is due, keep the observer alive."""
         try:
-            if not all(worker.is_alive() for worker in self.workers):  # one died of a BaseException
-                self.workers = [worker for worker in self.workers if worker.is_alive()]
-                log.error("worker.died", note="a worker thread ended; a new one takes its place")
-                self._add_worker()
             self._claim(now)
             if not self.stopping.is_set():
                 self.intake.tick(now)
@@ -286,13 +282,8 @@ class Daemon:
             return now
         deadlines = [self.scheduler.next_due(), self.intake.next_due(), self.notifier.next_due()]
         deadlines += [self.heartbeat.next_due(), self.journal_retry_at if self.unjournaled else None]
-        deadlines.append(self.watching.next_due())
-        deadlines.append(self.retention.next_due())
+        deadlines += [self.watching.next_due(), self.retention.next_due()]
         return min([now + self.settings.watch.rescan_interval, *(d for d in deadlines if d is not None)])
-
-    def _wait(self, now: float) -> None:
-        """Sleep until something is due or an event arrives, then handle every queued event."""
-        self.pump(max(0.0, self.next_due(now) - now))
 
     def pump(self, timeout: float) -> bool:
         """Handle every queued event, waiting up to `timeout` (real seconds) for the first; any handled."""
@@ -305,6 +296,10 @@ class Daemon:
                 self.intake.note(event.path, event.moved)
             elif isinstance(event, Finished):
                 self._finished(event.prompt_id, event.task, event.result)
+            elif isinstance(event, WorkerDied):  # of a BaseException: a new one takes its place
+                log.error("worker.died", worker=event.thread.name, note="a new worker takes its place")
+                self.workers.remove(event.thread)
+                self._add_worker()
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
@@ -362,13 +357,16 @@ class Daemon:
         return result
 
     def _work(self) -> None:
-        while (item := self.tasks.get()) is not None:
-            prompt_id, task = item
-            result: Result = Again(delay=TASK_CRASH_RETRY)
-            try:
-                result = self._run(prompt_id, task)
-            finally:  # even when the thread dies (a BaseException), its prompt is not left busy
-                self.events.put(Finished(prompt_id, task, result))
+        try:
+            while (item := self.tasks.get()) is not None:
+                result: Result = Again(delay=TASK_CRASH_RETRY)
+                try:
+                    result = self._run(*item)
+                finally:  # even when the thread dies (a BaseException), its prompt is not left busy
+                    self.events.put(Finished(*item, result))
+        except BaseException:
+            self.events.put(WorkerDied(threading.current_thread()))
+            raise
 
     def _finished(self, prompt_id: int, task: Task, result: Result) -> None:
         """Take a task's result: the lifecycle says what follows, the scheduler when."""

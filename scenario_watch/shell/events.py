@@ -1,7 +1,8 @@
-"""What reaches the main loop through its one queue: arrivals, finished tasks, a wake-up."""
+"""What reaches the main loop through its one queue: arrivals, finished tasks, a dying worker, a wake-up."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from scenario_watch.lifecycle import Result, Task
@@ -25,8 +26,15 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class WorkerDied:
+    """A worker thread is ending on a BaseException (its task's result was sent first)."""
+
+    thread: threading.Thread
+
+
+@dataclass(frozen=True)
 class Wake:
     """Look at the stop flag now (from a signal handler)."""
 
 
-Event = Arrived | Finished | Wake
+Event = Arrived | Finished | WorkerDied | Wake
