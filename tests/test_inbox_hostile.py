@@ -140,12 +140,12 @@ def test_a_folder_flipped_to_a_link_and_back_during_uploads_never_yields_the_out
     tmp_path: Path,
 ) -> None:
     """Whoever writes the inbox swaps a folder for a link out of it and back, as fast as it can, while
-    the daemon reads a reference below it: every read gives the inbox's image or a refusal, never the
-    image outside (the read is checked against the link on the way and the file at the path after)."""
+    the daemon checks (accept) and reads (upload) a reference below it: every check and read sees the
+    inbox's image or refuses, never the image outside (both open one folder at a time, no link followed)."""
     inbox, outside = tmp_path / "inbox", tmp_path / "outside"
     (inbox / "sub").mkdir(parents=True)
     outside.mkdir()
-    mine, theirs = PNG + b"inbox" * 1000, PNG + b"secret" * 1000
+    mine, theirs = PNG + b"inbox" * 1000, b"\xff\xd8\xff" + b"secret" * 1000  # a PNG in, a JPEG out
     (inbox / "sub" / "pic.png").write_bytes(mine)
     (outside / "pic.png").write_bytes(theirs)
     (tmp_path / "link").symlink_to(outside)
@@ -166,10 +166,11 @@ def test_a_folder_flipped_to_a_link_and_back_during_uploads_never_yields_the_out
         for _ in range(3000):
             try:
                 seen.add(read_reference(ref, inbox)[0])
+                seen.add(check_reference("sub/pic.png", inbox).mime_type or "")
             except PromptError as exc:
                 seen.add(str(exc).split(": ", 2)[-1])
     finally:
         stop.set()
         flipper.join()
-    assert theirs not in seen
-    assert mine in seen  # and it did get through between the flips
+    assert theirs not in seen and "image/jpeg" not in seen
+    assert mine in seen and "image/png" in seen  # and it did get through between the flips

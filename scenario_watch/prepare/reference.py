@@ -14,10 +14,11 @@ from __future__ import annotations
 import ast
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from scenario_watch.errors import MissingReference, PromptError, UnsafeFile
 from scenario_watch.files import open_beneath, open_regular
@@ -91,16 +92,20 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
     path = base_dir / entry  # an absolute entry stays absolute
     if _inside(Path(os.path.abspath(path)), [Path(os.path.abspath(base_dir))]):
         # In the prompt's folder a reference is the file itself, with no link on the way: the folder
-        # resolved, the entry's own path not (`read_reference` refuses a link that appears since).
-        path = base_dir.resolve() / os.path.relpath(os.path.abspath(path), os.path.abspath(base_dir))
+        # resolved, the entry's own path not (`read_reference` refuses a link that appears since), and
+        # its head read one folder at a time (a folder swapped for a link meanwhile is not followed).
+        base, relative = base_dir.resolve(), os.path.relpath(os.path.abspath(path), os.path.abspath(base_dir))
+        path = base / relative
         if _link_on_the_way(path):
             raise PromptError(
                 [f"{REFERENCES}: {entry!r} is reached through a symbolic link: refused"], hint=NO_LINKS
             )
+        opener: Callable[[], BinaryIO] = partial(open_beneath, base, Path(relative))
     else:  # under a reference root a symlink is fine (it resolves inside the roots: checked above)
         path = path.resolve()
+        opener = partial(open_regular, path)
     try:
-        with open_regular(path) as handle:
+        with opener() as handle:
             size = os.fstat(handle.fileno()).st_size
             head = handle.read(HEAD_BYTES)
     except UnsafeFile as exc:
@@ -217,7 +222,11 @@ def _path_problem(entry: Path, path: Path, roots: list[Path]) -> str | None:
     resolved_roots = [root.resolve() for root in roots]
     if entry.is_absolute() and not _inside(Path(os.path.abspath(path)), resolved_roots):
         return "is an absolute path outside the inbox and [watch] reference_roots"
-    if not _inside(path.resolve(), resolved_roots):
+    try:
+        resolved = path.resolve()
+    except OSError:  # a folder on the way was swapped while it was resolved (a link gone before readlink)
+        return "is reached through a folder that changed while it was checked: refused"
+    if not _inside(resolved, resolved_roots):
         return "is a symlink that points outside the inbox and [watch] reference_roots"
     return None
 
