@@ -222,16 +222,9 @@ def open_regular(path: StrPath) -> BinaryIO:
     mode = os.lstat(path).st_mode
     if not stat.S_ISREG(mode):
         raise UnsafeFile(name, _kind(mode))
-    try:
-        # O_NOFOLLOW and O_NONBLOCK: if the entry was swapped since the lstat, a symlink fails
-        # (ELOOP) instead of being followed and a FIFO opens at once instead of blocking.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeFile(name, "a symbolic link") from None
-        if exc.errno == errno.ENXIO:
-            raise UnsafeFile(name, "a socket") from None
-        raise
+    # If the entry was swapped since the lstat, a symlink fails instead of being followed and a FIFO
+    # opens at once instead of blocking.
+    fd = _open_unfollowed(path, os.O_RDONLY, "a socket")
     try:
         # The descriptor is what gets read, so this check cannot be fooled by another swap.
         mode = os.fstat(fd).st_mode
@@ -247,15 +240,7 @@ def open_own(path: StrPath) -> BinaryIO:
     """Open a file of our own to write it anew, creating it if it is gone; UnsafeFile (nothing written)
     if a link, a FIFO, a socket or a file with other names (a hard link) is there instead."""
     name = os.path.basename(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeFile(name, "a symbolic link") from None
-        if exc.errno == errno.ENXIO:
-            raise UnsafeFile(name, "a FIFO or socket") from None
-        raise
+    fd = _open_unfollowed(path, os.O_WRONLY | os.O_CREAT, "a FIFO or socket")
     try:
         found = os.fstat(fd)
         if not stat.S_ISREG(found.st_mode):
@@ -266,6 +251,19 @@ def open_own(path: StrPath) -> BinaryIO:
         return os.fdopen(fd, "wb")
     except BaseException:
         os.close(fd)
+        raise
+
+
+def _open_unfollowed(path: StrPath, flags: int, enxio: str) -> int:
+    """os.open with O_NOFOLLOW and O_NONBLOCK: a symlink, and whatever ENXIO means for `flags` (`enxio`:
+    a socket, or a FIFO without a reader), is UnsafeFile instead of being followed or blocking."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(os.path.basename(path), "a symbolic link") from None
+        if exc.errno == errno.ENXIO:
+            raise UnsafeFile(os.path.basename(path), enxio) from None
         raise
 
 
