@@ -17,7 +17,8 @@ import pytest
 from conftest import DaemonProcess, Folders, StartDaemon, generate_posts, make_dispatcher, run_cli, wait_for
 from conftest import write_config as _write_config
 
-from scenario_watch.lifecycle import Advanced, Failed
+from scenario_watch.lifecycle import Advanced, Again, Failed
+from scenario_watch.prepare.reference import MISSING
 from scenario_watch.sandbox import Sandbox
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -249,6 +250,26 @@ def test_two_stage_pipeline_from_the_readme(folders: Folders, sandbox: Sandbox, 
 
 
 # -- checked once, at accept: what submit does with a file that changed since --------------------------
+
+
+def test_what_a_prompt_waits_for_follows_its_reference_from_missing_to_being_written(
+    folders: Folders, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """What status shows a prompt waiting for: the reference while it is missing, then while it is still
+    being written, then nothing once it is complete and the prompt is queued."""
+    d = make_dispatcher(folders, sandbox, tmp_path / "journal.sqlite3")
+    prompt = folders.inbox / "p.json"
+    prompt.write_text(json.dumps({"prompt": "x", "referenceImages": ["photo.png"]}))
+    prompt_id = d.store.add(prompt.name, prompt)
+    assert isinstance(d.accept(prompt_id), Again)
+    assert d.awaiting_references[prompt_id] == f"'photo.png' {MISSING} {folders.inbox}"
+    (folders.inbox / "photo.png").write_bytes(png(2000))  # arriving: just written
+    assert isinstance(d.accept(prompt_id), Again)
+    assert d.awaiting_references[prompt_id] == "photo.png to be written whole"
+    written_long_ago(folders.inbox / "photo.png")
+    assert isinstance(d.accept(prompt_id), Advanced)
+    assert prompt_id not in d.awaiting_references
+    d.store.close()
 
 
 def test_a_reference_gone_or_changed_after_accept_fails_unpaid_saying_what_happened(

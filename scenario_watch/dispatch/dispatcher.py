@@ -132,8 +132,9 @@ class Dispatcher:
             return Failed("validate", f"cannot use the prompt file: {exc!r}")
         unsettled = _unsettled(prompt.references, Path(row.claimed), self.clock.wall(), watch.settle)
         if unsettled is not None and waited < watch.reference_wait:  # a reference written in place:
+            self.awaiting_references[prompt_id] = f"{unsettled[0]} to be written whole"  # (status)
             return Again(delay=min(REFERENCE_RECHECK, unsettled[1]))  # uploaded once it is complete
-        self.awaiting_references.pop(prompt_id, None)  # (status: it no longer waits for a missing one)
+        self.awaiting_references.pop(prompt_id, None)  # (status: it no longer waits for a reference)
         if unsettled is not None:
             error = (
                 f"referenceImages: {unsettled[0]!r} was still being written {watch.reference_wait:g} s later"
