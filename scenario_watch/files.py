@@ -264,6 +264,8 @@ def _open_unfollowed(path: StrPath, flags: int, enxio: str) -> int:
             raise UnsafeFile(os.path.basename(path), "a symbolic link") from None
         if exc.errno == errno.ENXIO:
             raise UnsafeFile(os.path.basename(path), enxio) from None
+        if exc.errno == errno.EISDIR:  # a folder, asked for writing
+            raise UnsafeFile(os.path.basename(path), "a directory") from None
         raise
 
 

@@ -270,7 +270,9 @@ class Scheduler:
             job.running_at = job.polled_at - job.started  # it was still running then
             job.missed = job.missed or job.expected
         delay = outcome.delay if outcome.delay is not None else self._interval(job, now)
-        job.timer = self.at(now + max(delay, outcome.retry_after or 0.0), prompt_id, Task.POLL)
+        timer = self.at(now + max(delay, outcome.retry_after or 0.0), prompt_id, Task.POLL)
+        waits = outcome.delay is not None or outcome.retry_after is not None  # the API's word, or a pause's
+        job.timer = None if waits else timer  # _hurry never moves such a poll earlier
 
     def _interval(self, job: _Job, now: float) -> float:
         """The delay before the next poll of a running job.
@@ -290,7 +292,8 @@ class Scheduler:
             return min(job.interval, max(2 * EXPECTED_MARGIN, MISSED_RETRY_SHARE * typical))
         current = job.interval
         job.interval = min(self.jobs.poll_max_interval, current * POLL_GROWTH)
-        return current * self._rng.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)
+        spread = current * self._rng.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)
+        return min(spread, self.jobs.poll_max_interval)
 
     def _learn(self, prompt_id: int, duration: float | None, now: float) -> None:
         """Learn the generation time from a job that just finished.
@@ -321,7 +324,9 @@ class Scheduler:
             return
         for prompt_id, job in self._running.items():
             if prompt_id in self.busy or job.missed or job.timer is None:
-                continue  # a poll in flight, or one already found it running late
+                continue  # a poll in flight, a wait the API set, or a poll found it running late
+            if job.running_at is not None and job.running_at >= typical:
+                continue  # seen running past that time already: not one to judge the estimate by
             due = max(now, job.started + typical + EXPECTED_MARGIN)
             if due < job.timer[0]:
                 self._moved.add(job.timer[1])

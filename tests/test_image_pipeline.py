@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 from conftest import Folders, generate_posts, wait_for, write_config
@@ -178,11 +180,33 @@ def test_the_manifest_is_written_into_the_stems_marker_never_through_a_link_put_
     assert outputs == ("made_1.png", "made.manifest.json")
     assert json.loads((folders.outbox / "made.manifest.json").read_text())["jobId"] == job.job_id
     assert outside.read_bytes() == b"not the daemon's" and marker.is_symlink()
-    # Without the link, the marker itself is renamed to the manifest: no hidden file is left over.
+    # A folder at the marker's name: the same, not a stalled delivery.
     marker.unlink()
+    marker.mkdir()
     (folders.outbox / "made.manifest.json").unlink()
     redo = dataclasses.replace(store.get(prompt), delivered=[])
+    assert outbox.deliver(redo, job) == outputs and marker.is_dir()
+    # Without anything there, the marker is made again and renamed to the manifest: nothing is left over.
+    marker.rmdir()
+    (folders.outbox / "made.manifest.json").unlink()
     assert outbox.deliver(redo, job) == outputs
     assert sorted(p.name for p in folders.outbox.iterdir()) == ["made.manifest.json", "made_1.png"]
+    store.close()
+    client.close()
+
+
+def test_a_manifest_has_the_mode_of_a_file_not_of_a_program(
+    folders: Folders, sandbox: Sandbox, clock: ManualClock
+) -> None:
+    """The stem's marker becomes the manifest: it is created as a file (0666 less the umask), like the
+    images, never executable."""
+    client, store, prompt, job, outbox = finished_job(folders, sandbox, clock, 1)
+    umask = os.umask(0o022)
+    try:
+        outputs = outbox.deliver(store.get(prompt), job)
+    finally:
+        os.umask(umask)
+    modes = {name: stat.S_IMODE((folders.outbox / name).stat().st_mode) for name in outputs}
+    assert modes == {"made_1.png": 0o644, "made.manifest.json": 0o644}
     store.close()
     client.close()

@@ -125,6 +125,9 @@ def test_prompt_reads_and_references_refuse_links_and_fifos(tmp_path: Path) -> N
     with pytest.raises(PromptError, match=re.escape("'alias/pic.png' is reached through a symbolic link")):
         check_reference("alias/pic.png", inbox)
     assert check_reference("real/pic.png", inbox).mime_type == "image/png"
+    for folder in (".", "./", "real", "real/."):  # a folder, the prompt's own among them: a clear refusal
+        with pytest.raises(PromptError, match=re.escape(f"{folder!r} is a directory: refused")):
+            check_reference(folder, inbox)
     # Under a reference root a symlink may be used as long as it resolves inside the roots.
     library = tmp_path / "library"
     library.mkdir()

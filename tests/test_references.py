@@ -266,6 +266,10 @@ def test_what_a_prompt_waits_for_follows_its_reference_from_missing_to_being_wri
     (folders.inbox / "photo.png").write_bytes(png(2000))  # arriving: just written
     assert isinstance(d.accept(prompt_id), Again)
     assert d.awaiting_references[prompt_id] == "photo.png to be written whole"
+    (folders.inbox / "photo.png").unlink()  # the writer gave up and removed it: missing again
+    assert isinstance(d.accept(prompt_id), Again)
+    assert d.awaiting_references[prompt_id] == f"'photo.png' {MISSING} {folders.inbox}"
+    (folders.inbox / "photo.png").write_bytes(png(2000))
     written_long_ago(folders.inbox / "photo.png")
     assert isinstance(d.accept(prompt_id), Advanced)
     assert prompt_id not in d.awaiting_references

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import socket
@@ -24,7 +25,13 @@ class Proxy(BaseHTTPRequestHandler):
     seen: list[tuple[str, str | None]]
 
     def do_GET(self) -> None:
-        self.seen.append((self.path, self.headers.get("Authorization")))
+        self.seen.append((self.path, self.headers.get("Proxy-Authorization")))
+        if self.path.startswith("/moved/"):  # as a server of its own: a redirect elsewhere
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/moved"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = json.dumps({"job": {"jobId": "job_p", "status": "in-progress"}}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -57,16 +64,25 @@ def test_requests_go_through_the_environments_proxy_unless_no_proxy_names_the_ho
     monkeypatch.setenv("HTTP_PROXY", url)
     through = ScenarioClient(sandbox.base_url, KEY, SECRET, model_id=MODEL_ID, timeout=5.0, retries=0)
     assert through.get_job("job_p").job_id == "job_p"  # the proxy's answer: the sandbox never saw it
-    [(path, auth)] = seen
+    [(path, proxy_auth)] = seen
     assert path == f"{sandbox.base_url}/jobs/job_p"  # absolute form: a request for the proxy to forward
-    assert auth is not None and auth.startswith("Basic ")
+    assert proxy_auth is None
     assert not [r for r in sandbox.requests if r.path == "/v1/jobs/job_p"]
     through.close()
+    # ALL_PROXY when no proxy is set for the scheme; the URL's user and password go to the proxy.
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.setenv("ALL_PROXY", url.replace("://", "://me:p%40ss@"))
+    through = ScenarioClient(sandbox.base_url, KEY, SECRET, model_id=MODEL_ID, timeout=5.0, retries=0)
+    assert through.get_job("job_p").job_id == "job_p"
+    assert seen[1] == (f"{sandbox.base_url}/jobs/job_p", "Basic " + base64.b64encode(b"me:p@ss").decode())
+    through.close()
+    monkeypatch.delenv("ALL_PROXY")
+    monkeypatch.setenv("HTTP_PROXY", url)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     direct = ScenarioClient(sandbox.base_url, KEY, SECRET, model_id=MODEL_ID, timeout=5.0, retries=0)
     job, _ = direct.generate({"prompt": "x"})
     assert direct.get_job(job.job_id).job_id == job.job_id
-    assert len(seen) == 1  # the proxy was not asked again
+    assert len(seen) == 2  # the proxy was not asked again
     direct.close()
 
 
@@ -87,4 +103,16 @@ def test_a_refused_connection_is_a_connection_fault_and_told_to_the_listener() -
         ("GET", f"http://127.0.0.1:{port}/v1/jobs/job_x", None),
         ("GET", f"http://127.0.0.1:{port}/assets/a.png", None),
     ]
+    client.close()
+
+
+def test_the_api_is_not_followed_through_a_redirect(
+    sandbox: Sandbox, proxy: tuple[str, list[tuple[str, str | None]]]
+) -> None:
+    """The API has no reason to redirect: a 3xx is an error answer, and the credentials go nowhere else."""
+    url, seen = proxy
+    client = ScenarioClient(f"{url}/moved/v1", KEY, SECRET, model_id=MODEL_ID, timeout=5.0, retries=0)
+    with pytest.raises(TransientError, match="HTTP 302"):
+        client.get_job("job_x")
+    assert [path for path, _ in seen] == ["/moved/v1/jobs/job_x"]
     client.close()

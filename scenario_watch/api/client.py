@@ -63,11 +63,10 @@ class ScenarioClient:
         self.project_id = project_id
         self._retry = policy(retries)
         agent = {"User-Agent": f"scenario-watch/{__version__}"}
-        self.api = Transport(
-            self._retry, timeout, {**agent, **urllib3.make_headers(basic_auth=f"{key}:{secret}")}
-        )
+        auth = urllib3.make_headers(basic_auth=f"{key}:{secret}")
+        self.api = Transport(self._retry, timeout, {**agent, **auth}, redirects=False)
         # The CDN gets no credentials: its signed URLs carry their own authorisation.
-        self.cdn = Transport(self._retry, timeout, agent)
+        self.cdn = Transport(self._retry, timeout, agent, redirects=True)
 
     def on_retry(self, listener: RetryListener | None) -> None:
         """Tell `listener` of every retry urllib3 makes by itself (5xx, connection, timeout)."""
@@ -224,10 +223,13 @@ class ScenarioClient:
         """Stream a signed CDN URL into `out` (no credentials sent); the number of bytes written."""
         try:
             resp = self.cdn.request("GET", url, stream=True)
+            read_off = False  # the whole body was read: the connection can serve the next request
             try:
-                if resp.status == 403:
-                    raise UrlExpired("the CDN refused the signed URL (expired or bad signature)")
                 if resp.status != 200:
+                    resp.drain_conn()  # an error page is small: read it off
+                    read_off = True
+                    if resp.status == 403:
+                        raise UrlExpired("the CDN refused the signed URL (expired or bad signature)")
                     message = f"the CDN answered HTTP {resp.status}"
                     raise TransientError(message, kind=status_kind(resp.status))
                 expected = resp.headers.get("Content-Length")
@@ -235,8 +237,10 @@ class ScenarioClient:
                 for chunk in resp.stream(CHUNK):
                     out.write(chunk)
                     written += len(chunk)
-            finally:  # what is left of the body (an error page) is read off: the connection is reused
-                resp.drain_conn()
+                read_off = True
+            finally:
+                if not read_off:  # a write failed or the line dropped mid-body: never reused
+                    resp.close()
                 resp.release_conn()
         except ProtocolError as exc:  # the body ended before its Content-Length (or the line dropped)
             raise TransientError(f"download cut short: {type(exc).__name__}", kind="connection") from exc

@@ -94,9 +94,8 @@ class Outbox:
             if self._taken(folder, name):
                 continue
             try:  # the one step two daemons cannot both win
-                os.close(
-                    os.open(folder / STEM_MARKER.format(name=name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                )
+                marker = folder / STEM_MARKER.format(name=name)  # it becomes the manifest: mode of a file
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o666))
             except FileExistsError:
                 continue
             stem = str(base.parent / name)

@@ -117,8 +117,8 @@ class Dispatcher:
             if waited < watch.reference_wait:
                 # A prompt may arrive before its image: look again shortly, up to reference_wait.
                 if prompt_id not in self.awaiting_references:
-                    self.awaiting_references[prompt_id] = exc.problems[0].removeprefix("referenceImages: ")
                     log.info("prompt.awaiting_reference", missing=exc.problems[0], up_to=watch.reference_wait)
+                self.awaiting_references[prompt_id] = exc.problems[0].removeprefix("referenceImages: ")
                 return Again(delay=min(REFERENCE_RECHECK, watch.reference_wait - waited))
             self.awaiting_references.pop(prompt_id, None)
             return Failed("references", f"{exc} (waited {watch.reference_wait:g} s for it)", exc.hint)
@@ -126,8 +126,10 @@ class Dispatcher:
             self.awaiting_references.pop(prompt_id, None)
             return Failed("validate", f"invalid prompt file: {exc}", exc.hint)
         except OSError as exc:
+            self.awaiting_references.pop(prompt_id, None)
             return Failed("validate", f"cannot read the prompt file: {exc.strerror}")
         except Exception as exc:  # whatever a file holds, it must end in failed/, never stop intake
+            self.awaiting_references.pop(prompt_id, None)
             log.exception("prompt.unexpected_error")
             return Failed("validate", f"cannot use the prompt file: {exc!r}")
         unsettled = _unsettled(prompt.references, Path(row.claimed), self.clock.wall(), watch.settle)

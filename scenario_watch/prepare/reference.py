@@ -110,6 +110,8 @@ def check_reference(entry: Any, base_dir: Path, roots: Sequence[Path] = ()) -> R
             head = handle.read(HEAD_BYTES)
     except UnsafeFile as exc:
         raise PromptError([f"{REFERENCES}: {entry!r} is {exc.kind}: refused (name an image file)"]) from None
+    except ValueError:  # "." or "sub/.": the prompt's folder itself, not a file in it
+        raise PromptError([f"{REFERENCES}: {entry!r} is a directory: refused (name an image file)"]) from None
     except OSError as exc:
         raise _unreadable(entry, base_dir, exc) from None
     mime = _image_mime(entry, head, size)

@@ -7,6 +7,7 @@ talk to it through one event queue and return facts (`Outcome`), never times.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import signal
@@ -96,6 +97,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.exit_code = 0
         self.workers: list[threading.Thread] = []
+        self._named = itertools.count()  # a worker that replaces a dead one gets a name of its own
         self.unjournaled: list[Claim] = []  # claimed, but the journal could not take them
         self.journal_retry_at = 0.0
         self.started = False
@@ -210,7 +212,7 @@ class Daemon:
             log.info("daemon.page", url=f"{self.watching.url}/", note="the live page; /metrics beside it")
 
     def _add_worker(self) -> None:
-        worker = threading.Thread(target=self._work, name=f"worker-{len(self.workers)}", daemon=True)
+        worker = threading.Thread(target=self._work, name=f"worker-{next(self._named)}", daemon=True)
         worker.start()
         self.workers.append(worker)
 
