@@ -36,10 +36,12 @@ from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import NEXT, TRANSITIONS, Advanced, Result, State, Task, next_task
 from scenario_watch.sandbox import Fault, Sandbox
 from scenario_watch.scheduler import Scheduler
+from scenario_watch.shell.daemon import SPARE_WORKERS
 from scenario_watch.shell.heartbeat import published
 from scenario_watch.shell.instance import InstanceLock, lock_path
 from scenario_watch.shell.recovery import recover
 from scenario_watch.shell.status import build
+from scenario_watch.shell.workers import FIRST
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 
@@ -225,12 +227,28 @@ def test_a_worker_that_dies_of_a_base_exception_is_replaced_and_its_prompt_goes_
         return poll(prompt_id)
 
     d.runners[Task.POLL] = poll_dies_once
-    workers = len(d.workers)
+    workers = len(d.workers.threads)
     folders.drop("p.json", {"prompt": "outlives its worker"})
     wait_for(lambda: (folders.done / "p.json").exists(), what="delivered by another worker")
     assert died.is_set() and proc.saw("worker.died")
-    assert len(d.workers) == workers and all(worker.is_alive() for worker in d.workers)
+    threads = d.workers.threads
+    assert len(threads) == workers and all(worker.is_alive() for worker in threads)
+    assert len({worker.name for worker in threads}) == workers  # the new one has a name of its own
     assert len(sandbox.generate_jobs) == 1
+
+
+def test_workers_are_added_while_tasks_wait_for_one(folders: Folders, sandbox: Sandbox, daemon: Any) -> None:
+    """Eight workers at start. Sixteen submissions whose answers take 0.3 s each (a real API's pace)
+    wait for a worker: more are started, up to max_in_flight + 4, and every prompt is paid once."""
+    write_config(folders, sandbox.base_url, jobs={"max_in_flight": 16})
+    sandbox.inject(Fault(route="generate", kind="delay", delay=0.3, after=True, times=16))
+    proc = daemon()
+    assert len(proc.daemon.workers.threads) == FIRST
+    for n in range(16):
+        folders.drop(f"w{n}.json", {"prompt": f"slow answer {n}"})
+    wait_for(lambda: len(folders.names(folders.done)) == 16, timeout=30, what="sixteen delivered")
+    assert FIRST < len(proc.daemon.workers.threads) <= 16 + SPARE_WORKERS
+    assert len(sandbox.generate_jobs) == 16
 
 
 def test_retrying_a_timed_out_prompt_delivers_its_job_instead_of_paying_again(

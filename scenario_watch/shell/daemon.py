@@ -7,7 +7,6 @@ talk to it through one event queue and return facts (`Outcome`), never times.
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import signal
@@ -55,10 +54,12 @@ from scenario_watch.shell.heartbeat import Heartbeat
 from scenario_watch.shell.notify import Notifier, status_line
 from scenario_watch.shell.recovery import recover
 from scenario_watch.shell.watching import Watching
+from scenario_watch.shell.workers import Workers
 
 log = logs.get()
 
-# Workers beyond max_in_flight: downloads and reference uploads run beside the polls of full slots.
+# The most workers: max_in_flight and these more (downloads and reference uploads run beside the polls
+# of full slots), at most MAX_WORKERS; workers.py starts fewer and adds them while tasks wait.
 SPARE_WORKERS = 4
 MAX_WORKERS = 64
 # A task that crashed (a bug, not a fault of the API) is tried again this much later.
@@ -92,12 +93,16 @@ class Daemon:
         self.clock = clock
         # SimpleQueue: put() is safe from a signal handler (Queue's lock is not reentrant).
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self.tasks: queue.SimpleQueue[tuple[int, Task] | None] = queue.SimpleQueue()
         self.scheduler = Scheduler(settings.jobs)
         self.stopping = threading.Event()
         self.exit_code = 0
-        self.workers: list[threading.Thread] = []
-        self._named = itertools.count()  # a worker that replaces a dead one gets a name of its own
+        self.workers = Workers(
+            self._run,
+            lambda prompt_id, task, result: self.events.put(Finished(prompt_id, task, result)),
+            lambda thread: self.events.put(WorkerDied(thread)),
+            most=min(MAX_WORKERS, settings.jobs.max_in_flight + SPARE_WORKERS),
+            crashed=Again(delay=TASK_CRASH_RETRY),
+        )
         self.unjournaled: list[Claim] = []  # claimed, but the journal could not take them
         self.journal_retry_at = 0.0
         self.started = False
@@ -190,8 +195,7 @@ class Daemon:
             self.store.close()
             raise
         self.started = True
-        for _ in range(min(MAX_WORKERS, self.settings.jobs.max_in_flight + SPARE_WORKERS)):
-            self._add_worker()
+        self.workers.start()
         recover(
             folders=self.folders,
             store=self.store,
@@ -210,11 +214,6 @@ class Daemon:
         log.info("daemon.started", inbox=inbox, outbox=outbox, api=self.client.base_url)
         if self.watching.url is not None:
             log.info("daemon.page", url=f"{self.watching.url}/", note="the live page; /metrics beside it")
-
-    def _add_worker(self) -> None:
-        worker = threading.Thread(target=self._work, name=f"worker-{next(self._named)}", daemon=True)
-        worker.start()
-        self.workers.append(worker)
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
         """Signal handler: only set flags (the loop logs and acts); a second signal exits at once."""
@@ -238,11 +237,8 @@ class Daemon:
         )
         self.stopping.set()
         self.intake.stop()
-        for _ in self.workers:
-            self.tasks.put(None)
         deadline = time.monotonic() + grace  # real time: threads are joined, whatever the clock says
-        for worker in self.workers:
-            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.workers.close(deadline)
         self.hooks.close(grace=max(0.0, deadline - time.monotonic()))  # unfinished ones: next start
         self.watching.close(self.clock.monotonic())  # the textfile's last write has the final counts
         # A worker still in a request is abandoned: its prompt's state is in the journal, and the
@@ -300,8 +296,7 @@ class Daemon:
                 self._finished(event.prompt_id, event.task, event.result)
             elif isinstance(event, WorkerDied):  # of a BaseException: a new one takes its place
                 log.error("worker.died", worker=event.thread.name, note="a new worker takes its place")
-                self.workers.remove(event.thread)
-                self._add_worker()
+                self.workers.replace(event.thread)
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
@@ -331,7 +326,7 @@ class Daemon:
         if task in (Task.ACCEPT, Task.FILE):
             self._run_here(prompt_id, task)
         else:
-            self.tasks.put((prompt_id, task))
+            self.workers.put(prompt_id, task)
 
     def _run_here(self, prompt_id: int, task: Task) -> None:
         """Run a main-loop task (accept, or file again) and take its result."""
@@ -357,18 +352,6 @@ class Daemon:
         finally:
             structlog.contextvars.clear_contextvars()
         return result
-
-    def _work(self) -> None:
-        try:
-            while (item := self.tasks.get()) is not None:
-                result: Result = Again(delay=TASK_CRASH_RETRY)
-                try:
-                    result = self._run(*item)
-                finally:  # even when the thread dies (a BaseException), its prompt is not left busy
-                    self.events.put(Finished(*item, result))
-        except BaseException:
-            self.events.put(WorkerDied(threading.current_thread()))
-            raise
 
     def _finished(self, prompt_id: int, task: Task, result: Result) -> None:
         """Take a task's result: the lifecycle says what follows, the scheduler when."""
