@@ -89,16 +89,7 @@ def _rename_over_reservation(src: StrPath, dst: StrPath) -> None:
 
 def fsync_dir(path: StrPath) -> None:
     """Make a folder's entries (a rename, a new name) durable."""
-    _fsync(path, os.O_DIRECTORY)
-
-
-def fsync_file(path: StrPath) -> None:
-    """Make a file written earlier (and closed) durable, before it is published by rename."""
-    _fsync(path, 0)
-
-
-def _fsync(path: StrPath, flags: int) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -254,19 +245,18 @@ def open_own(path: StrPath) -> BinaryIO:
         raise
 
 
-def _open_unfollowed(path: StrPath, flags: int, enxio: str) -> int:
-    """os.open with O_NOFOLLOW and O_NONBLOCK: a symlink, and whatever ENXIO means for `flags` (`enxio`:
-    a socket, or a FIFO without a reader), is UnsafeFile instead of being followed or blocking."""
+def _open_unfollowed(path: StrPath, flags: int, enxio: str, dir_fd: int | None = None) -> int:
+    """os.open with O_NOFOLLOW and O_NONBLOCK (in `dir_fd` when given): a symlink, a folder opened to
+    write, and whatever ENXIO means for `flags` (`enxio`: a socket, or a FIFO without a reader) are
+    UnsafeFile instead of being followed or blocking."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeFile(os.path.basename(path), "a symbolic link") from None
-        if exc.errno == errno.ENXIO:
-            raise UnsafeFile(os.path.basename(path), enxio) from None
-        if exc.errno == errno.EISDIR:  # a folder, asked for writing
-            raise UnsafeFile(os.path.basename(path), "a directory") from None
-        raise
+        unsafe = {errno.ELOOP: "a symbolic link", errno.ENXIO: enxio, errno.EISDIR: "a directory"}
+        kind = unsafe.get(exc.errno or 0)
+        if kind is None:
+            raise
+        raise UnsafeFile(os.path.basename(path), kind) from None
 
 
 def open_beneath(root: Path, relative: Path) -> BinaryIO:
@@ -295,13 +285,9 @@ def open_beneath(root: Path, relative: Path) -> BinaryIO:
 
 def _open_at(name: str, flags: int, dir_fd: int) -> int:
     try:
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeFile(name, "a symbolic link") from None
-        if exc.errno in (errno.ENOTDIR, errno.ENXIO):  # a file where a folder was, a socket
-            raise UnsafeFile(name, "not a folder" if exc.errno == errno.ENOTDIR else "a socket") from None
-        raise
+        return _open_unfollowed(name, flags, "a socket", dir_fd)
+    except NotADirectoryError:  # a file where a folder was
+        raise UnsafeFile(name, "not a folder") from None
 
 
 def read_regular(path: StrPath, limit: int) -> bytes:
