@@ -30,8 +30,11 @@ def plant(inbox: Path, suffix: str, secret: Path) -> None:
     """A symlink to a prompt outside the inbox, a FIFO and a folder, all named *.json."""
     (inbox / f"leak{suffix}.json").symlink_to(secret)
     os.mkfifo(inbox / f"pipe{suffix}.json")
-    (inbox / f"dir{suffix}.json").mkdir()
-    (inbox / f"dir{suffix}.json" / "inner.json").write_text(json.dumps({"prompt": "inside a folder"}))
+    # Filled beside the inbox and moved in whole: a running daemon may claim the folder at once.
+    folder = inbox.parent / f".dir{suffix}.json"
+    folder.mkdir()
+    (folder / "inner.json").write_text(json.dumps({"prompt": "inside a folder"}))
+    folder.rename(inbox / f"dir{suffix}.json")
 
 
 def test_symlinks_fifos_and_folders_fail_unread_and_the_daemon_goes_on(
