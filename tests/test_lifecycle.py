@@ -238,7 +238,7 @@ def test_a_worker_that_dies_of_a_base_exception_is_replaced_and_its_prompt_goes_
 
 
 def test_workers_are_added_while_tasks_wait_for_one(folders: Folders, sandbox: Sandbox, daemon: Any) -> None:
-    """Eight workers at start. Sixteen submissions whose answers take 0.3 s each (a real API's pace)
+    """Four workers at start. Sixteen submissions whose answers take 0.3 s each (a real API's pace)
     wait for a worker: more are started, up to max_in_flight + 4, and every prompt is paid once."""
     write_config(folders, sandbox.base_url, jobs={"max_in_flight": 16})
     sandbox.inject(Fault(route="generate", kind="delay", delay=0.3, after=True, times=16))
