@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from web_site import Site
 
 from scenario_watch.errors import ConfigError
+from scenario_watch.journal.store import Store
+from scenario_watch.lifecycle import State
 from scenario_watch.sandbox import Fault, Sandbox
 from scenario_watch.sandbox.images import make_png
 
@@ -280,3 +282,23 @@ def test_status_estimates_progress_from_the_daemons_learned_generation_time(tmp_
         assert job["progress_estimate"] == 0.99  # past the typical (near-instant) job: capped below 1
     finally:
         site.close()
+
+
+def test_the_journal_keeps_a_running_jobs_progress_for_status(
+    folders: Folders, sandbox: Sandbox, daemon: Any
+) -> None:
+    """A poll that finds the job running records the API's progress (status shows it); the job then
+    ends delivered, and the row is done."""
+    write_config(folders, sandbox.base_url, jobs={"poll_interval": 1.0, "poll_max_interval": 2.0})
+    sandbox.generation_seconds = 10.0
+    proc = daemon()
+    folders.drop("slow.json", {"prompt": "a slow one"})
+    wait_for(lambda: len(sandbox.generate_jobs) == 1, what="the job paid")
+    journal = Store(folders.state / "journal.sqlite3")
+    try:
+        wait_for(lambda: 0.0 < (journal.get(1).progress or 0.0) < 1.0, what="a progress below 1 journaled")
+        wait_for(lambda: (folders.done / "slow.json").exists(), what="the job delivered")
+        assert journal.get(1).state == State.DONE
+    finally:
+        journal.close()
+    proc.stop()

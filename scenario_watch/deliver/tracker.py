@@ -78,7 +78,6 @@ class Tracker:
             self.tally.retry(retry_reason(exc))
             retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
             return Again(attempt=1, retry_after=retry_after)
-        self.store.polled(row.id, job.progress)
         if job.status == "success":
             self._note_orphans(row)
             cost = row.cost if row.cost is not None else job.cost
@@ -95,6 +94,7 @@ class Tracker:
                 "`scenario-watch retry` asks Scenario about it first and delivers it if it did (no new cost)"
             )
             return Failed("timeout", error, hint)
+        self.store.polled(row.id, job.progress)  # for `status`, which shows it while the job runs
         log.debug("job.status", status=job.status, progress=job.progress)
         return Again()
 
