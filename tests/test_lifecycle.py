@@ -269,6 +269,31 @@ def test_retrying_a_timed_out_prompt_delivers_its_job_instead_of_paying_again(
     assert manifest["jobId"] == sandbox.generate_jobs[0] and len(sandbox.generate_jobs) == 1
 
 
+def test_a_timed_out_prompt_retried_after_the_journal_was_pruned_is_still_not_paid_twice(
+    folders: Folders, sandbox: Sandbox, daemon: Any, clock: ManualClock
+) -> None:
+    """[journal] keep_days prunes old prompts, but not one whose paid job may have succeeded: `retry`
+    days later still asks Scenario about that job and delivers it."""
+    write_config(folders, sandbox.base_url, jobs={"timeout": 1.0}, journal={"keep_days": 1.0})
+    sandbox.generation_seconds = 60.0
+    daemon()
+    folders.drop("slow.json", {"prompt": "slower than the timeout"})
+    folders.drop("bad.json", {"prompt": ""})  # failed before anything was paid: pruned in time
+    wait_for(lambda: {"slow.json", "bad.json"} <= set(folders.names(folders.failed)), what="both failed")
+    clock.advance(3 * 86400.0)  # the job finished long ago; retention's pass is due
+
+    def journaled() -> set[str]:
+        with sqlite3.connect(folders.state / "journal.sqlite3") as db:
+            return {row[0] for row in db.execute("SELECT file FROM prompts")}
+
+    wait_for(lambda: journaled() == {"slow.json"}, what="bad.json pruned, slow.json kept")
+    retried = run_cli("retry", "-c", str(folders.config), "slow", env=cli_env())
+    assert retried.returncode == 0 and "asked about first" in retried.stdout, retried.stdout
+    wait_for(lambda: (folders.done / "slow.json").exists(), timeout=30, what="delivered from the first job")
+    manifest = json.loads((folders.outbox / "slow.manifest.json").read_text())
+    assert manifest["jobId"] == sandbox.generate_jobs[0] and len(sandbox.generate_jobs) == 1
+
+
 @pytest.mark.parametrize(
     ("fault", "quiet"),
     [

@@ -194,7 +194,7 @@ def test_totals_survive_pruning(store: Store, clock: ManualClock, tmp_path: Path
     for k in range(3):
         finished(store, f"old-{k}", cost=2.0)
     finished(store, "refunded", failed_at="generation", cost=2.0)  # a failed generation is not paid
-    finished(store, "timed-out", failed_at="timeout", cost=3.0)  # a paid job that timed out is
+    finished(store, "job-gone", failed_at="poll", cost=3.0)  # a paid job Scenario lost is
     clock.advance(100 * DAY)
     finished(store, "today", cost=1.5)
     in_flight(store, "running")
@@ -210,6 +210,18 @@ def test_totals_survive_pruning(store: Store, clock: ManualClock, tmp_path: Path
     report = status.build(store, tmp_path / "journal.lock", BudgetSettings(), clock.wall())
     assert report["counts"] == counts
     assert [item["name"] for item in report["recent"]] == ["today.json"]
+
+
+def test_a_prompt_failed_after_its_job_was_paid_is_kept(store: Store, clock: ManualClock) -> None:
+    """Timed out or not downloaded: its job may have succeeded, and `retry` delivers it instead of
+    paying again only when the journal still knows the job."""
+    finished(store, "timed-out", failed_at="timeout")
+    finished(store, "not-downloaded", failed_at="download")
+    finished(store, "refused", failed_at="validate")
+    clock.advance(100 * DAY)
+    assert prune_all(store, clock) == 1
+    assert files(store) == {"timed-out", "not-downloaded"}
+    assert store.owns_job("job-timed-out") and store.owns_job("job-not-downloaded")
 
 
 def test_each_call_prunes_one_bounded_batch(store: Store, clock: ManualClock) -> None:

@@ -52,3 +52,24 @@ def test_retry_all_takes_preset_items_and_non_regular_files(folders: Folders, sa
     assert (photos / "fake.png").exists()
     assert (folders.inbox / "car.json").exists() and (folders.inbox / "pipe.json").is_fifo()
     assert [p.name for p in folders.failed.rglob("*") if not p.is_dir()] == []
+
+
+def test_an_error_file_naming_a_job_this_journal_never_made_is_not_adopted(
+    folders: Folders, sandbox: Sandbox, daemon: Any
+) -> None:
+    """A report copied from another state folder, or written by hand, names any job: it is not taken
+    for this prompt's (its outputs would be someone else's), and `retry` says it is sent anew."""
+    proc = daemon()
+    folders.drop("mine.json", {"prompt": "made here"})
+    wait_for(lambda: (folders.done / "mine.json").exists(), what="a job this journal made")
+    (folders.failed / "stray.json").write_text(json.dumps({"prompt": "a stray prompt"}))
+    (folders.failed / "stray.error.json").write_text(
+        json.dumps({"stage": "timeout", "jobId": "job_made_elsewhere"})
+    )
+    result = run_cli("retry", "stray", "-c", str(folders.config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "job_made_elsewhere is not in this daemon's journal" in result.stdout, result.stdout
+    assert "asked about first" not in result.stdout
+    wait_for(lambda: (folders.done / "stray.json").exists(), what="the stray prompt sent as a new job")
+    proc.stop()
+    assert len(sandbox.generate_jobs) == 2

@@ -5,6 +5,8 @@ The store calls these with its lock held; retention.py decides when. What is kep
 - every prompt finished after the oldest one in flight was claimed: reconcile lists the jobs made
   since a lost answer's POST and must still know each of ours among them (`known_job_ids`);
 - orphans (a job paid twice is worth knowing for good; a few rows) and `retry`'s adoption notes;
+- a prompt failed after its job was paid (`PAID_STAGES`: timeout, download): its job may have
+  succeeded, and `retry` delivers it instead of paying again only for a job this journal knows;
 - the upload cache, but for contents no prompt used since the cutoff (one row per photo otherwise).
 The lifetime counts stay in `totals` (journal_schema.py), with how many were pruned and their spend.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from scenario_watch.lifecycle import ACTIVE, FINAL
+from scenario_watch.lifecycle import ACTIVE, FINAL, PAID_STAGES, State
 
 # A journal whose auto_vacuum is still NONE (created before version 2) is converted by one VACUUM,
 # but only once what it holds is this small: VACUUM rewrites it all while the journal and the loop
@@ -26,6 +28,7 @@ GIVE_BACK_PAGES = 256
 
 ACTIVE_MARKS = ", ".join("?" for _ in ACTIVE)
 FINAL_MARKS = ", ".join("?" for _ in FINAL)
+PAID_MARKS = ", ".join("?" for _ in PAID_STAGES)
 
 
 def prune(db: sqlite3.Connection, before: float, limit: int, refunded_stage: str) -> int:
@@ -41,8 +44,10 @@ def prune(db: sqlite3.Connection, before: float, limit: int, refunded_stage: str
             for row in db.execute(
                 "SELECT id FROM prompts WHERE finished_at < ? AND final_path IS NOT NULL"
                 # `+state`: walk prompts_finished oldest first, never every done prompt by state
-                f" AND hook IS NOT 'pending' AND +state IN ({FINAL_MARKS}) ORDER BY finished_at LIMIT ?",
-                (cutoff, *FINAL, limit),
+                f" AND hook IS NOT 'pending' AND +state IN ({FINAL_MARKS})"
+                f" AND NOT (+state = ? AND stage IN ({PAID_MARKS}) AND job_id IS NOT NULL)"
+                " ORDER BY finished_at LIMIT ?",
+                (cutoff, *FINAL, State.FAILED, *PAID_STAGES, limit),
             )
         ]
         if ids:

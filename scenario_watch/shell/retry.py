@@ -17,11 +17,9 @@ from scenario_watch.files import digest, move_no_clobber
 from scenario_watch.finish.finisher import error_file_for
 from scenario_watch.intake.names import is_image_name, is_text_name
 from scenario_watch.journal.store import Store
+from scenario_watch.lifecycle import PAID_STAGES
 from scenario_watch.prepare import sidecar
 from scenario_watch.shell.status import JOURNAL, SANDBOX_JOURNAL
-
-# Failed at these stages, a prompt's job may have succeeded at Scenario: `retry` adopts it, never pays twice.
-RETRY_ADOPTS = frozenset({"timeout", "download"})
 
 
 def everything(failed: Path) -> list[str]:
@@ -75,8 +73,8 @@ def send_back(folders: FolderSettings, name: str, presets: Mapping[str, Path] | 
         return [f"{name}: not in {folders.failed}"]
     error_file = error_file_for(src)
     job_id = _paid_job(error_file)
-    if job_id is not None:  # its job may have finished: the daemon asks before paying again
-        _adopt_later(folders.state, rel, src, job_id)
+    # Its job may have finished: the daemon asks before paying again (a job its journal knows, only).
+    adopted = job_id is not None and _adopt_later(folders.state, rel, src, job_id)
     home = home_of(rel, folders.inbox, presets or {})
     home.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -91,9 +89,14 @@ def send_back(folders: FolderSettings, name: str, presets: Mapping[str, Path] | 
                 f"{rel.parent / path.name}: back in the folder of [presets.{rel.parts[0]}] as {dest}"
             )
     error_file.unlink(missing_ok=True)
-    if job_id is not None:
+    if adopted:
         lines.append(
             f"{name}: its earlier job {job_id} is asked about first; it is delivered if it succeeded"
+        )
+    elif job_id is not None:
+        lines.append(
+            f"{name}: its earlier job {job_id} is not in this daemon's journal (another state folder?):"
+            " it is sent as a new job"
         )
     return lines
 
@@ -105,12 +108,14 @@ def _paid_job(error_file: Path) -> str | None:
     except (OSError, ValueError):
         return None
     job_id = report.get("jobId") if isinstance(report, dict) else None
-    return job_id if isinstance(job_id, str) and report.get("stage") in RETRY_ADOPTS else None
+    return job_id if isinstance(job_id, str) and report.get("stage") in PAID_STAGES else None
 
 
-def _adopt_later(state: Path, rel: Path, src: Path, job_id: str) -> None:
-    """Note in the journal that made the job: when this file comes back, ask about the job first."""
+def _adopt_later(state: Path, rel: Path, src: Path, job_id: str) -> bool:
+    """Note in the journal that made the job: when this file comes back, ask about the job first.
+    False when no journal here made it (an error file from elsewhere names any job: never adopted)."""
     sha256 = digest(src)[1]
+    noted = False
     for name in (JOURNAL, SANDBOX_JOURNAL):
         if not (state / name).exists():
             continue
@@ -118,5 +123,7 @@ def _adopt_later(state: Path, rel: Path, src: Path, job_id: str) -> None:
         try:
             if store.owns_job(job_id):
                 store.adopt_later(str(rel), sha256, job_id)
+                noted = True
         finally:
             store.close()
+    return noted
