@@ -301,6 +301,8 @@ def test_a_timed_out_prompt_retried_after_the_journal_was_pruned_is_still_not_pa
         (Fault(route="generate", kind="status", status=502), (0.0, 10.0)),
         # A reset after sending: a job may still be in the making; the long quiet period holds.
         (Fault(route="generate", kind="reset"), (180.0, 200.0)),
+        # A gateway's 504: it stopped waiting, the server behind it may not have; the long one too.
+        (Fault(route="generate", kind="status", status=504), (180.0, 200.0)),
     ],
 )
 def test_the_quiet_period_before_a_resend_fits_what_happened(

@@ -35,6 +35,7 @@ DIRECT_UPLOAD_LIMIT = 6_000_000
 DIRECT_UPLOAD_MARGIN = 64 * 1024
 PART_SIZE = 5 * 1024 * 1024
 DRY_RUN = "api"  # dryRun=api: the estimate at the API tier (dryRun=true prices the web app's tier)
+GATEWAY_TIMEOUT = 504  # a proxy's answer for a server still at work: a generate may still make its job
 
 # 403 has two meanings (SCENARIO_API.md): credentials without the scope, or a model that needs a higher
 # plan. Only the first is fixed by new credentials; the second fails that prompt and never clears by
@@ -307,7 +308,10 @@ def _answer(resp: urllib3.BaseHTTPResponse, *, post: bool) -> dict[str, Any]:
         raise BadRequest(status, reason)
     message = f"HTTP {status}: {reason}"
     kind = status_kind(status)
-    raise OutcomeUnknown(message, answered=True, kind=kind) if post else TransientError(message, kind=kind)
+    if not post:
+        raise TransientError(message, kind=kind)
+    # A 504 is a gateway that stopped waiting, not the server's answer: its work may go on.
+    raise OutcomeUnknown(message, answered=status != GATEWAY_TIMEOUT, kind=kind)
 
 
 def is_plan_refusal(reason: str) -> bool:

@@ -33,8 +33,9 @@ log = logs.get()
 GENERATION_TYPES = frozenset({"custom", "custom-generation"})
 # While a verdict must wait (quiet period, an identical request in flight), list again this often.
 LIST_AGAIN = 5.0
-# A lost answer whose server did answer (a 5xx with a body) made its job already, or none: the quiet
-# period only covers the listing's own lag, a listing or two this far apart.
+# A lost answer whose server did answer (a 5xx with a body; not a gateway's 504, behind which the
+# server may still be at work) made its job already, or none: the quiet period only covers the
+# listing's own lag, a listing or two this far apart.
 ANSWERED_QUIET = 4.0
 ANSWERED_LIST_AGAIN = 2.0
 
