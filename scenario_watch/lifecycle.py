@@ -39,7 +39,7 @@ ACTIVE = (State.CLAIMED, State.QUEUED, State.SUBMITTING, State.SUBMITTED, State.
 FINAL = (State.DONE, State.FAILED)
 # Failed at these stages, a prompt's job was paid and may have succeeded at Scenario after all: `retry`
 # asks about that job before paying again, so the journal keeps such a prompt for good (a few rows).
-PAID_STAGES = frozenset({"timeout", "download"})
+PAID_STAGES = frozenset({"poll", "timeout", "download"})
 
 # to-state → the states it may come from. Anything else is refused by the journal (a bug: logged).
 TRANSITIONS: dict[State, frozenset[State]] = {

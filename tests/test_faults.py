@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Folders, generate_posts, wait_for, write_config
+from conftest import Folders, cli_env, generate_posts, run_cli, wait_for, write_config
 from harness import HereDaemon
 
 from scenario_watch.clock import ManualClock
@@ -58,6 +58,7 @@ def assert_done_once(folders: Folders, sandbox: Sandbox, name: str = "p") -> Non
         Fault(route="job", kind="status", status=503, times=2),
         Fault(route="job", kind="status", status=429, retry_after=0.5, times=2),
         Fault(route="job", kind="status", status=429, times=2),
+        Fault(route="job", kind="status", status=404, times=2),  # a job just made, not listed yet
         Fault(route="job", kind="reset", times=3),
         Fault(route="job", kind="malformed", times=3),
         Fault(route="job", kind="truncated", times=2),
@@ -158,8 +159,6 @@ def test_parallel_limit_429_is_backpressure_not_failure(
 def test_bad_credentials_stop_submitting_and_keep_prompts(
     folders: Folders, sandbox: Sandbox, daemon: Any
 ) -> None:
-    from conftest import cli_env
-
     proc = daemon(env=cli_env(SCENARIO_API_SECRET="wrong-secret"))
     for n in range(3):
         folders.drop(f"a{n}.json", {"prompt": f"auth {n}"})
@@ -206,6 +205,25 @@ def test_job_timeout_fails_with_stage_timeout(folders: Folders, sandbox: Sandbox
     report = json.loads((folders.failed / "p.error.json").read_text())
     assert report["stage"] == "timeout"
     assert report["jobId"] == sandbox.generate_jobs[0]
+
+
+def test_a_job_unknown_to_every_poll_fails_at_its_timeout_and_retry_delivers_it(
+    folders: Folders, sandbox: Sandbox, daemon: Any
+) -> None:
+    """Scenario named the job, then answered 404 until [jobs] timeout (a proxy, a lagging replica): the
+    prompt fails with the job's id, and `retry` delivers that job once it is known: paid once."""
+    sandbox.inject(Fault(route="job", kind="status", status=404, times=-1))
+    write_config(folders, sandbox.base_url, jobs={"timeout": 5.0})
+    proc = finish_one(folders, daemon)
+    report = json.loads((folders.failed / "p.error.json").read_text())
+    assert report["stage"] == "poll" and report["jobId"] == sandbox.generate_jobs[0], report
+    assert "HTTP 404" in report["error"] and "retry" in report["hint"]
+    assert proc.saw("job.poll_not_found")
+    sandbox.clear_faults()
+    retried = run_cli("retry", "-c", str(folders.config), "p", env=cli_env())
+    assert "asked about first" in retried.stdout, retried.stdout
+    wait_for(lambda: (folders.done / "p.json").exists(), what="delivered from the first job")
+    assert_done_once(folders, sandbox)
 
 
 def test_download_that_keeps_failing_ends_in_failed_with_a_hint(

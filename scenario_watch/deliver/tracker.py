@@ -67,9 +67,18 @@ class Tracker:
             return Advanced()  # a step retried after it had already happened: the state says what's next
         try:
             job = self.client.get_job(row.job_id)
-        except NotFound:
-            error = f"Scenario does not know job {row.job_id}"
-            hint = "the job is gone (another account, or a sandbox without its state file); retry the prompt"
+        except NotFound as exc:  # Scenario's own answer named the job: a 404 may pass, ask again a while
+            if not self._expired(row):
+                log.warning(
+                    "job.poll_not_found", error=str(exc), note=f"asked again up to {self.jobs.timeout:g} s"
+                )
+                self.tally.retry("not_found")
+                return Again(attempt=1)
+            error = f"Scenario did not know job {row.job_id} for {self.jobs.timeout:g} s (HTTP 404)"
+            hint = (
+                "another account's credentials, or a sandbox without its state file? `scenario-watch retry` "
+                "asks Scenario about the job first and delivers it if it succeeded (no new cost)"
+            )
             return Failed("poll", error, hint)
         except AuthError as exc:  # the job runs on (and is paid): wait for the credentials, keep it
             return Paused(Pause.CREDENTIALS, f"HTTP {exc.status}: {exc.reason}")

@@ -45,7 +45,16 @@ STAGES = frozenset(
 WAITING_REASONS = ("rate_limit", "credentials", "budget", "unwritable", "reference", "slot")
 ENDPOINTS = frozenset({"generate", "estimate", "job", "jobs_list", "asset", "upload", "model", "download"})
 RETRY_REASONS = frozenset(
-    {"rate_limit", "server_error", "connection", "timeout", "lost_answer", "url_expired", "download"}
+    {
+        "rate_limit",
+        "server_error",
+        "connection",
+        "timeout",
+        "lost_answer",
+        "url_expired",
+        "download",
+        "not_found",
+    }
 )
 OTHER = "other"
 # Image generations take seconds to minutes; a job times out after [jobs] timeout (900 s by default).
