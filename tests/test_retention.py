@@ -194,7 +194,7 @@ def test_totals_survive_pruning(store: Store, clock: ManualClock, tmp_path: Path
     for k in range(3):
         finished(store, f"old-{k}", cost=2.0)
     finished(store, "refunded", failed_at="generation", cost=2.0)  # a failed generation is not paid
-    finished(store, "job-gone", failed_at="poll", cost=3.0)  # a paid job Scenario lost is
+    finished(store, "twin", failed_at="submit", cost=3.0)  # paid, its job not told apart (reconcile): is
     clock.advance(100 * DAY)
     finished(store, "today", cost=1.5)
     in_flight(store, "running")
