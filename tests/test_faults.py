@@ -46,6 +46,7 @@ def assert_done_once(folders: Folders, sandbox: Sandbox, name: str = "p") -> Non
     manifest = json.loads((folders.outbox / f"{name}.manifest.json").read_text())
     assert len(sandbox.generate_jobs) == 1, sandbox.generate_jobs
     assert manifest["jobId"] == sandbox.generate_jobs[0]
+    assert manifest["files"], manifest  # never "done" without its images
     for entry in manifest["files"]:
         assert entry["originalSha256"] == hashlib.sha256(sandbox.asset_bytes(entry["assetId"])).hexdigest()
 
@@ -63,6 +64,7 @@ def assert_done_once(folders: Folders, sandbox: Sandbox, name: str = "p") -> Non
         Fault(route="job", kind="malformed", times=3),
         Fault(route="job", kind="truncated", times=2),
         Fault(route="job", kind="missing_fields", times=3),
+        Fault(route="job", kind="no_metadata", times=6),  # a success that names no outputs, at first
         Fault(route="job", kind="id_shape", times=3),
         Fault(route="job", kind="delay", delay=1.0, times=2),
         Fault(route="asset", kind="status", status=500, times=4),
@@ -207,18 +209,27 @@ def test_job_timeout_fails_with_stage_timeout(folders: Folders, sandbox: Sandbox
     assert report["jobId"] == sandbox.generate_jobs[0]
 
 
-def test_a_job_unknown_to_every_poll_fails_at_its_timeout_and_retry_delivers_it(
-    folders: Folders, sandbox: Sandbox, daemon: Any
+@pytest.mark.parametrize(
+    ("fault", "event", "error"),
+    [
+        (Fault(route="job", kind="status", status=404, times=-1), "job.poll_not_found", "did not know job"),
+        (Fault(route="job", kind="no_metadata", times=-1), "job.success_without_outputs", "named no outputs"),
+    ],
+    ids=["404", "success-without-outputs"],
+)
+def test_a_paid_job_never_seen_ending_fails_at_its_timeout_and_retry_delivers_it(
+    folders: Folders, sandbox: Sandbox, daemon: Any, fault: Fault, event: str, error: str
 ) -> None:
-    """Scenario named the job, then answered 404 until [jobs] timeout (a proxy, a lagging replica): the
-    prompt fails with the job's id, and `retry` delivers that job once it is known: paid once."""
-    sandbox.inject(Fault(route="job", kind="status", status=404, times=-1))
+    """Scenario named the job, then, until [jobs] timeout, answered 404 for it (a proxy, a lagging
+    replica) or called it a success naming no outputs: the prompt fails with the job's id, never
+    "done" without images, and `retry` delivers that job once it is answered right: paid once."""
+    sandbox.inject(fault)
     write_config(folders, sandbox.base_url, jobs={"timeout": 5.0})
     proc = finish_one(folders, daemon)
     report = json.loads((folders.failed / "p.error.json").read_text())
     assert report["stage"] == "poll" and report["jobId"] == sandbox.generate_jobs[0], report
-    assert "HTTP 404" in report["error"] and "retry" in report["hint"]
-    assert proc.saw("job.poll_not_found")
+    assert error in report["error"] and "retry" in report["hint"]
+    assert proc.saw(event)
     sandbox.clear_faults()
     retried = run_cli("retry", "-c", str(folders.config), "p", env=cli_env())
     assert "asked about first" in retried.stdout, retried.stdout

@@ -34,6 +34,9 @@ log = logs.get()
 
 # A paid job's download gives up only after this many attempts spread over at least [jobs] timeout.
 MAX_DOWNLOAD_ATTEMPTS = 8
+RETRY_ASKS = (
+    "`scenario-watch retry` asks Scenario about the job first and delivers it if it succeeded (no new cost)"
+)
 
 
 class Tracker:
@@ -67,19 +70,11 @@ class Tracker:
             return Advanced()  # a step retried after it had already happened: the state says what's next
         try:
             job = self.client.get_job(row.job_id)
-        except NotFound as exc:  # Scenario's own answer named the job: a 404 may pass, ask again a while
-            if not self._expired(row):
-                log.warning(
-                    "job.poll_not_found", error=str(exc), note=f"asked again up to {self.jobs.timeout:g} s"
-                )
-                self.tally.retry("not_found")
-                return Again(attempt=1)
-            error = f"Scenario did not know job {row.job_id} for {self.jobs.timeout:g} s (HTTP 404)"
-            hint = (
-                "another account's credentials, or a sandbox without its state file? `scenario-watch retry` "
-                "asks Scenario about the job first and delivers it if it succeeded (no new cost)"
+        except NotFound as exc:  # Scenario's own answer named the job: a 404 may pass
+            hint = f"another account's credentials, or a sandbox without its state file? {RETRY_ASKS}"
+            return self._unanswered(
+                row, "job.poll_not_found", f"Scenario did not know job {row.job_id}", hint, exc
             )
-            return Failed("poll", error, hint)
         except AuthError as exc:  # the job runs on (and is paid): wait for the credentials, keep it
             return Paused(Pause.CREDENTIALS, f"HTTP {exc.status}: {exc.reason}")
         except (ScenarioWatchError, OSError) as exc:  # transient, 429, odd answers: ask again
@@ -87,6 +82,9 @@ class Tracker:
             self.tally.retry(retry_reason(exc))
             retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
             return Again(attempt=1, retry_after=retry_after)
+        if job.status == "success" and not job.asset_ids:  # paid, and no outputs named: never done empty
+            error = f"Scenario said job {row.job_id} succeeded but named no outputs"
+            return self._unanswered(row, "job.success_without_outputs", error, RETRY_ASKS)
         if job.status == "success":
             self._note_orphans(row)
             cost = row.cost if row.cost is not None else job.cost
@@ -99,13 +97,24 @@ class Tracker:
         if self._expired(row):
             error = f"the job did not finish within {self.jobs.timeout:g} s (last status {job.status})"
             hint = (
-                f"raise [jobs] timeout if generations are slow today; job {row.job_id} may still finish: "
-                "`scenario-watch retry` asks Scenario about it first and delivers it if it did (no new cost)"
+                f"raise [jobs] timeout if generations are slow today; the job may still finish: {RETRY_ASKS}"
             )
             return Failed("timeout", error, hint)
         self.store.polled(row.id, job.progress)  # for `status`, which shows it while the job runs
         log.debug("job.status", status=job.status, progress=job.progress)
         return Again()
+
+    def _unanswered(
+        self, row: Row, event: str, error: str, hint: str, exc: Exception | None = None
+    ) -> Result:
+        """An answer that names the paid job but not how it ended: asked again until [jobs] timeout,
+        then failed at stage poll with the job's id (`retry` asks Scenario about it before paying)."""
+        if not self._expired(row):
+            note = f"asked again up to {self.jobs.timeout:g} s"
+            log.warning(event, **({"error": str(exc)} if exc else {}), note=note)
+            self.tally.retry("not_found")
+            return Again(attempt=1)
+        return Failed("poll", f"{error} for {self.jobs.timeout:g} s", hint)
 
     def _note_orphans(self, row: Row) -> None:
         """After a resend, the lost attempt may have made a job after all: say so (it was paid for)."""

@@ -7,7 +7,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 Route = Literal["generate", "job", "jobs", "asset", "assets", "uploads", "cdn", "any"]
-Kind = Literal["status", "reset", "delay", "malformed", "truncated", "id_shape", "missing_fields"]
+Kind = Literal[
+    "status", "reset", "delay", "malformed", "truncated", "id_shape", "missing_fields", "no_metadata"
+]
 ROUTES: tuple[str, ...] = get_args(Route)
 KINDS: tuple[str, ...] = get_args(Kind)
 # These kinds replace the answer: without `after` the request is not handled at all (nothing is created).
@@ -19,8 +21,9 @@ class Fault:
     """One injected failure, applied to the first `times` matching requests (-1: forever).
 
     `after=True` handles the request first (a generate really creates its job) and then breaks the
-    answer; for "delay" it means answer late instead of handle late. "truncated", "id_shape" and
-    "missing_fields" always handle the request, since they garble the real answer.
+    answer; for "delay" it means answer late instead of handle late. "truncated", "id_shape",
+    "missing_fields" (no `status`, no `metadata`) and "no_metadata" (the status kept: a success that
+    names no outputs) always handle the request, since they garble the real answer.
     """
 
     route: Route

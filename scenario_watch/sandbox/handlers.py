@@ -22,13 +22,15 @@ CHUNK = 64 * 1024
 
 
 def garble(reply: Reply, kind: str) -> Reply:
-    """Reshape the job(s) in an answer: `id` instead of `jobId`, or no `status`/`metadata`."""
+    """Reshape the job(s) in an answer: `id` instead of `jobId`, no `status`/`metadata`, or no `metadata`."""
     payload = reply.payload if isinstance(reply.payload, dict) else {}
     jobs = [payload["job"]] if isinstance(payload.get("job"), dict) else []
     jobs += [job for job in payload.get("jobs", []) if isinstance(job, dict)]
     for job in jobs:
         if kind == "id_shape":
             job["id"] = job.pop("jobId")
+        elif kind == "no_metadata":
+            job.pop("metadata", None)
         else:
             job.pop("status", None)
             job.pop("metadata", None)
