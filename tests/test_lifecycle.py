@@ -269,6 +269,29 @@ def test_retrying_a_timed_out_prompt_delivers_its_job_instead_of_paying_again(
     assert manifest["jobId"] == sandbox.generate_jobs[0] and len(sandbox.generate_jobs) == 1
 
 
+def test_a_retried_prompt_back_under_another_name_still_adopts_its_job(
+    folders: Folders, sandbox: Sandbox, daemon: Any, clock: ManualClock
+) -> None:
+    """The inbox holds a new `slow.json` when the timed-out one is retried: it comes back as
+    `slow-2.json`, and is still known by its content: its job is delivered, not paid again."""
+    write_config(folders, sandbox.base_url, jobs={"timeout": 1.0})
+    sandbox.generation_seconds = 60.0
+    first = daemon()
+    folders.drop("slow.json", {"prompt": "slower than the timeout"})
+    wait_for(lambda: (folders.failed / "slow.json").exists(), what="timed out")
+    first.stop()
+    clock.advance(60.0)  # meanwhile the job finished at Scenario
+    sandbox.generation_seconds = 0.3
+    folders.drop("slow.json", {"prompt": "another prompt, the same name"})
+    retried = run_cli("retry", "-c", str(folders.config), "slow", env=cli_env())
+    assert "back in the inbox as slow-2.json" in retried.stdout, retried.stdout
+    assert "asked about first" in retried.stdout, retried.stdout
+    daemon()
+    wait_for(lambda: {"slow.json", "slow-2.json"} <= set(folders.names(folders.done)), what="both done")
+    adopted = json.loads((folders.outbox / "slow-2.manifest.json").read_text())
+    assert adopted["jobId"] == sandbox.generate_jobs[0] and len(sandbox.generate_jobs) == 2
+
+
 def test_a_timed_out_prompt_retried_after_the_journal_was_pruned_is_still_not_paid_twice(
     folders: Folders, sandbox: Sandbox, daemon: Any, clock: ManualClock
 ) -> None:

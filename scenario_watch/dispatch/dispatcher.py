@@ -205,7 +205,6 @@ class Dispatcher:
 
     def _adopt_retried(self, row: Row, job_id: str) -> Result | None:
         """A retried prompt whose earlier job may have run on: adopt that job, or pay anew (None)."""
-        assert row.file_sha256 is not None
         try:
             job = self.client.get_job(job_id)
         except NotFound:
@@ -214,13 +213,13 @@ class Dispatcher:
             failed = ("submit", "cannot ask Scenario about the earlier job", "retry it again later")
             return self._api_fault(row, exc, "job.retry_lookup_failed", *failed)
         if job is not None and (job.status == "success" or not job.final):
-            self.store.adopt(row.id, job_id, job.cost, row.file, row.file_sha256)
+            self.store.adopt(row.id, job_id, job.cost)
             logs.bind(job_id=job_id)
             log.info(
                 "job.adopted", status=job.status, note="the retried prompt's earlier job: not paid again"
             )
             return Advanced(State.SUBMITTED)
-        self.store.adopted(row.file, row.file_sha256)
+        self.store.adopted(job_id)
         status = "unknown to Scenario" if job is None else job.status
         log.info(
             "job.retry_new", earlier_job_id=job_id, status=status, note="the earlier job did not succeed"

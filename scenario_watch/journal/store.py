@@ -113,7 +113,7 @@ class Store:
         """The job id is known: from now on the prompt is polled, never resent."""
         self._transition(prompt_id, State.SUBMITTED, job_id=job_id, cost=cost, submitted_at=self.clock.wall())
 
-    def adopt(self, prompt_id: int, job_id: str, cost: float | None, file: str, sha256: str) -> None:
+    def adopt(self, prompt_id: int, job_id: str, cost: float | None) -> None:
         """A retried prompt takes over its failed attempt's job (one transaction: in one row, never lost)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -121,7 +121,7 @@ class Store:
                 self._db.execute(
                     "UPDATE prompts SET job_id = NULL WHERE job_id = ? AND state = ?", (job_id, State.FAILED)
                 )
-                self._db.execute("DELETE FROM adoptions WHERE file = ? AND sha256 = ?", (file, sha256))
+                self._db.execute("DELETE FROM adoptions WHERE job_id = ?", (job_id,))
                 cur = self._db.execute(
                     "UPDATE prompts SET state = ?, job_id = ?, cost = ?, submitted_at = ?, updated_at = ?"
                     " WHERE id = ? AND state = ?",
@@ -246,16 +246,18 @@ class Store:
         )
 
     def adoption(self, file: str, sha256: str) -> str | None:
-        """The job a retried file's earlier attempt made (None: pay for a new one)."""
+        """The job a retried file's earlier attempt made (None: pay for a new one). Known by its content:
+        back in the inbox under another name (`x-2.json`, the name was taken), it is still the same prompt."""
         with self._lock:
             row = self._db.execute(
-                "SELECT job_id FROM adoptions WHERE file = ? AND sha256 = ?", (file, sha256)
+                "SELECT job_id FROM adoptions WHERE sha256 = ? ORDER BY file = ? DESC, created_at LIMIT 1",
+                (sha256, file),
             ).fetchone()
         return None if row is None else str(row[0])
 
-    def adopted(self, file: str, sha256: str) -> None:
+    def adopted(self, job_id: str) -> None:
         """The retried file's job was asked about: forget the note."""
-        self._write("DELETE FROM adoptions WHERE file = ? AND sha256 = ?", file, sha256)
+        self._write("DELETE FROM adoptions WHERE job_id = ?", job_id)
 
     # -- reference uploads ----------------------------------------------------------------------------
 
