@@ -174,12 +174,12 @@ def find_config(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
     """The config file to read: -c, $SCENARIO_WATCH_CONFIG, then the usual places; None if there is none."""
     if explicit is not None:
         if not explicit.is_file():
-            raise ConfigError(f"config file {explicit} does not exist")
+            raise ConfigError(f"config file {explicit} {_not_a_file(explicit)}")
         return explicit
     if env.get("SCENARIO_WATCH_CONFIG"):
         path = _expand_home(Path(env["SCENARIO_WATCH_CONFIG"]), env)
         if not path.is_file():
-            raise ConfigError(f"SCENARIO_WATCH_CONFIG names {path}, which does not exist")
+            raise ConfigError(f"SCENARIO_WATCH_CONFIG names {path}, which {_not_a_file(path)}")
         return path
     for candidate in CONFIG_SEARCH:
         path = _expand_home(candidate, env)
@@ -193,6 +193,10 @@ def _expand_home(path: Path, env: Mapping[str, str]) -> Path:
     if path.parts[:1] == ("~",) and env.get("HOME"):
         return Path(env["HOME"], *path.parts[1:])
     return path.expanduser()
+
+
+def _not_a_file(path: Path) -> str:
+    return "is a folder, not a file" if path.is_dir() else "does not exist"
 
 
 def load_settings(
@@ -245,7 +249,22 @@ def load_settings(
             raise ConfigError(f"api.{name} (from {origins.get(f'api.{name}')}) has non-ASCII characters")
     if settings.jobs.poll_max_interval < settings.jobs.poll_interval:
         raise ConfigError("jobs.poll_max_interval must be at least jobs.poll_interval")
+    _check_apart(settings.folders, settings.watch.recursive)
     return Loaded(settings, path, origins, warnings, ignored)
+
+
+def _check_apart(folders: FolderSettings, recursive: bool) -> None:
+    """Refuse folders that would feed the daemon its own files: with done/ as the inbox, every filed
+    prompt would be claimed and paid for again, for ever; outputs in the inbox would be taken for prompts."""
+    for name in ("outbox", "done", "failed", "state"):
+        path = getattr(folders, name)
+        if path == folders.inbox or (recursive and path.is_relative_to(folders.inbox)):
+            where = (
+                "the inbox" if path == folders.inbox else "inside the inbox, watched with [watch] recursive"
+            )
+            raise ConfigError(f"folders.{name} is {where} ({path}): give it a folder of its own")
+        if name != "state" and path == folders.state:
+            raise ConfigError(f"folders.{name} is the state folder ({path}): give it a folder of its own")
 
 
 def require_credentials(loaded: Loaded) -> tuple[str, str]:

@@ -161,6 +161,15 @@ def test_credentials_from_credentials_directory(tmp_path: Path, folders: Folders
         # [defaults] takes the model's keys: the live schema judges them at start (test_live_schema.py).
         ('[api]\nbase_url = "ftp://x"\n', "api.base_url"),
         ("not toml [", "config file"),
+        # Filed prompts taken again (and paid again, for ever), outputs taken for prompts:
+        ('[folders]\ninbox = "/srv/sw/in"\ndone = "/srv/sw/in"\n', "folders.done is the inbox"),
+        ('[folders]\ninbox = "/srv/sw/in"\nfailed = "/srv/sw/in"\n', "folders.failed is the inbox"),
+        ('[folders]\ninbox = "/srv/sw/in"\noutbox = "/srv/sw/in"\n', "folders.outbox is the inbox"),
+        (
+            '[folders]\ninbox = "/srv/sw/in"\ndone = "/srv/sw/in/done"\n[watch]\nrecursive = true\n',
+            "folders.done is inside the inbox",
+        ),
+        ('[folders]\nstate = "/srv/sw/s"\noutbox = "/srv/sw/s"\n', "folders.outbox is the state folder"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, toml: str, expected: str) -> None:
@@ -169,6 +178,11 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path, toml: str, expected: 
     result = run_cli("config", "-c", str(config), env=cli_env(HOME=str(tmp_path)))
     assert result.returncode == 2, result.stdout
     assert expected in result.stderr
+
+
+def test_a_folder_given_as_the_config_file_is_named_a_folder(tmp_path: Path) -> None:
+    result = run_cli("config", "-c", str(tmp_path), env=cli_env(HOME=str(tmp_path)))
+    assert result.returncode == 2 and f"config file {tmp_path} is a folder, not a file" in result.stderr
 
 
 def test_env_overrides_file_and_config_shows_origins(tmp_path: Path, folders: Folders) -> None:
