@@ -180,3 +180,27 @@ def test_a_folder_flipped_to_a_link_and_back_during_uploads_never_yields_the_out
         flipper.join()
     assert theirs not in seen and "image/jpeg" not in seen
     assert mine in seen and "image/png" in seen  # and it did get through between the flips
+
+
+def test_a_name_that_is_not_utf8_is_taken_under_a_journal_safe_name(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    """Bytes that are not UTF-8 in a file name (a Latin-1 system, a Windows share) cannot go into the
+    journal as they are: the file is taken as `%E9t%E9.json`, delivered, filed. One claimed that way
+    by an older release, left in the claim folder, no longer stops the start (it did, every time)."""
+    proc = daemon()
+    staged = folders.root / os.fsdecode(b"\xe9t\xe9.json")
+    staged.write_text(json.dumps({"prompt": "a summer day"}))
+    staged.rename(folders.inbox / staged.name)
+    wait_for(lambda: (folders.done / "%E9t%E9.json").exists(), what="the prompt done under a safe name")
+    assert (folders.outbox / "_E9t_E9_1.png").exists()  # output names keep to a safe set of characters
+    assert proc.stop() == 0
+    instance = (folders.state / "instance-id").read_text().strip()
+    stuck = folders.inbox / ".processing" / instance / os.fsdecode(b"caf\xe9.json")
+    stuck.write_text(json.dumps({"prompt": "left claimed"}))
+    again = daemon()
+    wait_for(lambda: (folders.done / "caf%E9.json").exists(), what="the old claim done at the next start")
+    again.stop()
+    assert folders.names(folders.failed) == [] and len(sandbox.generate_jobs) == 2
+    crashes = ("daemon.tick_failed", "worker.task_failed", "prompt.claim_failed")
+    assert [e for e in proc.events() + again.events() if e.get("event") in crashes] == []

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from scenario_watch import logs
 from scenario_watch.config import WatchSettings
-from scenario_watch.intake.names import SkipLog, is_json_name, is_text_name
+from scenario_watch.files import rename_into
+from scenario_watch.intake.names import SkipLog, is_json_name, is_text_name, journal_safe
 from scenario_watch.intake.watcher import PROCESSING, Arrivals, Watcher, claim
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class _Source:
 
     def name(self, path: str | Path) -> str:
         """The journal name of a file of this folder: presets' are `NAME/file` (their outputs' folder)."""
-        rel = os.path.relpath(path, self.folder)
+        rel = journal_safe(os.path.relpath(path, self.folder))
         return rel if self.preset is None else f"{self.preset}/{rel}"
 
 
@@ -182,13 +183,12 @@ class Intake:
                 # One rule for what a prompt file is (UPPER.JSON too); a preset folder takes images too.
                 wanted = source.preset is not None or is_json_name(path.name) or is_text_name(path.name)
                 if wanted and path.is_file() and str(path) not in known:
-                    found.append(
-                        Claim(
-                            source.name(source.folder / path.relative_to(source.processing)),
-                            path,
-                            source.preset,
-                        )
-                    )
+                    rel = path.relative_to(source.processing)
+                    safe = Path(journal_safe(str(rel)))
+                    if safe != rel:  # claimed by a release that kept such names as they were
+                        (source.processing / safe.parent).mkdir(parents=True, exist_ok=True)
+                        path = rename_into(path, source.processing / safe.parent, safe.name)
+                    found.append(Claim(source.name(source.folder / rel), path, source.preset))
         return found
 
     def _source_of(self, path: str) -> _Source:

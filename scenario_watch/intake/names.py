@@ -43,6 +43,12 @@ def is_ignored(name: str, ignore: Sequence[str]) -> bool:
     return _pattern(name, ignore) is not None
 
 
+def journal_safe(rel: str) -> str:
+    """A file's name as the journal can hold it (UTF-8 text): each byte that is not UTF-8, which Python
+    keeps as a lone surrogate, becomes `%XX`, so `\xe9t\xe9.json` is taken as `%E9t%E9.json`, not never."""
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in rel)
+
+
 def is_json_name(name: str) -> bool:
     """The one rule for prompt file names, shared by the watcher and `validate`: `.json` in any case."""
     return name.lower().endswith(".json")

@@ -27,7 +27,7 @@ from scenario_watch import logs
 from scenario_watch.config import WatchSettings
 from scenario_watch.errors import UnsafeFile
 from scenario_watch.files import read_regular, rename_into
-from scenario_watch.intake.names import Skip, SkipLog, classify, is_ignored, is_json_name
+from scenario_watch.intake.names import Skip, SkipLog, classify, is_ignored, is_json_name, journal_safe
 
 PROCESSING = ".processing"
 PEEK_LIMIT = 1024 * 1024
@@ -162,8 +162,9 @@ def _complete_json(path: str) -> bool:
 
 def claim(path: str, inbox: Path, processing: Path) -> Path | None:
     """Take a file by renaming it into `processing` (this daemon's own folder under <inbox>/.processing/,
-    so the rename is atomic and never replaces another daemon's claim); None if another got it first."""
-    rel = Path(os.path.relpath(path, inbox))
+    so the rename is atomic and never replaces another daemon's claim); None if another got it first.
+    A name that is not UTF-8 is claimed under its journal-safe spelling (`%E9t%E9.json`)."""
+    rel = Path(journal_safe(os.path.relpath(path, inbox)))
     folder = processing / rel.parent
     for _ in range(2):
         try:
