@@ -75,6 +75,9 @@ def test_python_dash_m_and_console_script_agree() -> None:
         (b'{"prompt": "x", "seed": Infinity}', "Infinity is not a number JSON allows"),
         (b'{"prompt": "x", "prompt": "y"}', "key 'prompt' appears twice"),
         (b"\xff\xfe{}", "not UTF-8 text"),
+        ('{"prompt": "x"}'.encode("utf-16"), "the file is UTF-16 text, not UTF-8 text"),
+        ('{"prompt": "x"}'.encode("utf-16-be"), "the file is UTF-16 text, not UTF-8 text"),
+        (b"\x00" * 4096, "binary"),  # a file preallocated and never written
         (b"\x89PNG\r\n\x1a\n\x00\x00", "binary"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ],

@@ -58,10 +58,21 @@ def read_prompt_bytes(path: Path) -> bytes:
     return data
 
 
+def _utf16(data: bytes) -> bool:
+    """Whether the bytes look like UTF-16 text: a byte-order mark, or ASCII with a NUL beside each byte."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True
+    head = data[:64]
+    return len(head) >= 4 and any(head) and (not any(head[1::2]) or not any(head[0::2]))
+
+
 def parse_json(data: bytes) -> dict[str, Any]:
     """Decode and parse strictly: UTF-8, one JSON object, no NaN, no duplicate keys."""
     if not data.strip():
         raise PromptError(["the file is empty"], hint='write a JSON object such as {"prompt": "a red fox"}')
+    if _utf16(data):  # PowerShell's `>` and Notepad's "Unicode" write it
+        hint = "save it as UTF-8 (PowerShell: Out-File -Encoding utf8; an editor: Save As, encoding UTF-8)"
+        raise PromptError(["the file is UTF-16 text, not UTF-8 text"], hint=hint)
     if b"\x00" in data:
         raise PromptError(["the file is binary, not JSON text"])
     try:
