@@ -172,6 +172,7 @@ def test_retry_sends_a_failed_pair_back_together(
     (folders.failed / "photo.txt").write_text("café, now in UTF-8")
     failed = load_settings(folders.config, env={"HOME": str(folders.root)}).settings.folders
     assert retry.everything(folders.failed) == ["photo.txt"]  # the image goes with its text
+    assert retry.name_in(folders.failed, "photo") == "photo.txt"  # the stem, as for a .json prompt
     lines = retry.send_back(failed, "photo.txt")
     assert lines == ["photo.txt: back in the inbox as photo.txt", "photo.jpg: back in the inbox as photo.jpg"]
     assert folders.names(folders.failed) == []

@@ -47,8 +47,12 @@ def _pair(src: Path) -> Path | None:
 
 
 def name_in(failed: Path, name: str) -> str:
-    """The item a person named: as shown in failed/, or a prompt's stem without `.json`."""
-    return name if (failed / name).exists() or name.endswith(".json") else f"{name}.json"
+    """The item a person named: as shown in failed/, or a prompt's stem without `.json` (or the `.txt`
+    of a sidecar pair)."""
+    if (failed / name).exists() or name.endswith(".json"):
+        return name
+    text = f"{name}.txt"
+    return text if (failed / text).is_file() and not (failed / f"{name}.json").exists() else f"{name}.json"
 
 
 def home_of(rel: Path, inbox: Path, presets: Mapping[str, Path]) -> Path:
