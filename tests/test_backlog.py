@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,6 +77,7 @@ def test_a_preset_on_an_outbox_of_15_images_pays_nothing_and_takes_the_16th(
     config = ["-c", str(folders.config)]
     shown = run_cli("status", *config)
     assert f"colour: 15 file(s) left alone in {folders.outbox}" in shown.stdout, shown.stdout
+    assert "`scenario-watch take colour --all` takes them" in shown.stdout
     assert json.loads(run_cli("status", "--json", *config).stdout)["presets"]["colour"]["left_alone"] == 15
 
     # Taken on request, while the daemon runs: the named file only.
@@ -211,3 +213,20 @@ def test_the_first_start_estimate_samples_a_big_backlog_and_never_hangs_on_the_a
     dead = ScenarioClient("http://127.0.0.1:9/v1", KEY, SECRET, model_id="m", timeout=1.0, retries=0)
     cost, basis = backlog.estimate(files[:1], folders.inbox, dead, rules)
     assert cost is None and basis.startswith("unknown: no dry run answered")
+
+
+def test_status_shown_from_the_sandbox_journal_says_take_with_sandbox(tmp_path: Path) -> None:
+    """`status` falls back to the sandbox's journal; its hint must then name `take --sandbox`, which
+    reads that journal (a plain `take` reads the real one and finds nothing left alone)."""
+    from scenario_watch.config import BudgetSettings
+    from scenario_watch.journal.store import Store
+    from scenario_watch.shell import status
+
+    journal = tmp_path / status.SANDBOX_JOURNAL
+    store = Store(journal)
+    try:
+        report = status.build(store, tmp_path / "lock", BudgetSettings(), 0.0)
+    finally:
+        store.close()
+    report["presets"] = {"colour": {"folder": str(tmp_path), "left_alone": 2}}
+    assert "`scenario-watch take --sandbox colour --all` takes them" in status.render(report, journal, 0)

@@ -200,11 +200,12 @@ def render(report: dict[str, Any], journal: Path, inbox_waiting: int, *, bars: b
         f"budget   {money}",
         f"inbox    {inbox_waiting} file(s) not claimed yet",
     ]
+    take = "take --sandbox" if journal.name == SANDBOX_JOURNAL else "take"  # the journal shown is that one
     for name, preset in report.get("presets", {}).items():
         if preset["left_alone"]:
             lines.append(
                 f"preset   {name}: {preset['left_alone']} file(s) left alone in {preset['folder']} (present"
-                f" before the preset; `scenario-watch take {name} --all` takes them)"
+                f" before the preset; `scenario-watch {take} {name} --all` takes them)"
             )
     if report["jobs"]:
         lines.append("jobs")
