@@ -354,6 +354,13 @@ def _check_keys(data: Mapping[str, Any], path: Path | None) -> None:
             raise ConfigError(f"{where}: unknown section [{section}]{_near(section, Settings.model_fields)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of keys")
+        if section == "presets":
+            for name, table in values.items():
+                if not isinstance(table, dict):  # `folder = ...` right under [presets]
+                    raise ConfigError(
+                        f"{where}: presets.{name} is not a preset: each preset is a table of its own,"
+                        f" [presets.NAME] with its prompt and folder (see example.toml)"
+                    )
         known = _section_keys(section)
         if known is None:
             continue  # [presets.NAME], [defaults]: the model's schema judges the keys (presets.py)

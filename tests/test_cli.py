@@ -173,6 +173,7 @@ def test_credentials_from_credentials_directory(tmp_path: Path, folders: Folders
             "folders.done is inside the inbox",
         ),
         ('[folders]\nstate = "/srv/sw/s"\noutbox = "/srv/sw/s"\n', "folders.outbox is the state folder"),
+        ('[presets]\nfolder = "/srv/sw/p"\n', "presets.folder is not a preset: each preset is a table"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, toml: str, expected: str) -> None:
