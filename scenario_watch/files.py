@@ -21,6 +21,8 @@ from typing import IO, BinaryIO, TypeAlias
 from scenario_watch.errors import UnsafeFile
 
 TEMP_SUFFIX = ".part"
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs, NFS)
+TEMP_ROOM = len(f"..{'0' * 8}{TEMP_SUFFIX}")  # what temp_path adds to a name
 StrPath: TypeAlias = str | os.PathLike[str]
 
 _AT_FDCWD = -100
@@ -96,9 +98,27 @@ def fsync_dir(path: StrPath) -> None:
         os.close(fd)
 
 
+def fit_name(name: str, room: int = 0) -> str:
+    """`name`, or a shorter one leaving `room` bytes under NAME_MAX: the stem cut short and a hash of
+    the whole name put after it (two long names stay apart, the same one always fits the same way),
+    the extension kept. A name of 255 bytes is legal in the inbox; `x.error.json` beside it is not."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) + room <= NAME_MAX:
+        return name
+    ext = ""  # the extensions kept whole: `.error.json`, `.manifest.json`, `.png`
+    for suffix in reversed(Path(name).suffixes):
+        if len(ext) + len(suffix) > 24:
+            break
+        ext = suffix + ext
+    stem = name[: len(name) - len(ext)]
+    tag = "~" + hashlib.sha256(raw).hexdigest()[:8]
+    keep = NAME_MAX - room - len(ext.encode("utf-8", "surrogateescape")) - len(tag)
+    return stem.encode("utf-8", "surrogateescape")[: max(keep, 1)].decode("utf-8", "ignore") + tag + ext
+
+
 def temp_path(dest: Path) -> Path:
     """A hidden temp name beside `dest`: same filesystem, ignored by anyone watching the folder."""
-    return dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    return dest.with_name(f".{fit_name(dest.name, TEMP_ROOM)}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
 def write_atomic(dest: Path, fill: Callable[[IO[bytes]], object]) -> bool:
@@ -124,11 +144,11 @@ def write_atomic(dest: Path, fill: Callable[[IO[bytes]], object]) -> bool:
 
 def free_name(folder: Path, name: str) -> Path:
     """`name` in `folder`, or `stem-2.ext`, `stem-3.ext` ... if it is taken."""
-    candidate = folder / name
+    candidate = folder / fit_name(name)
     plain = Path(name)
     n = 2
     while os.path.lexists(candidate):  # a dangling symlink takes a name too
-        candidate = folder / f"{plain.stem}-{n}{plain.suffix}"
+        candidate = folder / fit_name(f"{plain.stem}-{n}{plain.suffix}")
         n += 1
     return candidate
 

@@ -21,7 +21,10 @@ from watchdog.observers.inotify import InotifyObserver
 from scenario_watch import files
 from scenario_watch.errors import UnsafeFile
 from scenario_watch.files import (
+    NAME_MAX,
+    TEMP_ROOM,
     TEMP_SUFFIX,
+    fit_name,
     move_no_clobber,
     open_own,
     open_regular,
@@ -400,3 +403,13 @@ def test_the_daemon_publishes_outputs_and_files_prompts_by_rename(
         for name, digest in moved:  # complete when the event came
             assert digest == hashlib.sha256((folder / name).read_bytes()).hexdigest(), name
         assert events.final(events.closed) == []
+
+
+def test_fit_name_cuts_a_long_name_keeping_its_extensions_and_apart_from_others(tmp_path: Path) -> None:
+    assert fit_name("car.error.json") == "car.error.json"
+    long_a, long_b = "é" * 120 + "a.error.json", "é" * 120 + "b.error.json"  # 253 bytes each
+    fitted = [fit_name(name, room=TEMP_ROOM) for name in (long_a, long_b)]
+    assert all(len(f.encode()) <= NAME_MAX - TEMP_ROOM and f.endswith(".error.json") for f in fitted)
+    assert fitted[0] != fitted[1] and fit_name(long_a, room=TEMP_ROOM) == fitted[0]  # apart, always the same
+    for name in fitted:  # a real filesystem takes each as a temp name's part: the room was enough
+        (tmp_path / f".{name}.0123abcd{TEMP_SUFFIX}").write_text("x")

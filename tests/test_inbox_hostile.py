@@ -204,3 +204,29 @@ def test_a_name_that_is_not_utf8_is_taken_under_a_journal_safe_name(
     assert folders.names(folders.failed) == [] and len(sandbox.generate_jobs) == 2
     crashes = ("daemon.tick_failed", "worker.task_failed", "prompt.claim_failed")
     assert [e for e in proc.events() + again.events() if e.get("event") in crashes] == []
+
+
+def test_names_of_255_bytes_are_filed_and_delivered_and_hold_up_nothing(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon
+) -> None:
+    """A legal name of 255 bytes leaves no room for `.error.json`, `_1.png` or a temp name: those are
+    cut short with a hash, so a bad one fails with its report, a good one is delivered, and neither
+    stalls the queue (a failed filing paused every submission, and was tried again for ever)."""
+    bad, good = "a" * 250 + ".json", "b" * 250 + ".json"
+    proc = daemon()
+    folders.drop(bad, {"prompt": 5})
+    folders.drop(good, {"prompt": "a long name"})
+    folders.drop("after.json", {"prompt": "right after them"})
+    wait_for(lambda: {good, "after.json"} <= set(folders.names(folders.done)), what="the good ones done")
+    reports = lambda: [n for n in folders.names(folders.failed) if n.endswith(".error.json")]  # noqa: E731
+    wait_for(lambda: bad in folders.names(folders.failed) and reports(), what="the bad one failed, reported")
+    [report] = reports()
+    assert len(report.encode()) <= 255 and report.startswith("a" * 200)
+    assert "prompt" in json.loads((folders.failed / report).read_text())["error"]
+    manifests = [
+        n for n in folders.names(folders.outbox) if n.startswith("b") and n.endswith(".manifest.json")
+    ]
+    assert len(manifests) == 1 and len(manifests[0].encode()) <= 255
+    assert len(sandbox.generate_jobs) == 2
+    stalls = ("prompt.filing_failed", "output.unwritable", "output.download_failed")
+    assert [e for e in proc.events() if e.get("event") in stalls] == []

@@ -28,7 +28,7 @@ from scenario_watch.clock import SYSTEM, Clock, iso
 from scenario_watch.config import FolderSettings
 from scenario_watch.deliver import naming, provenance
 from scenario_watch.errors import BadImage, UnsafeFile, UrlExpired
-from scenario_watch.files import digest, fsync_dir, open_own, rename_noreplace, temp_path
+from scenario_watch.files import digest, fit_name, fsync_dir, open_own, rename_noreplace, temp_path
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.prepare.containers import Malformed
@@ -40,6 +40,9 @@ EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "im
 # A hidden file that holds a stem for the daemon writing it (created exclusively: one owner). A temp
 # name (.part), which folder watchers already ignore, removed at start like any leftover temp file.
 STEM_MARKER = ".{name}.sw-stem.part"
+# Bytes a stem may grow by in its names (`.manifest.json`, the marker, `_12.webp`, `-3`, a temp name):
+# a long prompt name gives a shorter stem, so that none of them is too long to write.
+STEM_ROOM = 40
 # A manifest larger than this is not one of ours (read to check a name taken after a crash).
 MANIFEST_MAX = 1 << 20
 # Outputs whose sizes say how much room a submission needs before it is paid.
@@ -89,7 +92,7 @@ class Outbox:
         folder.mkdir(parents=True, exist_ok=True)
         n = 1
         while True:
-            name = base.name if n == 1 else f"{base.name}-{n}"
+            name = fit_name(base.name if n == 1 else f"{base.name}-{n}", STEM_ROOM)
             n += 1
             if self._taken(folder, name):
                 continue
@@ -238,7 +241,7 @@ class Outbox:
         base, ext = os.path.splitext(name)
         n = 1
         while True:
-            dest = folder / (name if n == 1 else f"{base}-{n}{ext}")
+            dest = folder / fit_name(name if n == 1 else f"{base}-{n}{ext}")
             n += 1
             try:
                 rename_noreplace(temp, dest)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from scenario_watch import logs
 from scenario_watch.clock import SYSTEM, Clock, iso
 from scenario_watch.config import FolderSettings
-from scenario_watch.files import free_name, move_no_clobber, write_atomic
+from scenario_watch.files import fit_name, free_name, move_no_clobber, write_atomic
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import Delivered, Ended, Failed, State
@@ -45,8 +45,8 @@ def error_file_for(filed: Path) -> Path:
     Each failed item has its own report: a prompt and an image of one stem failing together don't share.
     """
     if filed.suffix.lower() == ".json":
-        return filed.with_name(f"{filed.stem}.error.json")
-    return filed.with_name(f"{filed.name}.error.json")
+        return filed.with_name(fit_name(f"{filed.stem}.error.json"))
+    return filed.with_name(fit_name(f"{filed.name}.error.json"))
 
 
 class Finisher:
