@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Folders, StartDaemon, generate_posts, wait_for
+from conftest import Folders, StartDaemon, generate_posts, run_cli, wait_for
 
 from scenario_watch.config import WatchSettings
 from scenario_watch.errors import PromptError, UnsafeFile
@@ -230,3 +230,35 @@ def test_names_of_255_bytes_are_filed_and_delivered_and_hold_up_nothing(
     assert len(sandbox.generate_jobs) == 2
     stalls = ("prompt.filing_failed", "output.unwritable", "output.download_failed")
     assert [e for e in proc.events() if e.get("event") in stalls] == []
+
+
+def test_a_claim_folder_swapped_for_a_link_moves_nothing_from_outside_and_stops_the_start(
+    folders: Folders, sandbox: Sandbox, daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Whoever may write the inbox may rename `.processing` away and put a link to another folder at
+    `.processing/<instance>`: a file there named as a running prompt's claim is not filed (moved to
+    done/), nothing more is claimed into it, and the next start refuses (exit 2) instead of taking the
+    folder's files for claims of its own (with done/ linked there, it paid for every prompt again)."""
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "running.json").write_text(json.dumps({"prompt": f"publish {SECRET}"}))
+    sandbox.generation_seconds = 2.0
+    proc = daemon()
+    folders.drop("running.json", {"prompt": "a job running while the folder is swapped"})
+    wait_for(lambda: len(sandbox.generate_jobs) == 1, what="the job paid")
+    processing = folders.inbox / ".processing"
+    [instance] = [p.name for p in processing.iterdir()]
+    processing.rename(folders.inbox / ".old-processing")
+    processing.mkdir()
+    (processing / instance).symlink_to(private)
+    folders.drop("after.json", {"prompt": "dropped after the swap"})
+    wait_for(lambda: proc.saw("intake.claim_folder_replaced"), what="the swap noticed")
+    wait_for(lambda: proc.saw("prompt.held", task="download"), what="the paid job delivered, not filed")
+    assert (folders.outbox / "running.manifest.json").exists()
+    assert [p.name for p in private.iterdir()] == ["running.json"]
+    assert folders.names(folders.done) == [] and (folders.inbox / "after.json").exists()
+    assert proc.stop() == 0
+    again = run_cli("run", "-c", str(folders.config), timeout=30)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert f"{processing / instance} is not a folder" in again.stderr
+    assert [p.name for p in private.iterdir()] == ["running.json"] and len(sandbox.generate_jobs) == 1

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from scenario_watch import logs
 from scenario_watch.config import WatchSettings
+from scenario_watch.errors import ConfigError
 from scenario_watch.files import rename_into
 from scenario_watch.intake.names import SkipLog, is_json_name, is_text_name, journal_safe
 from scenario_watch.intake.watcher import PROCESSING, Arrivals, Watcher, claim
@@ -54,6 +56,30 @@ class Claim(NamedTuple):
     name: str
     path: Path
     preset: str | None = None
+
+
+def _real_folder(path: Path) -> bool:
+    """True for a real folder; ConfigError for a link or anything else at `path`."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(
+            f"{path} is not a folder (a link or a file put in its place?): the daemon claims prompts there;"
+            " move it away and start again"
+        )
+    return True
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """Every regular file below `folder`, not following links (os.walk does not)."""
+    return [
+        Path(root) / name
+        for root, _, names in os.walk(folder)
+        for name in names
+        if stat.S_ISREG(os.lstat(Path(root) / name).st_mode)
+    ]
 
 
 @dataclass(frozen=True)
@@ -103,8 +129,16 @@ class Intake:
         for name, folder in presets.items():
             watcher = Watcher(folder, settings, arrived, preset=name, skipped=skipped)
             self.sources.append(_Source(folder, name, folder / PROCESSING / instance, watcher))
-        for source in self.sources:
-            source.processing.mkdir(parents=True, exist_ok=True)
+        for path in self._claim_paths():
+            try:
+                path.mkdir(parents=True, exist_ok=True)  # a preset's folder may not exist yet
+            except OSError as exc:  # a file (or a dangling link) where the claim folder goes
+                raise ConfigError(f"{path} cannot be made a folder ({exc.strerror}): move it away") from None
+        # Who may write the inbox may rename `.processing` and put a link in its place: the start, each
+        # claim and each use of a claimed file check that the claim folders are real folders, no link.
+        for path in self._claim_paths():
+            _real_folder(path)
+        self.claims_refused = False  # a claim folder was replaced: nothing more is taken
         self.arrivals = Arrivals(settings.settle)
         # What the preset folders held before their presets (set by backlog.at_start before start()).
         self.baselines: Baselines | None = None
@@ -138,8 +172,32 @@ class Intake:
         """Files seen but not yet claimed."""
         return len(self.arrivals)
 
+    def _claim_paths(self) -> list[Path]:
+        return [p for source in self.sources for p in (source.processing.parent, source.processing)]
+
+    def claim_folders_intact(self) -> bool:
+        """Whether every claim folder is a real folder or missing (a replaced inbox: made again), not a
+        link or a file put in its place; said once when not."""
+        for path in self._claim_paths():
+            try:
+                intact = not os.path.lexists(path) or _real_folder(path)
+            except ConfigError:
+                intact = False
+            if not intact:
+                if not self.claims_refused:
+                    log.error(
+                        "intake.claim_folder_replaced",
+                        folder=str(path),
+                        note="nothing more is taken from the inbox; check who replaced it, then restart",
+                    )
+                self.claims_refused = True
+                return False
+        return True
+
     def claim_ready(self, now: float) -> list[Claim]:
-        """Claim the files complete by now (a batch)."""
+        """Claim the files complete by now (a batch); none once the claim folders were replaced."""
+        if not self.claim_folders_intact():
+            return []
         batch = self.arrivals.ready(now, limit=CLAIM_BATCH)
         self.more = len(batch) == CLAIM_BATCH
         claimed = []
@@ -179,7 +237,7 @@ class Intake:
         """Files in the claim folders the journal does not know (a crash between claim and record)."""
         found = []
         for source in self.sources:
-            for path in sorted(source.processing.rglob("*")):
+            for path in sorted(_files_below(source.processing)):  # never through a link
                 # One rule for what a prompt file is (UPPER.JSON too); a preset folder takes images too.
                 wanted = source.preset is not None or is_json_name(path.name) or is_text_name(path.name)
                 if wanted and path.is_file() and str(path) not in known:

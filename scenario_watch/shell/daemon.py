@@ -335,6 +335,9 @@ class Daemon:
     def _run(self, prompt_id: int, task: Task) -> Result:
         """Run one task (in whichever thread) and end the prompt if it says so; never raises."""
         try:
+            # A claimed file is read and filed only in a claim folder that is no link (intake.py).
+            if task in (Task.ACCEPT, Task.FILE) and not self.intake.claim_folders_intact():
+                return self._held(prompt_id, task)
             if task == Task.ACCEPT:
                 result = self.dispatcher.accept(prompt_id)
             elif task == Task.FILE:
@@ -342,6 +345,8 @@ class Daemon:
             else:
                 result = self.runners[task](prompt_id)
             if isinstance(result, Failed | Delivered):
+                if not self.intake.claim_folders_intact():  # the step runs again once it is (a restart)
+                    return self._held(prompt_id, task)
                 result = self.finisher.finish(prompt_id, result)
         except sqlite3.OperationalError as exc:  # the journal: full, locked, ... clears sooner than a bug
             log.error("journal.write_failed", error=str(exc), hint=journal_problem(exc), task=task.value)
@@ -352,6 +357,10 @@ class Daemon:
         finally:
             structlog.contextvars.clear_contextvars()
         return result
+
+    def _held(self, prompt_id: int, task: Task) -> Result:
+        log.warning("prompt.held", prompt_id=prompt_id, task=task.value, note="its claim folder was replaced")
+        return Again(delay=JOURNAL_RETRY)
 
     def _finished(self, prompt_id: int, task: Task, result: Result) -> None:
         """Take a task's result: the lifecycle says what follows, the scheduler when."""
