@@ -14,7 +14,7 @@ from conftest import Folders, StartDaemon, generate_posts, run_cli, wait_for
 
 from scenario_watch.config import WatchSettings
 from scenario_watch.errors import PromptError, UnsafeFile
-from scenario_watch.intake.watcher import Arrivals, Watcher
+from scenario_watch.intake.watcher import Arrivals, Watcher, claim
 from scenario_watch.prepare.prompt import read_prompt_bytes
 from scenario_watch.prepare.reference import check_reference, read_reference
 from scenario_watch.sandbox import Sandbox
@@ -262,3 +262,19 @@ def test_a_claim_folder_swapped_for_a_link_moves_nothing_from_outside_and_stops_
     assert again.returncode == 2, again.stdout + again.stderr
     assert f"{processing / instance} is not a folder" in again.stderr
     assert [p.name for p in private.iterdir()] == ["running.json"] and len(sandbox.generate_jobs) == 1
+
+
+def test_a_subfolder_swapped_for_a_link_after_its_file_was_seen_is_not_claimed_through(
+    tmp_path: Path,
+) -> None:
+    """With [watch] recursive, `sub/secret.json` is seen, then `sub` becomes a link to a private folder:
+    the claim refuses the path instead of renaming the private file into the claim folder."""
+    inbox, private = tmp_path / "inbox", tmp_path / "private"
+    (inbox / "sub").mkdir(parents=True)
+    private.mkdir()
+    seen = str(inbox / "sub" / "secret.json")
+    (private / "secret.json").write_text(json.dumps({"prompt": f"publish {SECRET}"}))
+    (inbox / "sub").rename(inbox / ".sub-old")
+    (inbox / "sub").symlink_to(private)
+    assert claim(seen, inbox, inbox / ".processing" / "me") is None
+    assert [p.name for p in private.iterdir()] == ["secret.json"]

@@ -164,7 +164,12 @@ def claim(path: str, inbox: Path, processing: Path) -> Path | None:
     """Take a file by renaming it into `processing` (this daemon's own folder under <inbox>/.processing/,
     so the rename is atomic and never replaces another daemon's claim); None if another got it first.
     A name that is not UTF-8 is claimed under its journal-safe spelling (`%E9t%E9.json`)."""
-    rel = Path(journal_safe(os.path.relpath(path, inbox)))
+    parts = Path(os.path.relpath(path, inbox)).parts
+    for depth in range(1, len(parts)):  # a subfolder swapped for a link since it was seen: not ours
+        if os.path.islink(inbox.joinpath(*parts[:depth])):
+            log.warning("prompt.claim_refused", path=path, reason="a folder on its way is a link")
+            return None
+    rel = Path(journal_safe(os.path.join(*parts)))
     folder = processing / rel.parent
     for _ in range(2):
         try:
