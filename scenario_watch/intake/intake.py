@@ -73,13 +73,14 @@ def _real_folder(path: Path) -> bool:
 
 
 def _files_below(folder: Path) -> list[Path]:
-    """Every regular file below `folder`, not following links (os.walk does not)."""
-    return [
-        Path(root) / name
-        for root, _, names in os.walk(folder)
-        for name in names
-        if stat.S_ISREG(os.lstat(Path(root) / name).st_mode)
-    ]
+    """Every file (or link, filed as one) below `folder`, never going through a link (os.walk does not)."""
+    found = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            mode = os.lstat(Path(root) / name).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                found.append(Path(root) / name)
+    return found
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ class Intake:
         for source in self.sources:
             if source.preset not in self.kept.folders:
                 continue
-            for claimed in sorted(source.processing.rglob("*")):
+            for claimed in sorted(_files_below(source.processing)):
                 original = source.folder / claimed.relative_to(source.processing)
                 if str(claimed) not in known and claimed.is_file() and not os.path.lexists(original):
                     self.kept.took(source.preset, str(original), claimed)
@@ -240,7 +241,7 @@ class Intake:
             for path in sorted(_files_below(source.processing)):  # never through a link
                 # One rule for what a prompt file is (UPPER.JSON too); a preset folder takes images too.
                 wanted = source.preset is not None or is_json_name(path.name) or is_text_name(path.name)
-                if wanted and path.is_file() and str(path) not in known:
+                if wanted and str(path) not in known:
                     rel = path.relative_to(source.processing)
                     safe = Path(journal_safe(str(rel)))
                     if safe != rel:  # claimed by a release that kept such names as they were
