@@ -5,7 +5,7 @@ The store calls these with its lock held; retention.py decides when. What is kep
 - every prompt finished after the oldest one in flight was claimed: reconcile lists the jobs made
   since a lost answer's POST and must still know each of ours among them (`known_job_ids`);
 - orphans (a job paid twice is worth knowing for good; a few rows) and `retry`'s adoption notes;
-- a prompt failed after its job was paid (`PAID_STAGES`: timeout, download): its job may have
+- a prompt failed after its job was paid (`PAID_STAGES`: poll, timeout, download): its job may have
   succeeded, and `retry` delivers it instead of paying again only for a job this journal knows;
 - the upload cache, but for contents no prompt used since the cutoff (one row per photo otherwise).
 The lifetime counts stay in `totals` (journal_schema.py), with how many were pruned and their spend.
