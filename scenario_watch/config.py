@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from scenario_watch.errors import ConfigError
 from scenario_watch.logs import MASK
 from scenario_watch.sections import (
+    FolderSettings,
     GenerateDefaults,
     HttpSettings,
     ImageSettings,
@@ -58,19 +59,6 @@ class ApiSettings(Section):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with https:// (or http:// for a local simulator)")
         return value.rstrip("/")
-
-
-class FolderSettings(Section):
-    inbox: Path = Path("~/scenario-watch/inbox")
-    outbox: Path = Path("~/scenario-watch/outbox")
-    done: Path = Path("~/scenario-watch/done")
-    failed: Path = Path("~/scenario-watch/failed")
-    state: Path = Path("~/scenario-watch/state")
-
-    @field_validator("inbox", "outbox", "done", "failed", "state")
-    @classmethod
-    def _expand(cls, value: Path) -> Path:
-        return Path(os.path.abspath(value.expanduser()))
 
 
 class JobSettings(Section):
@@ -249,22 +237,8 @@ def load_settings(
             raise ConfigError(f"api.{name} (from {origins.get(f'api.{name}')}) has non-ASCII characters")
     if settings.jobs.poll_max_interval < settings.jobs.poll_interval:
         raise ConfigError("jobs.poll_max_interval must be at least jobs.poll_interval")
-    _check_apart(settings.folders, settings.watch.recursive)
+    settings.folders.check_apart(settings.watch.recursive)
     return Loaded(settings, path, origins, warnings, ignored)
-
-
-def _check_apart(folders: FolderSettings, recursive: bool) -> None:
-    """Refuse folders that would feed the daemon its own files: with done/ as the inbox, every filed
-    prompt would be claimed and paid for again, for ever; outputs in the inbox would be taken for prompts."""
-    for name in ("outbox", "done", "failed", "state"):
-        path = getattr(folders, name)
-        if path == folders.inbox or (recursive and path.is_relative_to(folders.inbox)):
-            where = (
-                "the inbox" if path == folders.inbox else "inside the inbox, watched with [watch] recursive"
-            )
-            raise ConfigError(f"folders.{name} is {where} ({path}): give it a folder of its own")
-        if name != "state" and path == folders.state:
-            raise ConfigError(f"folders.{name} is the state folder ({path}): give it a folder of its own")
 
 
 def require_credentials(loaded: Loaded) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""Settings sections: [defaults], and what the daemon writes and shows: [images], [outbox], [http]..."""
+"""Settings sections: [folders], [defaults], and what the daemon writes and shows: [images], [http]..."""
 
 from __future__ import annotations
 
@@ -22,6 +22,34 @@ class Section(BaseModel):
     """A [section] of the configuration: unknown keys are errors, defaults are checked too."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class FolderSettings(Section):
+    """[folders]: where prompts arrive, outputs go, prompts are filed, and the journal lives."""
+
+    inbox: Path = Path("~/scenario-watch/inbox")
+    outbox: Path = Path("~/scenario-watch/outbox")
+    done: Path = Path("~/scenario-watch/done")
+    failed: Path = Path("~/scenario-watch/failed")
+    state: Path = Path("~/scenario-watch/state")
+
+    @field_validator("inbox", "outbox", "done", "failed", "state")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return Path(os.path.abspath(value.expanduser()))
+
+    def check_apart(self, recursive: bool) -> None:
+        """Refuse folders that would feed the daemon its own files: with done/ as the inbox, every filed
+        prompt would be claimed and paid for again, for ever; outputs in the inbox, taken for prompts."""
+        for name in ("outbox", "done", "failed", "state"):
+            path = getattr(self, name)
+            if path == self.inbox or (recursive and path.is_relative_to(self.inbox)):
+                where = (
+                    "the inbox" if path == self.inbox else "inside the inbox, watched with [watch] recursive"
+                )
+                raise ConfigError(f"folders.{name} is {where} ({path}): give it a folder of its own")
+            if name != "state" and path == self.state:
+                raise ConfigError(f"folders.{name} is the state folder ({path}): give it a folder of its own")
 
 
 class HttpSettings(Section):

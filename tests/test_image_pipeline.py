@@ -16,11 +16,12 @@ from PIL import Image
 from scenario_watch.api.client import ScenarioClient
 from scenario_watch.api.jobs import Job
 from scenario_watch.clock import ManualClock
-from scenario_watch.config import MODEL_ID, FolderSettings
+from scenario_watch.config import MODEL_ID
 from scenario_watch.deliver import provenance
 from scenario_watch.deliver.outbox import Outbox
 from scenario_watch.journal.store import Store
 from scenario_watch.sandbox import Sandbox
+from scenario_watch.sections import FolderSettings
 
 IN_PROCESS = True  # conftest: `daemon` runs in this process, on a manual clock shared with `sandbox`
 

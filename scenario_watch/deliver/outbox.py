@@ -25,7 +25,6 @@ from scenario_watch import logs
 from scenario_watch.api.client import ScenarioClient
 from scenario_watch.api.jobs import Asset, Job
 from scenario_watch.clock import SYSTEM, Clock, iso
-from scenario_watch.config import FolderSettings
 from scenario_watch.deliver import naming, provenance
 from scenario_watch.errors import BadImage, UnsafeFile, UrlExpired
 from scenario_watch.files import digest, fit_name, fsync_dir, open_own, rename_noreplace, temp_path
@@ -33,7 +32,7 @@ from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.prepare.containers import Malformed
 from scenario_watch.prepare.presets import Preset
-from scenario_watch.sections import OutboxSettings
+from scenario_watch.sections import FolderSettings, OutboxSettings
 from scenario_watch.tally import NO_TALLY, Tally
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 from scenario_watch import logs
 from scenario_watch.clock import SYSTEM, Clock, iso
-from scenario_watch.config import FolderSettings
 from scenario_watch.files import fit_name, free_name, move_no_clobber, write_atomic
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import Delivered, Ended, Failed, State
+from scenario_watch.sections import FolderSettings
 from scenario_watch.tally import NO_TALLY, Tally
 
 log = logs.get()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import structlog
 
 from scenario_watch import logs
-from scenario_watch.config import FolderSettings
 from scenario_watch.files import remove_temp_files
 from scenario_watch.finish.finisher import Finisher
 from scenario_watch.finish.hooks import HookRunner
@@ -19,6 +18,7 @@ from scenario_watch.intake.intake import Intake
 from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import State, Task, next_task
 from scenario_watch.scheduler import Scheduler
+from scenario_watch.sections import FolderSettings
 from scenario_watch.tally import NO_TALLY, Tally
 
 log = logs.get()

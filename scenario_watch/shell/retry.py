@@ -11,7 +11,6 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from scenario_watch.config import FolderSettings
 from scenario_watch.errors import PromptError
 from scenario_watch.files import digest, move_no_clobber
 from scenario_watch.finish.finisher import error_file_for
@@ -19,6 +18,7 @@ from scenario_watch.intake.names import is_image_name, is_text_name
 from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import PAID_STAGES
 from scenario_watch.prepare import sidecar
+from scenario_watch.sections import FolderSettings
 from scenario_watch.shell.status import JOURNAL, SANDBOX_JOURNAL
 
 

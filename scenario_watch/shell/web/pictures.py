@@ -21,10 +21,10 @@ from typing import BinaryIO
 from PIL import Image, ImageOps
 
 from scenario_watch import files
-from scenario_watch.config import FolderSettings
 from scenario_watch.errors import UnsafeFile
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
+from scenario_watch.sections import FolderSettings
 
 THUMB_SIDE = 256
 # Bounds on what a thumbnail is made from: bytes read, and pixels decoded (a small file can claim

@@ -21,10 +21,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from scenario_watch import logs
-from scenario_watch.config import FolderSettings, Settings
+from scenario_watch.config import Settings
 from scenario_watch.errors import ConfigError
 from scenario_watch.journal.store import Store
-from scenario_watch.sections import HttpSettings
+from scenario_watch.sections import FolderSettings, HttpSettings
 from scenario_watch.shell.listen import is_loopback, split_listen
 from scenario_watch.shell.metrics import CONTENT_TYPE, Metrics
 from scenario_watch.shell.web.guard import HEADERS, Gate, Scrubber
