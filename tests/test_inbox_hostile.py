@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,12 @@ def test_a_claim_folder_swapped_for_a_link_moves_nothing_from_outside_and_stops_
     wait_for(lambda: proc.saw("intake.claim_folder_replaced"), what="the swap noticed")
     wait_for(lambda: proc.saw("prompt.held", task="download"), what="the paid job delivered, not filed")
     assert (folders.outbox / "running.manifest.json").exists()
+    # The file left waiting in the inbox is not looped on: no busy loop (it spun a whole core).
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = lambda: sum(map(int, Path(f"/proc/{proc.proc.pid}/stat").read_text().rsplit(")")[1].split()[11:13]))  # noqa: E731
+    before, start = cpu(), time.monotonic()
+    time.sleep(2.0)  # a window to measure in, not a wait for an event
+    assert (cpu() - before) / ticks < 0.5 * (time.monotonic() - start)
     assert [p.name for p in private.iterdir()] == ["running.json"]
     assert folders.names(folders.done) == [] and (folders.inbox / "after.json").exists()
     assert proc.stop() == 0

@@ -60,6 +60,7 @@ class Tracker:
         self.reconciler = reconciler
         self.clock = clock
         self._failing_since: dict[int, float] = {}  # prompt id → first failed download (monotonic)
+        self._unanswered: set[int] = set()  # prompts whose polls are asked again (said once each)
         self._lock = threading.Lock()  # workers share the dict
 
     def poll(self, prompt_id: int) -> Result:
@@ -72,9 +73,8 @@ class Tracker:
             job = self.client.get_job(row.job_id)
         except NotFound as exc:  # Scenario's own answer named the job: a 404 may pass
             hint = f"another account's credentials, or a sandbox without its state file? {RETRY_ASKS}"
-            return self._unanswered(
-                row, "job.poll_not_found", f"Scenario did not know job {row.job_id}", hint, exc
-            )
+            error = f"Scenario did not know job {row.job_id}"
+            return self._ask_again(row, "job.poll_not_found", "not_found", error, hint, exc)
         except AuthError as exc:  # the job runs on (and is paid): wait for the credentials, keep it
             return Paused(Pause.CREDENTIALS, f"HTTP {exc.status}: {exc.reason}")
         except (ScenarioWatchError, OSError) as exc:  # transient, 429, odd answers: ask again
@@ -84,7 +84,7 @@ class Tracker:
             return Again(attempt=1, retry_after=retry_after)
         if job.status == "success" and not job.asset_ids:  # paid, and no outputs named: never done empty
             error = f"Scenario said job {row.job_id} succeeded but named no outputs"
-            return self._unanswered(row, "job.success_without_outputs", error, RETRY_ASKS)
+            return self._ask_again(row, "job.success_without_outputs", "no_outputs", error, RETRY_ASKS)
         if job.status == "success":
             self._note_orphans(row)
             cost = row.cost if row.cost is not None else job.cost
@@ -104,16 +104,22 @@ class Tracker:
         log.debug("job.status", status=job.status, progress=job.progress)
         return Again()
 
-    def _unanswered(
-        self, row: Row, event: str, error: str, hint: str, exc: Exception | None = None
+    def _ask_again(
+        self, row: Row, event: str, reason: str, error: str, hint: str, exc: Exception | None = None
     ) -> Result:
-        """An answer that names the paid job but not how it ended: asked again until [jobs] timeout,
-        then failed at stage poll with the job's id (`retry` asks Scenario about it before paying)."""
+        """An answer that names the paid job but not how it ended: asked again until [jobs] timeout
+        (said once), then failed at stage poll with the job's id (`retry` asks Scenario first)."""
+        self.tally.retry(reason)
         if not self._expired(row):
-            note = f"asked again up to {self.jobs.timeout:g} s"
-            log.warning(event, **({"error": str(exc)} if exc else {}), note=note)
-            self.tally.retry("not_found")
+            with self._lock:
+                first = row.id not in self._unanswered
+                self._unanswered.add(row.id)
+            if first:
+                note = f"asked again up to {self.jobs.timeout:g} s"
+                log.warning(event, **({"error": str(exc)} if exc else {}), note=note)
             return Again(attempt=1)
+        with self._lock:
+            self._unanswered.discard(row.id)
         return Failed("poll", f"{error} for {self.jobs.timeout:g} s", hint)
 
     def _note_orphans(self, row: Row) -> None:

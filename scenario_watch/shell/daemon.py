@@ -68,6 +68,7 @@ TASK_CRASH_RETRY = 30.0
 GRACE = 3.0
 # A journal that could not be written (its disk full): no new file is claimed until this much later.
 JOURNAL_RETRY = 5.0
+HELD_RETRY = 60.0  # a prompt whose claim folder was replaced: a restart is what clears it
 
 
 class Daemon:
@@ -93,6 +94,7 @@ class Daemon:
         self.clock = clock
         # SimpleQueue: put() is safe from a signal handler (Queue's lock is not reentrant).
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.held: set[int] = set()  # prompts held while the claim folders are replaced (said once)
         self.scheduler = Scheduler(settings.jobs)
         self.stopping = threading.Event()
         self.exit_code = 0
@@ -359,8 +361,13 @@ class Daemon:
         return result
 
     def _held(self, prompt_id: int, task: Task) -> Result:
-        log.warning("prompt.held", prompt_id=prompt_id, task=task.value, note="its claim folder was replaced")
-        return Again(delay=JOURNAL_RETRY)
+        """A step that would read or file a claimed file while the claim folders are replaced: later."""
+        if prompt_id not in self.held:  # said once a prompt (workers call this too: a set is enough)
+            self.held.add(prompt_id)
+            log.warning(
+                "prompt.held", prompt_id=prompt_id, task=task.value, note="its claim folder was replaced"
+            )
+        return Again(delay=HELD_RETRY)
 
     def _finished(self, prompt_id: int, task: Task, result: Result) -> None:
         """Take a task's result: the lifecycle says what follows, the scheduler when."""

@@ -54,6 +54,7 @@ RETRY_REASONS = frozenset(
         "url_expired",
         "download",
         "not_found",
+        "no_outputs",
     }
 )
 OTHER = "other"
