@@ -73,3 +73,21 @@ def test_an_error_file_naming_a_job_this_journal_never_made_is_not_adopted(
     wait_for(lambda: (folders.done / "stray.json").exists(), what="the stray prompt sent as a new job")
     proc.stop()
     assert len(sandbox.generate_jobs) == 2
+
+
+def test_a_retry_note_is_taken_only_by_the_same_prompt() -> None:
+    """By content, but never across folders (a preset's image is that preset's prompt) nor by another
+    `.txt` (its image is part of its prompt): those pay anew instead of taking another prompt's job."""
+    from scenario_watch.dispatch.dispatcher import adoption
+
+    notes = [
+        ("red/car.png", "job_red"),
+        ("slow.json", "job_slow"),
+        ("sub/p.json", "job_sub"),
+        ("a.txt", "job_a"),
+    ]
+    assert adoption("red/car.png", notes) == "job_red"
+    assert adoption("blue/car.png", notes) is None  # the same photo in another preset's folder
+    assert adoption("slow-2.json", notes) == "job_slow"  # back under another name: the same prompt
+    assert adoption("other/slow.json", notes) is None  # its references would be another folder's
+    assert adoption("a.txt", notes) == "job_a" and adoption("b.txt", notes) is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from scenario_watch import health, logs
@@ -36,6 +36,7 @@ from scenario_watch.errors import (
     TransientError,
 )
 from scenario_watch.files import digest as file_digest
+from scenario_watch.intake.names import is_json_name
 from scenario_watch.journal.rows import Row
 from scenario_watch.journal.store import Store
 from scenario_watch.lifecycle import Advanced, Again, Failed, Pause, Paused, Result, State
@@ -177,7 +178,7 @@ class Dispatcher:
                     self.budget.release(row.id)
                 return found
             self.budget.release(row.id)  # certainly no job: admitted anew below, like any other
-        elif row.file_sha256 and (job_id := self.store.adoption(row.file, row.file_sha256)):
+        elif row.file_sha256 and (job_id := adoption(row.file, self.store.adoption_notes(row.file_sha256))):
             adopted = self._adopt_retried(row, job_id)
             if adopted is not None:
                 return adopted
@@ -357,3 +358,19 @@ def _unsettled(
         if -1.0 < age < settle:  # a time further ahead is a skewed clock, not a writer at work
             return ref.entry, settle - age
     return None
+
+
+def adoption(file: str, notes: list[tuple[str, str]]) -> str | None:
+    """The job a retried file's earlier attempt made, from `retry`'s notes for its content (None: pay
+    anew): the note of the same name; or, for a prompt file back under another name (`x-2.json`: the
+    name was taken), one from the same folder, whose references and preset are then the same too. Never
+    another folder's (a preset's image is that preset's prompt) nor another `.txt`'s (its image)."""
+    folder = PurePath(file).parent
+    same = [job for noted, job in notes if noted == file]
+    renamed = [
+        job
+        for noted, job in notes
+        if PurePath(noted).parent == folder and is_json_name(noted) and is_json_name(file)
+    ]
+    found = same or renamed
+    return found[0] if found else None

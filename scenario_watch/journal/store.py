@@ -245,15 +245,13 @@ class Store:
             self.clock.wall(),
         )
 
-    def adoption(self, file: str, sha256: str) -> str | None:
-        """The job a retried file's earlier attempt made (None: pay for a new one). Known by its content:
-        back in the inbox under another name (`x-2.json`, the name was taken), it is still the same prompt."""
+    def adoption_notes(self, sha256: str) -> list[tuple[str, str]]:
+        """(file, job id) of each `retry` note for this content, oldest first."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT job_id FROM adoptions WHERE sha256 = ? ORDER BY file = ? DESC, created_at LIMIT 1",
-                (sha256, file),
-            ).fetchone()
-        return None if row is None else str(row[0])
+            rows = self._db.execute(
+                "SELECT file, job_id FROM adoptions WHERE sha256 = ? ORDER BY created_at", (sha256,)
+            ).fetchall()
+        return [(str(file), str(job_id)) for file, job_id in rows]
 
     def adopted(self, job_id: str) -> None:
         """The retried file's job was asked about: forget the note."""
