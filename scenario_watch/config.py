@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from scenario_watch.errors import ConfigError
+from scenario_watch.intake.names import is_ignored
 from scenario_watch.logs import MASK
 from scenario_watch.sections import (
     FolderSettings,
@@ -237,7 +238,8 @@ def load_settings(
             raise ConfigError(f"api.{name} (from {origins.get(f'api.{name}')}) has non-ASCII characters")
     if settings.jobs.poll_max_interval < settings.jobs.poll_interval:
         raise ConfigError("jobs.poll_max_interval must be at least jobs.poll_interval")
-    settings.folders.check_apart(settings.watch.recursive)
+    ignore = settings.watch.ignore
+    settings.folders.check_apart(settings.watch.recursive, lambda part: is_ignored(part, ignore))
     return Loaded(settings, path, origins, warnings, ignored)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,12 +39,16 @@ class FolderSettings(Section):
     def _expand(cls, value: Path) -> Path:
         return Path(os.path.abspath(value.expanduser()))
 
-    def check_apart(self, recursive: bool) -> None:
+    def check_apart(self, recursive: bool, ignored: Callable[[str], bool]) -> None:
         """Refuse folders that would feed the daemon its own files: with done/ as the inbox, every filed
-        prompt would be claimed and paid for again, for ever; outputs in the inbox, taken for prompts."""
+        prompt would be claimed and paid for again, for ever; outputs in the inbox, taken for prompts.
+        Inside a recursive inbox, a folder the watcher skips (`ignored`: `.done`, [watch] ignore) is fine."""
         for name in ("outbox", "done", "failed", "state"):
             path = getattr(self, name)
-            if path == self.inbox or (recursive and path.is_relative_to(self.inbox)):
+            watched = path.is_relative_to(self.inbox) and not any(
+                ignored(part) for part in path.relative_to(self.inbox).parts
+            )
+            if path == self.inbox or (recursive and watched):
                 where = (
                     "the inbox" if path == self.inbox else "inside the inbox, watched with [watch] recursive"
                 )

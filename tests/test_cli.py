@@ -173,6 +173,7 @@ def test_credentials_from_credentials_directory(tmp_path: Path, folders: Folders
             "folders.done is inside the inbox",
         ),
         ('[folders]\nstate = "/srv/sw/s"\noutbox = "/srv/sw/s"\n', "folders.outbox is the state folder"),
+        # (done = "/srv/sw/in/.done" with recursive is fine: the watcher skips hidden folders; below)
         ('[presets]\nfolder = "/srv/sw/p"\n', "presets.folder is not a preset: each preset is a table"),
     ],
 )
@@ -182,6 +183,16 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path, toml: str, expected: 
     result = run_cli("config", "-c", str(config), env=cli_env(HOME=str(tmp_path)))
     assert result.returncode == 2, result.stdout
     assert expected in result.stderr
+
+
+def test_folders_inside_a_recursive_inbox_that_the_watcher_skips_are_fine(tmp_path: Path) -> None:
+    config = tmp_path / "ok.toml"
+    config.write_text(
+        '[folders]\ninbox = "/srv/sw/in"\ndone = "/srv/sw/in/.done"\nfailed = "/srv/sw/in/archive/failed"\n'
+        '[watch]\nrecursive = true\nignore = ["archive"]\n'
+    )
+    result = run_cli("config", "-c", str(config), env=cli_env(HOME=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_folder_given_as_the_config_file_is_named_a_folder(tmp_path: Path) -> None:

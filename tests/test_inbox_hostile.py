@@ -285,3 +285,14 @@ def test_a_subfolder_swapped_for_a_link_after_its_file_was_seen_is_not_claimed_t
     (inbox / "sub").symlink_to(private)
     assert claim(seen, inbox, inbox / ".processing" / "me") is None
     assert [p.name for p in private.iterdir()] == ["secret.json"]
+
+
+def test_a_long_subfolder_name_that_is_not_utf8_is_claimed_under_a_name_that_fits(tmp_path: Path) -> None:
+    """Each byte that is not UTF-8 becomes three (`%E9`): a 100-byte folder name would become 300, too
+    long for a folder of the claim (it failed at every rescan and stayed in the inbox)."""
+    inbox = tmp_path / "inbox"
+    sub = inbox / os.fsdecode(b"\xe9" * 100)
+    sub.mkdir(parents=True)
+    (sub / "p.json").write_text("{}")
+    dest = claim(str(sub / "p.json"), inbox, inbox / ".processing" / "me")
+    assert dest is not None and dest.read_text() == "{}" and len(dest.parent.name.encode()) <= 255

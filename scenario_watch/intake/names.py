@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scenario_watch import logs
+from scenario_watch.files import fit_name
 
 DEFAULT_IGNORE = (
     ".*",
@@ -44,9 +45,11 @@ def is_ignored(name: str, ignore: Sequence[str]) -> bool:
 
 
 def journal_safe(rel: str) -> str:
-    """A file's name as the journal can hold it (UTF-8 text): each byte that is not UTF-8, which Python
-    keeps as a lone surrogate, becomes `%XX`, so `\xe9t\xe9.json` is taken as `%E9t%E9.json`, not never."""
-    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in rel)
+    """A file's path as the journal can hold it (UTF-8 text): each byte that is not UTF-8, which Python
+    keeps as a lone surrogate, becomes `%XX`, so `\xe9t\xe9.json` is taken as `%E9t%E9.json`, not never;
+    a part made too long by that is cut short (fit_name)."""
+    escaped = "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in rel)
+    return escaped if escaped == rel else os.path.join(*(fit_name(part) for part in escaped.split(os.sep)))
 
 
 def is_json_name(name: str) -> bool:
