@@ -197,11 +197,13 @@ class Intake:
 
     def claim_ready(self, now: float) -> list[Claim]:
         """Claim the files complete by now (a batch); none once the claim folders were replaced."""
-        if not self.claim_folders_intact():  # what waits stays in the inbox: forgotten, not looped on
-            self.arrivals, self.more = Arrivals(self.settings.settle), False
-            return []
         batch = self.arrivals.ready(now, limit=CLAIM_BATCH)
         self.more = len(batch) == CLAIM_BATCH
+        if (
+            batch and not self.claim_folders_intact()
+        ):  # what waits stays in the inbox: forgotten, not looped on
+            self.arrivals, self.more = Arrivals(self.settings.settle), False
+            return []
         claimed = []
         for path in batch:
             source = self._source_of(path)
