@@ -181,10 +181,12 @@ class Intake:
         link or a file put in its place; said once when not."""
         for path in self._claim_paths():
             try:
-                intact = not os.path.lexists(path) or _real_folder(path)
-            except ConfigError:
-                intact = False
-            if not intact:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            except OSError:
+                mode = 0  # unreadable: not known to be a real folder
+            if not stat.S_ISDIR(mode):
                 if not self.claims_refused:
                     log.error(
                         "intake.claim_folder_replaced",
