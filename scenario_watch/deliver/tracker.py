@@ -61,10 +61,17 @@ class Tracker:
         self.clock = clock
         self._failing_since: dict[int, float] = {}  # prompt id → first failed download (monotonic)
         self._unanswered: set[int] = set()  # prompts whose polls are asked again (said once each)
-        self._lock = threading.Lock()  # workers share the dict
+        self._lock = threading.Lock()  # workers share the dict and the set
 
     def poll(self, prompt_id: int) -> Result:
         """Ask Scenario how the job is doing; on success, the download is next (the slot frees)."""
+        result = self._poll(prompt_id)
+        if isinstance(result, Advanced | Failed):  # past polling: no more to say of unanswered polls
+            with self._lock:
+                self._unanswered.discard(prompt_id)
+        return result
+
+    def _poll(self, prompt_id: int) -> Result:
         row = self.store.get(prompt_id)
         logs.bind(file=row.file, job_id=row.job_id)
         if row.state != State.SUBMITTED or row.job_id is None:
@@ -118,8 +125,6 @@ class Tracker:
                 note = f"asked again up to {self.jobs.timeout:g} s"
                 log.warning(event, **({"error": str(exc)} if exc else {}), note=note)
             return Again(attempt=1)
-        with self._lock:
-            self._unanswered.discard(row.id)
         return Failed("poll", f"{error} for {self.jobs.timeout:g} s", hint)
 
     def _note_orphans(self, row: Row) -> None:
